@@ -1,0 +1,579 @@
+"""The ``mailferry`` command: operator CLI and service entry points.
+
+A stable interface other tools script: names, JSON shapes and exit codes are kept.
+
+Exit codes: 0 success; 1 what was asked failed (a refused login, a failed sync); 2 bad usage or
+configuration; 3 timed out (``sync --wait``); 4 a dependency is unavailable (PostgreSQL, RabbitMQ).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import date, datetime
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from shared import db, imap, repository
+from shared.config import Settings, load_settings
+from shared.crypto import PasswordBox, generate_key
+from shared.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DatabaseUnavailable,
+    MailferryError,
+    NotFound,
+    TransientError,
+)
+from shared.logging import configure_logging
+
+EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _die(message: str, code: int) -> NoReturn:
+    click.echo(f"mailferry: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except Exception as exc:  # pydantic's ValidationError: say which variable is wrong
+        _die(f"invalid configuration: {' '.join(str(exc).split())}", EXIT_USAGE)
+
+
+def _conn(settings: Settings) -> db.Connection:
+    return db.connect(settings.database_url, autocommit=True)
+
+
+def _json(value: Any) -> None:
+    click.echo(json.dumps(value, default=_jsonable, ensure_ascii=False))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).hex()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Group(click.Group):
+    """Turns mailferry's own errors into one clear line and a stable exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (DatabaseUnavailable, BrokerUnavailable) as exc:
+            _die(str(exc), EXIT_UNAVAILABLE)
+        except (ConfigError, NotFound) as exc:
+            _die(str(exc), EXIT_USAGE)
+        except TransientError as exc:
+            _die(str(exc), EXIT_UNAVAILABLE)
+        except MailferryError as exc:
+            _die(str(exc), EXIT_FAILED)
+
+
+@click.group(cls=_Group)
+def cli() -> None:
+    """mailferry keeps IMAP mailboxes synchronized into PostgreSQL through RabbitMQ.
+
+    Configuration comes from MAILFERRY_* environment variables (see the README).
+    """
+
+
+# --- db and keys ------------------------------------------------------------------------------
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The PostgreSQL schema."""
+
+
+@db_group.command("upgrade")
+def db_upgrade() -> None:
+    """Apply pending migrations (safe while services run or start)."""
+    settings = _settings()
+    applied = db.migrate(settings.database_url)
+    click.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else
+                                                          "; the schema is up to date"))
+
+
+@cli.group("keys")
+def keys_group() -> None:
+    """Encryption keys for stored passwords."""
+
+
+@keys_group.command("generate")
+def keys_generate() -> None:
+    """Print a new key for MAILFERRY_SECRET_KEY."""
+    click.echo(generate_key())
+
+
+# --- users ------------------------------------------------------------------------------------
+
+
+@cli.group("user")
+def user_group() -> None:
+    """People who own mailboxes and receive notifications."""
+
+
+@user_group.command("add")
+@click.option("--email", required=True)
+@click.option("--name")
+@click.option("--capability", "capabilities", multiple=True,
+              help="e.g. imap_sync_origin_credential_notifications (repeatable)")
+def user_add(email: str, name: str | None, capabilities: tuple[str, ...]) -> None:
+    """Create a user; prints {"id": ...}."""
+    if "@" not in email:
+        raise click.BadParameter("must be an email address", param_hint="--email")
+    conn = _conn(_settings())
+    row = conn.execute(
+        """INSERT INTO users (email, name, capabilities) VALUES (%s, %s, %s)
+           ON CONFLICT DO NOTHING RETURNING id""",
+        (email, name, sorted(set(capabilities))),
+    ).fetchone()
+    if row is None:
+        _die(f"a user with email {email} already exists", EXIT_FAILED)
+    _json({"id": row["id"]})
+
+
+@user_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def user_list(as_json: bool) -> None:
+    """List users."""
+    rows = _conn(_settings()).execute(
+        "SELECT id, email, name, enabled, capabilities FROM users ORDER BY id").fetchall()
+    _json(rows) if as_json else _table(rows, ["id", "email", "name", "enabled", "capabilities"])
+
+
+# --- mailboxes --------------------------------------------------------------------------------
+
+
+@cli.group("mailbox")
+def mailbox_group() -> None:
+    """IMAP mailboxes to synchronize."""
+
+
+@mailbox_group.command("add")
+@click.option("--owner", help="email of the owning user")
+@click.option("--system", is_flag=True, help="a system mailbox, owned by no one")
+@click.option("--host", required=True)
+@click.option("--port", required=True, type=click.IntRange(1, 65535))
+@click.option("--security", required=True, type=click.Choice(["ssl", "starttls", "none"]))
+@click.option("--username", required=True)
+@click.option("--password-stdin", is_flag=True, required=True,
+              help="read the password from standard input (never from the command line)")
+@click.option("--folders", help="comma-separated folders to sync (default: inbox and sent)")
+@click.option("--name", help="a display name (default: username@host)")
+@click.option("--first-sync-days", type=click.IntRange(min=1),
+              help="the first sync loads this many days (default MAILFERRY_FIRST_SYNC_DAYS)")
+def mailbox_add(owner: str | None, system: bool, host: str, port: int, security: str,
+                username: str, password_stdin: bool, folders: str | None, name: str | None,
+                first_sync_days: int | None) -> None:
+    """Register a mailbox; prints {"id": ...}. Its first sync happens at the next schedule tick."""
+    if bool(owner) == system:
+        raise click.UsageError("give exactly one of --owner EMAIL or --system")
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise click.UsageError("no password on standard input")
+    settings = _settings()
+    box = PasswordBox(settings.secret_key)
+    conn = _conn(settings)
+    owner_id = None
+    if owner:
+        user = conn.execute("SELECT id FROM users WHERE lower(email) = lower(%s)",
+                            (owner,)).fetchone()
+        if user is None:
+            raise NotFound(f"no user with email {owner}; create it with `mailferry user add`")
+        owner_id = user["id"]
+    selection = [f.strip() for f in folders.split(",") if f.strip()] if folders else None
+    row = conn.execute(
+        """INSERT INTO mailboxes (owner_id, name, host, port, security, username,
+                                  password_encrypted, initial_folders, first_sync_days)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+        (owner_id, name or f"{username}@{host}", host, port, security, username,
+         box.encrypt(password), selection, first_sync_days),
+    ).fetchone()
+    assert row is not None
+    _json({"id": row["id"]})
+
+
+_MAILBOX_LIST = """
+SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m.sync_enabled,
+       m.last_sync_at, m.last_sync_status, m.last_error,
+       m.credentials_invalid_at IS NOT NULL AS credentials_invalid,
+       (SELECT count(*) FROM folders f WHERE f.mailbox_id = m.id AND f.sync_enabled)
+           AS folders_enabled,
+       (SELECT count(*) FROM messages g WHERE g.mailbox_id = m.id) AS messages
+  FROM mailboxes m LEFT JOIN users u ON u.id = m.owner_id
+ ORDER BY m.id"""
+
+
+@mailbox_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def mailbox_list(as_json: bool) -> None:
+    """List mailboxes with their sync state (never their passwords)."""
+    rows = _conn(_settings()).execute(_MAILBOX_LIST).fetchall()
+    if as_json:
+        _json(rows)
+    else:
+        _table(rows, ["id", "name", "owner", "host", "security", "last_sync_status",
+                      "last_sync_at", "messages", "last_error"])
+
+
+def _mailbox(conn: db.Connection, mailbox_id: int) -> repository.Mailbox:
+    mailbox = repository.get_mailbox(conn, mailbox_id)
+    if mailbox is None:
+        raise NotFound(f"no mailbox with id {mailbox_id}")
+    return mailbox
+
+
+@mailbox_group.command("check")
+@click.argument("mailbox_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def mailbox_check(mailbox_id: int, as_json: bool) -> None:
+    """Log in now and list the folders: the "check connection" button."""
+    settings = _settings()
+    mailbox = _mailbox(_conn(settings), mailbox_id)
+    config = mailbox.imap_config(PasswordBox(settings.secret_key), timeout=settings.imap_timeout,
+                                 ca_file=settings.imap_ca_file)
+    started = time.monotonic()
+    try:
+        with imap.connect(config) as client:
+            folders = imap.list_folders(client, config.address)
+            capabilities = sorted(c.decode() for c in client.capabilities())
+    except imap.ImapError as exc:
+        if as_json:
+            _json({"ok": False, "error_kind": exc.kind, "error": str(exc)})
+            sys.exit(EXIT_FAILED)
+        _die(str(exc), EXIT_FAILED)
+    result = {
+        "ok": True,
+        "server": config.address,
+        "security": config.security,
+        "seconds": round(time.monotonic() - started, 3),
+        "capabilities": capabilities,
+        "folders": [f.model_dump() for f in folders],
+    }
+    if as_json:
+        _json(result)
+        return
+    click.echo(f"ok: logged in to {config.address} ({config.security}) as {config.username} "
+               f"in {result['seconds']}s")
+    for f in folders:
+        depth = f.name.count(f.delimiter) if f.delimiter else 0
+        leaf = f.name.rsplit(f.delimiter, 1)[-1] if f.delimiter else f.name
+        notes = [f.type] if f.type != "other" else []
+        if not f.selectable:
+            notes.append("not selectable")
+        click.echo(f"  {'  ' * depth}{leaf}" + (f"  ({', '.join(notes)})" if notes else ""))
+
+
+@mailbox_group.command("folders")
+@click.argument("mailbox_id", type=int)
+@click.option("--enable", "enable", multiple=True, help="folder to sync (repeatable)")
+@click.option("--disable", "disable", multiple=True, help="folder to stop syncing (repeatable)")
+@click.option("--json", "as_json", is_flag=True)
+def mailbox_folders(mailbox_id: int, enable: tuple[str, ...], disable: tuple[str, ...],
+                    as_json: bool) -> None:
+    """Show the mailbox's folders, and enable or disable their sync."""
+    conn = _conn(_settings())
+    _mailbox(conn, mailbox_id)
+    with conn.transaction():
+        for names, value in ((enable, True), (disable, False)):
+            for folder in names:
+                row = conn.execute(
+                    """UPDATE folders SET sync_enabled = %s
+                        WHERE mailbox_id = %s AND (name = %s OR raw_name = %s)
+                          AND (selectable OR NOT %s)
+                    RETURNING id""",
+                    (value, mailbox_id, folder, folder, value),
+                ).fetchone()
+                if row is None:
+                    known = conn.execute(
+                        "SELECT name FROM folders WHERE mailbox_id = %s AND selectable ORDER BY name",
+                        (mailbox_id,),
+                    ).fetchall()
+                    raise NotFound(
+                        f"mailbox {mailbox_id} has no selectable folder {folder!r}"
+                        + (f"; known: {', '.join(r['name'] for r in known)}" if known else
+                           "; no folders known yet: run `mailferry sync --mailbox "
+                           f"{mailbox_id} --wait` first")
+                    )
+    rows = conn.execute(
+        """SELECT f.name, f.raw_name, f.delimiter, f.type, f.selectable, f.sync_enabled,
+                  f.uidvalidity, f.last_uid, f.last_synced_at, f.gone_at, f.last_error,
+                  (SELECT count(*) FROM message_folders mf WHERE mf.folder_id = f.id
+                      AND mf.expunged_at IS NULL) AS messages
+             FROM folders f WHERE f.mailbox_id = %s ORDER BY f.name""",
+        (mailbox_id,),
+    ).fetchall()
+    if as_json:
+        _json(rows)
+    else:
+        _table(rows, ["name", "type", "sync_enabled", "messages", "last_synced_at", "gone_at",
+                      "last_error"])
+
+
+# --- sync -------------------------------------------------------------------------------------
+
+
+@cli.command("sync")
+@click.option("--all", "all_", is_flag=True, help="every enabled mailbox")
+@click.option("--mailbox", "mailbox_ids", multiple=True, type=int, help="mailbox id (repeatable)")
+@click.option("--force", is_flag=True,
+              help="also disabled mailboxes or ones with invalid credentials; re-scan the whole "
+                   "first-sync window instead of only new UIDs")
+@click.option("--wait", is_flag=True, help="return when the syncs are stored")
+@click.option("--timeout", type=float, default=3600.0, show_default=True,
+              help="seconds to wait with --wait")
+@click.option("--json", "as_json", is_flag=True)
+def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, timeout: float,
+         as_json: bool) -> None:
+    """Publish SyncMailbox commands now: the manual counterpart of the schedule."""
+    from shared.broker import Publisher
+    from shared.sync_requests import request_syncs
+
+    if all_ == bool(mailbox_ids):
+        raise click.UsageError("give --all or at least one --mailbox ID")
+    settings = _settings()
+    conn = _conn(settings)
+    if all_:
+        ids = [r["id"] for r in conn.execute(
+            "SELECT id FROM mailboxes WHERE sync_enabled OR %s ORDER BY id", (force,)).fetchall()]
+    else:
+        ids = list(dict.fromkeys(mailbox_ids))
+        for mailbox_id in ids:
+            mailbox = _mailbox(conn, mailbox_id)
+            if not mailbox.sync_enabled and not force:
+                raise ConfigError(f"mailbox {mailbox_id} has sync disabled; use --force")
+    publisher = Publisher(settings.broker_url, settings.retry_delays)
+    try:
+        requested = request_syncs(conn, publisher.publish, ids, requested_by="cli", force=force)
+    finally:
+        publisher.close()
+    runs = {r.run_id: r for r in requested}
+    if not wait:
+        out = [{"mailbox_id": r.mailbox_id, "run_id": r.run_id,
+                "status": "queued" if r.queued else "already-active"} for r in requested]
+        _json(out) if as_json else [click.echo(
+            f"mailbox {o['mailbox_id']}: run {o['run_id']} {o['status']}") for o in out]
+        return
+    final = _wait_for_runs(conn, list(runs), timeout, progress=not as_json)
+    if as_json:
+        _json(final)
+    else:
+        for r in final:
+            line = f"mailbox {r['mailbox_id']}: {r['status']}, {r['messages_stored']} messages stored"
+            click.echo(line + (f" ({r['error']})" if r["error"] else ""))
+    if any(r["status"] in ("queued", "running") for r in final):
+        sys.exit(EXIT_TIMEOUT)
+    if any(r["status"] != "done" for r in final):
+        sys.exit(EXIT_FAILED)
+
+
+def _wait_for_runs(conn: db.Connection, run_ids: list[uuid.UUID], timeout: float,
+                   progress: bool) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    shown = ""
+    while True:
+        rows = conn.execute(
+            """SELECT id AS run_id, mailbox_id, status, messages_stored, error_kind, error,
+                      started_at, finished_at
+                 FROM sync_runs WHERE id = ANY(%s) ORDER BY mailbox_id""",
+            (run_ids,),
+        ).fetchall()
+        active = [r for r in rows if r["status"] in ("queued", "running")]
+        if progress and sys.stderr.isatty():
+            line = (f"\r{len(rows) - len(active)}/{len(rows)} mailboxes done, "
+                    f"{sum(r['messages_stored'] for r in rows)} messages stored")
+            if line != shown:
+                click.echo(line, nl=False, err=True)
+                shown = line
+        if not active or time.monotonic() > deadline:
+            if shown:
+                click.echo("", err=True)
+            return rows
+        time.sleep(0.25)
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+@cli.group("messages")
+def messages_group() -> None:
+    """Stored messages."""
+
+
+@messages_group.command("list")
+@click.option("--mailbox", "mailbox_id", required=True, type=int)
+@click.option("--folder", help="only this folder (name as shown, or raw name)")
+@click.option("--json", "as_json", is_flag=True)
+def messages_list(mailbox_id: int, folder: str | None, as_json: bool) -> None:
+    """One entry per message and folder it is in (expunged ones left out)."""
+    conn = _conn(_settings())
+    _mailbox(conn, mailbox_id)
+    rows = conn.execute(
+        """SELECT g.id, f.name AS folder, mf.uid, mf.uidvalidity, g.message_id, g.subject,
+                  g.from_addr AS "from", g.to_addrs AS "to", g.sent_at AS date, mf.seen,
+                  mf.flags, COALESCE(g.size, mf.size) AS size, encode(g.sha256, 'hex') AS sha256,
+                  mf.internal_date, cardinality(g.parse_errors) AS parse_errors,
+                  mf.skipped_reason
+             FROM message_folders mf
+             JOIN folders f ON f.id = mf.folder_id
+             LEFT JOIN messages g ON g.id = mf.message_id
+            WHERE f.mailbox_id = %s AND mf.expunged_at IS NULL
+              AND (%s::text IS NULL OR f.name = %s OR f.raw_name = %s)
+            ORDER BY f.name, mf.uid""",
+        (mailbox_id, folder, folder, folder),
+    ).fetchall()
+    if as_json:
+        _json(rows)
+    else:
+        _table(rows, ["id", "folder", "uid", "date", "from", "subject", "seen", "size"])
+
+
+@messages_group.command("raw")
+@click.argument("message_id", type=int)
+def messages_raw(message_id: int) -> None:
+    """Write the message's raw RFC 822 bytes, exactly as the server sent them, to stdout."""
+    row = _conn(_settings()).execute(
+        """SELECT r.data FROM messages g JOIN raw_messages r ON r.sha256 = g.sha256
+            WHERE g.id = %s""",
+        (message_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no message with id {message_id}")
+    sys.stdout.buffer.write(bytes(row["data"]))
+    sys.stdout.buffer.flush()
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def status(as_json: bool) -> None:
+    """Counts and recent runs from PostgreSQL, queue depths from RabbitMQ."""
+    settings = _settings()
+    conn = _conn(settings)
+    counts = conn.execute(
+        """SELECT (SELECT count(*) FROM users) AS users,
+                  (SELECT count(*) FROM mailboxes) AS mailboxes,
+                  (SELECT count(*) FROM mailboxes WHERE credentials_invalid_at IS NOT NULL)
+                      AS mailboxes_with_invalid_credentials,
+                  (SELECT count(*) FROM messages) AS messages,
+                  (SELECT count(*) FROM raw_messages) AS raw_messages,
+                  (SELECT COALESCE(sum(size), 0) FROM raw_messages) AS raw_bytes"""
+    ).fetchone()
+    runs = conn.execute(
+        """SELECT status, count(*) AS n FROM sync_runs GROUP BY status ORDER BY status"""
+    ).fetchall()
+    recent = conn.execute(
+        """SELECT id AS run_id, mailbox_id, status, requested_by, requested_at, finished_at,
+                  messages_stored, error FROM sync_runs ORDER BY requested_at DESC LIMIT 10"""
+    ).fetchall()
+    queues = _queue_depths(settings)
+    result = {**(counts or {}), "runs": {r["status"]: r["n"] for r in runs},
+              "recent_runs": recent, "queues": queues}
+    if as_json:
+        _json(result)
+        return
+    for key, value in (counts or {}).items():
+        click.echo(f"{key}: {value}")
+    click.echo("runs: " + (", ".join(f"{k} {v}" for k, v in result["runs"].items()) or "none"))
+    click.echo("queues:")
+    for name, depth in queues.items():
+        click.echo(f"  {name}: {depth}")
+    click.echo("recent runs:")
+    _table(recent, ["run_id", "mailbox_id", "status", "requested_by", "requested_at",
+                    "messages_stored", "error"])
+
+
+def _queue_depths(settings: Settings) -> dict[str, int | str]:
+    from shared import broker, topology
+
+    depths: dict[str, int | str] = {}
+    conn = broker.connect(settings.broker_url)
+    try:
+        channel = conn.channel()
+        for work in topology.WORK_QUEUES:
+            for name in (work.name, work.dead_letter_name):
+                try:
+                    depths[name] = channel.queue_declare(name, passive=True).message_count
+                except Exception:
+                    channel = conn.channel()
+                    depths[name] = "not declared"
+    except Exception as exc:
+        depths["error"] = f"RabbitMQ unreachable: {exc}"
+    finally:
+        conn.release()
+    return depths
+
+
+# --- services ---------------------------------------------------------------------------------
+
+
+def _service(name: str) -> Callable[[], None]:
+    def run() -> None:
+        settings = _settings()
+        module = __import__(f"services.{name}.main", fromlist=["main"])
+        module.main(settings)
+
+    run.__doc__ = f"Run the {name} service in the foreground."
+    return run
+
+
+for _name in ("scheduler", "fetcher", "persister", "notifier"):
+    cli.command(_name)(_service(_name))
+
+
+@cli.command("up")
+@click.option("--fetchers", default=1, type=click.IntRange(1, 64), show_default=True)
+@click.option("--persisters", default=1, type=click.IntRange(1, 64), show_default=True)
+def up(fetchers: int, persisters: int) -> None:
+    """All four services under one supervisor, for a single machine; Ctrl-C stops them."""
+    from services.cli.supervisor import supervise
+
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format, service="supervisor")
+    db.migrate(settings.database_url)  # once here, rather than raced by every child
+    supervise({"scheduler": 1, "fetcher": fetchers, "persister": persisters, "notifier": 1})
+
+
+def main() -> None:
+    cli(prog_name="mailferry")
+
+
+if __name__ == "__main__":
+    main()

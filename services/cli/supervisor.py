@@ -1,0 +1,68 @@
+"""``mailferry up``: the services as child processes, restarted when they die, stopped together."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _Child:
+    service: str
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "services.cli.main", self.service])
+        self.started_at = time.monotonic()
+        log.info("child.started", service=self.service, index=self.index, pid=self.process.pid)
+
+
+def supervise(counts: dict[str, int]) -> None:
+    children = [_Child(s, i) for s, n in counts.items() for i in range(n)]
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for child in children:
+        child.start()
+    while not stopping:
+        time.sleep(0.5)
+        for child in children:
+            assert child.process is not None
+            code = child.process.poll()
+            if code is None or stopping:
+                continue
+            # Back off when a child keeps dying at once (e.g. the database is down).
+            quick = time.monotonic() - child.started_at < 10
+            child.restarts = child.restarts + 1 if quick else 0
+            delay = min(30.0, 2.0 ** child.restarts) if quick else 0.0
+            log.warning("child.exited", service=child.service, code=code, restart_in=delay)
+            time.sleep(delay)
+            child.start()
+    log.info("supervisor.stopping")
+    for child in children:
+        if child.process and child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+    log.info("supervisor.stopped")

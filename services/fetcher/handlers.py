@@ -1,0 +1,276 @@
+"""The fetcher's work: one SyncMailbox command -> folder and message events on the broker.
+
+Plain functions; the IMAP connection, the database reads, the lease and the publisher are passed
+in. The command is acked by the worker only after this returns, i.e. after every event of the
+attempt was confirmed by the broker; a crash anywhere means the command comes back and another
+attempt (with a newer fencing token) starts over, which the persister's idempotence absorbs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import structlog
+from imapclient import IMAPClient
+
+from services.fetcher import lease as leases
+from shared import imap, repository
+from shared.config import Settings
+from shared.crypto import PasswordBox
+from shared.db import Connection
+from shared.domain import enabled_on_discovery, first_sync_since
+from shared.errors import ConfigError, ImapAuthError, ImapConnectionError, ImapError, LeaseLost
+from shared.messages import (
+    AnyMessage,
+    CredentialsInvalid,
+    CredentialsRestored,
+    FetchedMessage,
+    FolderInfo,
+    FoldersListed,
+    FolderSynced,
+    MessagesFetched,
+    SyncFailed,
+    SyncFinished,
+    SyncMailbox,
+    SyncStarted,
+)
+
+log = structlog.get_logger(__name__)
+
+META_ITEMS = ("FLAGS", "INTERNALDATE", "RFC822.SIZE")
+META_CHUNK = 5000  # UIDs per metadata FETCH: keeps command lines far below servers' limits
+
+
+@dataclass
+class FetcherDeps:
+    settings: Settings
+    connection: Callable[[], Connection]  # autocommit; reads, the run row and the lease
+    publish: Callable[[AnyMessage], None]
+    imap_connect: Callable[[imap.ImapConfig], AbstractContextManager[IMAPClient]]
+    passwords: PasswordBox
+    fetcher_id: str
+    today: Callable[[], date] = lambda: datetime.now(UTC).date()
+
+
+def sync_mailbox(cmd: SyncMailbox, deps: FetcherDeps) -> None:
+    structlog.contextvars.bind_contextvars(mailbox_id=cmd.mailbox_id, run_id=str(cmd.run_id))
+    started = time.monotonic()
+    conn = deps.connection()
+    mailbox = repository.get_mailbox(conn, cmd.mailbox_id)
+    if mailbox is None:
+        log.info("sync.skipped", reason="mailbox no longer exists")
+        return
+    # A command published by hand straight to the broker has no run yet: register it, unless
+    # the mailbox already has a run queued or running (then this command is redundant).
+    conn.execute(
+        """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by)
+           VALUES (%s, %s, 'queued', %s, %s) ON CONFLICT DO NOTHING""",
+        (cmd.run_id, mailbox.id, cmd.force, cmd.requested_by),
+    )
+    status = conn.execute("SELECT status FROM sync_runs WHERE id = %s",
+                               (cmd.run_id,)).fetchone()
+    if status is None:
+        log.info("sync.skipped", reason="another run of this mailbox is queued or running")
+        return
+    if status["status"] not in ("queued", "running"):
+        log.info("sync.skipped", reason=f"run already {status['status']}")
+        return
+
+    s = deps.settings
+    with leases.held(s.database_url, conn, mailbox.id, deps.fetcher_id,
+                     s.lease_seconds) as lease:
+        def event(cls: type[Any], **fields: Any) -> Any:
+            return cls(run_id=cmd.run_id, mailbox_id=mailbox.id, lease_token=lease.token, **fields)
+
+        deps.publish(event(SyncStarted, fetcher=deps.fetcher_id, started_at=_now()))
+        try:
+            config = mailbox.imap_config(deps.passwords, timeout=s.imap_timeout,
+                                         ca_file=s.imap_ca_file)
+            with deps.imap_connect(config) as client:
+                if mailbox.credentials_invalid_at is not None:
+                    deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=_now()))
+                totals = _sync_folders(cmd, deps, conn, client, config, mailbox, lease, event)
+        except (ImapError, ConfigError) as exc:
+            kind = exc.kind if isinstance(exc, ImapError) else "config"
+            deps.publish(event(SyncFailed, error_kind=kind, error=str(exc), finished_at=_now()))
+            if isinstance(exc, ImapAuthError) and mailbox.credentials_invalid_at is None:
+                deps.publish(CredentialsInvalid(mailbox_id=mailbox.id, run_id=cmd.run_id,
+                                                error=str(exc), detected_at=_now()))
+            log.warning("sync.failed", error_kind=kind, error=str(exc),
+                        seconds=round(time.monotonic() - started, 3))
+            return
+        deps.publish(event(SyncFinished, folders=totals["folders"], finished_at=_now()))
+    log.info("sync.fetched", seconds=round(time.monotonic() - started, 3), **totals)
+
+
+def command_dead_lettered(cmd: AnyMessage, reason: str, deps: FetcherDeps) -> None:
+    """A command that will not be retried any more closes its run as failed, so nobody waits on
+    it (``sync --wait``) and the scheduler queues the mailbox again at the next interval."""
+    if not isinstance(cmd, SyncMailbox):
+        return
+    deps.connection().execute(
+        """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'internal',
+                  error = %s
+            WHERE id = %s AND status IN ('queued', 'running')""",
+        (f"gave up: {reason}"[:2000], cmd.run_id),
+    )
+
+
+def _sync_folders(cmd: SyncMailbox, deps: FetcherDeps, conn: Connection, client: IMAPClient,
+                  config: imap.ImapConfig, mailbox: repository.Mailbox, lease: leases.Lease,
+                  event: Callable[..., Any]) -> dict[str, int]:
+    where = config.address
+    folders = imap.list_folders(client, where)
+    deps.publish(event(FoldersListed, folders=tuple(folders)))
+    states = repository.folder_states(conn, mailbox.id)
+    days = mailbox.first_sync_days or deps.settings.first_sync_days
+    totals = {"folders": 0, "failed_folders": 0, "messages": 0, "bytes": 0}
+    for folder in folders:
+        state = states.get(folder.raw_name)
+        wanted = state.sync_enabled if state else enabled_on_discovery(folder, mailbox.initial_folders)
+        if not wanted or not folder.selectable:
+            continue
+        lease.check()
+        totals["folders"] += 1
+        structlog.contextvars.bind_contextvars(folder=folder.name)
+        try:
+            n, size = _sync_folder(client, folder, state, cmd, deps, lease, event,
+                                   since=first_sync_since(deps.today(), days), where=where)
+            totals["messages"] += n
+            totals["bytes"] += size
+        except LeaseLost:
+            raise
+        except ImapError as exc:
+            # One bad folder never stalls the mailbox (DESIGN invariant 5): close it with its
+            # error (its checkpoint stays) and go on, unless the connection itself is gone.
+            totals["failed_folders"] += 1
+            deps.publish(event(FolderSynced, folder=folder.raw_name, uidvalidity=None,
+                               batches=getattr(exc, "batches", 0),
+                               messages=0, error=str(exc)))
+            log.warning("folder.failed", error=str(exc))
+            if isinstance(exc, ImapConnectionError):
+                totals["folders"] += _close_remaining(folders, folder, states, mailbox, deps,
+                                                      event, str(exc))
+                break
+        finally:
+            structlog.contextvars.unbind_contextvars("folder")
+    return totals
+
+
+def _close_remaining(folders: list[FolderInfo], failed: FolderInfo,
+                     states: dict[str, repository.FolderState], mailbox: repository.Mailbox,
+                     deps: FetcherDeps, event: Callable[..., Any], error: str) -> int:
+    """After a dropped connection, the folders not reached are closed with that error."""
+    closed = 0
+    for folder in folders[folders.index(failed) + 1:]:
+        state = states.get(folder.raw_name)
+        wanted = state.sync_enabled if state else enabled_on_discovery(folder, mailbox.initial_folders)
+        if wanted and folder.selectable:
+            deps.publish(event(FolderSynced, folder=folder.raw_name, uidvalidity=None, batches=0,
+                               messages=0, error=f"not reached: {error}"))
+            closed += 1
+    return closed
+
+
+class _FolderFailed(ImapError):
+    """An IMAP error after some batches of the folder were already published."""
+
+    def __init__(self, cause: ImapError, batches: int) -> None:
+        super().__init__(str(cause))
+        self.kind = cause.kind
+        self.batches = batches
+
+
+def _sync_folder(client: IMAPClient, folder: FolderInfo, state: repository.FolderState | None,
+                 cmd: SyncMailbox, deps: FetcherDeps, lease: leases.Lease,
+                 event: Callable[..., Any], *, since: date, where: str) -> tuple[int, int]:
+    s = deps.settings
+    status = imap.examine(client, folder.raw_name, where)
+    same_generation = state is not None and state.uidvalidity == status.uidvalidity
+    above = state.last_uid if (same_generation and state and not cmd.force) else 0
+    if above and status.uidnext is not None and status.uidnext <= above + 1:
+        uids: list[int] = []  # UIDNEXT says nothing arrived: no SEARCH, no FETCH
+    else:
+        uids = imap.search_uids(client, above=above, since=None if above else since,
+                                where=f"{where} {folder.raw_name}")
+    batches = 0
+    count = 0
+    size_total = 0
+    try:
+        for batch in _batches(client, uids, s.batch_max_bytes, s.batch_max_messages,
+                              s.max_message_bytes, f"{where} {folder.raw_name}"):
+            lease.check()
+            deps.publish(event(MessagesFetched, folder=folder.raw_name,
+                               uidvalidity=status.uidvalidity, batch_no=batches,
+                               messages=tuple(batch)))
+            batches += 1
+            count += len(batch)
+            size_total += sum(m.size for m in batch)
+    except ImapError as exc:
+        raise _FolderFailed(exc, batches) from exc
+    last_uid = max([above, *uids, (status.uidnext or 1) - 1])
+    deps.publish(event(FolderSynced, folder=folder.raw_name, uidvalidity=status.uidvalidity,
+                       uidnext=status.uidnext, highest_modseq=status.highest_modseq,
+                       last_uid=last_uid, batches=batches, messages=count))
+    log.info("folder.fetched", messages=count, bytes=size_total, batches=batches,
+             uidvalidity=status.uidvalidity, last_uid=last_uid)
+    return count, size_total
+
+
+def _batches(client: IMAPClient, uids: list[int], max_bytes: int, max_count: int,
+             max_message: int, where: str) -> Iterator[list[FetchedMessage]]:
+    """Messages in batches bounded by bytes and count; memory stays bounded by one batch (or one
+    message larger than a batch)."""
+    for start in range(0, len(uids), META_CHUNK):
+        chunk = uids[start:start + META_CHUNK]
+        meta = imap.fetch(client, chunk, META_ITEMS, where)
+        group: list[int] = []
+        group_bytes = 0
+        for uid in chunk:
+            info = meta.get(uid)
+            if info is None:
+                continue  # expunged since the SEARCH
+            size = int(info.get(b"RFC822.SIZE", 0))
+            if group and (group_bytes + size > max_bytes or len(group) >= max_count):
+                yield _fetch_bodies(client, group, meta, max_message, where)
+                group, group_bytes = [], 0
+            group.append(uid)
+            group_bytes += size
+        if group:
+            yield _fetch_bodies(client, group, meta, max_message, where)
+
+
+def _fetch_bodies(client: IMAPClient, uids: list[int], meta: dict[int, dict[bytes, Any]],
+                  max_message: int, where: str) -> list[FetchedMessage]:
+    small = [u for u in uids if int(meta[u].get(b"RFC822.SIZE", 0)) <= max_message]
+    bodies = imap.fetch(client, small, ("BODY.PEEK[]",), where)
+    out: list[FetchedMessage] = []
+    for uid in uids:
+        info = meta[uid]
+        flags = tuple(_flag(f) for f in info.get(b"FLAGS", ()))
+        internal = info.get(b"INTERNALDATE")
+        declared = int(info.get(b"RFC822.SIZE", 0))
+        if uid not in small:
+            out.append(FetchedMessage(uid=uid, flags=flags, internal_date=internal, size=declared,
+                                      raw=None, skipped_reason=f"larger than {max_message} bytes"))
+            continue
+        body = bodies.get(uid, {}).get(b"BODY[]")
+        if body is None:
+            continue  # expunged between the two FETCHes
+        raw = bytes(body)
+        out.append(FetchedMessage(uid=uid, flags=flags, internal_date=internal, size=len(raw),
+                                  raw=raw))
+    return out
+
+
+def _flag(flag: bytes | str) -> str:
+    return flag.decode("utf-8", "replace") if isinstance(flag, bytes) else str(flag)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,111 @@
+"""The per-mailbox lease: one fetcher per mailbox at a time (DESIGN invariant 3).
+
+Taking the lease increments ``mailboxes.lease_token``; that number is the fencing token every event
+of the attempt carries, and the persister refuses events whose token is older than the current one.
+A background thread renews the lease while the sync runs; when a renewal finds the token changed
+(someone took over after our lease expired), the sync stops at its next check.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import structlog
+
+from shared import db
+from shared.errors import LeaseHeld, LeaseLost
+
+log = structlog.get_logger(__name__)
+
+
+class Lease:
+    def __init__(self, database_url: str, mailbox_id: int, token: int, seconds: float) -> None:
+        self.database_url = database_url
+        self.mailbox_id = mailbox_id
+        self.token = token
+        self.seconds = seconds
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
+
+    def check(self) -> None:
+        """Raise LeaseLost if another fetcher owns the mailbox now: our events would be refused."""
+        if self._lost.is_set():
+            raise LeaseLost(f"lease on mailbox {self.mailbox_id} was taken over")
+
+    def _renew_loop(self) -> None:
+        conn: db.Connection | None = None
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                if conn is None or conn.closed:
+                    conn = db.connect(self.database_url, autocommit=True)
+                if not renew(conn, self.mailbox_id, self.token, self.seconds):
+                    self._lost.set()
+                    log.warning("lease.lost", mailbox_id=self.mailbox_id, lease_token=self.token)
+                    return
+            except Exception as exc:  # keep trying: the lease only lapses when it expires
+                log.warning("lease.renew_failed", mailbox_id=self.mailbox_id, error=str(exc))
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def acquire(conn: db.Connection, mailbox_id: int, owner: str, seconds: float) -> int:
+    row = conn.execute(
+        """UPDATE mailboxes
+              SET lease_token = lease_token + 1, lease_owner = %s,
+                  lease_expires_at = now() + make_interval(secs => %s)
+            WHERE id = %s AND (lease_expires_at IS NULL OR lease_expires_at < now())
+        RETURNING lease_token""",
+        (owner, seconds, mailbox_id),
+    ).fetchone()
+    if row is None:
+        held = conn.execute(
+            """SELECT lease_owner, extract(epoch FROM lease_expires_at - now()) AS remaining
+                 FROM mailboxes WHERE id = %s""",
+            (mailbox_id,),
+        ).fetchone()
+        remaining = float(held["remaining"]) if held and held["remaining"] is not None else 0.0
+        owner_now = held["lease_owner"] if held else "?"
+        raise LeaseHeld(f"mailbox {mailbox_id} is being synced by {owner_now} "
+                        f"(lease expires in {remaining:.0f}s)")
+    return int(row["lease_token"])
+
+
+def renew(conn: db.Connection, mailbox_id: int, token: int, seconds: float) -> bool:
+    row = conn.execute(
+        """UPDATE mailboxes SET lease_expires_at = now() + make_interval(secs => %s)
+            WHERE id = %s AND lease_token = %s RETURNING id""",
+        (seconds, mailbox_id, token),
+    ).fetchone()
+    return row is not None
+
+
+def release(conn: db.Connection, mailbox_id: int, token: int) -> None:
+    conn.execute(
+        """UPDATE mailboxes SET lease_expires_at = NULL, lease_owner = NULL
+            WHERE id = %s AND lease_token = %s""",
+        (mailbox_id, token),
+    )
+
+
+@contextmanager
+def held(database_url: str, conn: db.Connection, mailbox_id: int, owner: str,
+         seconds: float) -> Iterator[Lease]:
+    token = acquire(conn, mailbox_id, owner, seconds)
+    lease = Lease(database_url, mailbox_id, token, seconds)
+    lease.start()
+    try:
+        yield lease
+    finally:
+        lease.stop()
+        release(conn, mailbox_id, token)

@@ -1,0 +1,23 @@
+"""Wiring of a persister worker: a database connection in, then consume sync events."""
+
+from __future__ import annotations
+
+from services.persister.handlers import PersisterDeps, event_dead_lettered, handle
+from shared import db, topology
+from shared.broker import Publisher
+from shared.config import Settings
+from shared.messages import AnyMessage
+from shared.service import run_worker, start
+
+
+def main(settings: Settings) -> None:
+    start(settings, "persister")
+    deps = PersisterDeps(connection=db.Reconnecting(settings.database_url))
+
+    def on_event(message: AnyMessage) -> None:
+        handle(message, deps)
+
+    run_worker(settings, topology.PERSISTER, on_event,
+               Publisher(settings.broker_url, settings.retry_delays),
+               prefetch=settings.persister_prefetch,
+               on_dead_letter=lambda event, reason: event_dead_lettered(event, reason, deps))

@@ -1,0 +1,333 @@
+"""The persister's SQL: idempotent writes keyed by what identifies each fact.
+
+Every function runs inside the caller's transaction. Rows that several workers may insert at once
+are inserted in a stable order (sorted by key) so two transactions cannot deadlock on each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from shared.db import Connection
+from shared.domain import enabled_on_discovery
+from shared.imap import decode_folder_name
+from shared.messages import FetchedMessage, FolderInfo, FolderSynced
+from shared.mime import ParsedMessage, clean_text
+
+ACTIVE = ("queued", "running")
+
+
+def current_token(conn: Connection, mailbox_id: int) -> int | None:
+    row = conn.execute("SELECT lease_token FROM mailboxes WHERE id = %s", (mailbox_id,)).fetchone()
+    return None if row is None else int(row["lease_token"])
+
+
+def initial_folders(conn: Connection, mailbox_id: int) -> list[str] | None:
+    row = conn.execute("SELECT initial_folders FROM mailboxes WHERE id = %s",
+                       (mailbox_id,)).fetchone()
+    return None if row is None else row["initial_folders"]
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def run_started(conn: Connection, run_id: uuid.UUID, token: int, started_at: datetime) -> None:
+    conn.execute(
+        """UPDATE sync_runs
+              SET status = 'running', started_at = COALESCE(started_at, %s),
+                  lease_token = GREATEST(COALESCE(lease_token, 0), %s)
+            WHERE id = %s AND status IN ('queued', 'running')""",
+        (started_at, token, run_id),
+    )
+
+
+def run_gave_up(conn: Connection, run_id: uuid.UUID, reason: str) -> None:
+    conn.execute(
+        """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'internal',
+                  error = %s
+            WHERE id = %s AND status IN ('queued', 'running')""",
+        (clean_text(reason)[:2000], run_id),
+    )
+
+
+def run_folders_listed(conn: Connection, run_id: uuid.UUID) -> None:
+    conn.execute("UPDATE sync_runs SET folders_listed = true WHERE id = %s", (run_id,))
+
+
+def run_finished(conn: Connection, run_id: uuid.UUID, token: int, folders: int) -> None:
+    conn.execute(
+        """UPDATE sync_runs SET folders_expected = %s, lease_token = GREATEST(lease_token, %s)
+            WHERE id = %s""",
+        (folders, token, run_id),
+    )
+
+
+def run_failed(conn: Connection, run_id: uuid.UUID, mailbox_id: int, kind: str, error: str,
+               at: datetime) -> None:
+    conn.execute(
+        """UPDATE sync_runs SET status = 'failed', error_kind = %s, error = %s, finished_at = %s
+            WHERE id = %s AND status IN ('queued', 'running')""",
+        (kind, clean_text(error), at, run_id),
+    )
+    conn.execute(
+        """UPDATE mailboxes
+              SET last_sync_at = %s, last_sync_status = 'failed', last_error = %s,
+                  last_error_kind = %s,
+                  credentials_invalid_at = CASE WHEN %s::text = 'auth'
+                      THEN COALESCE(credentials_invalid_at, %s) ELSE credentials_invalid_at END
+            WHERE id = %s""",
+        (at, clean_text(error), kind, kind, at, mailbox_id),
+    )
+
+
+def try_complete(conn: Connection, run_id: uuid.UUID, token: int) -> str | None:
+    """Close what is complete: folders whose announced batches are all stored (their checkpoint
+    moves), then the run once every folder is closed. Returns the run's final status, if reached.
+
+    The run row is locked first, so two workers finishing the last pieces at once serialize here
+    and the second one sees the first one's batches.
+    """
+    run = conn.execute(
+        """SELECT mailbox_id, status, lease_token, folders_listed, folders_expected
+             FROM sync_runs WHERE id = %s FOR UPDATE""",
+        (run_id,),
+    ).fetchone()
+    if run is None or run["status"] not in ACTIVE or run["lease_token"] != token:
+        return None
+    pending = conn.execute(
+        """SELECT f.folder, f.uidvalidity, f.batches, f.last_uid, f.uidnext, f.highest_modseq,
+                  f.error,
+                  (SELECT count(*) FROM sync_batches b
+                    WHERE b.run_id = f.run_id AND b.lease_token = f.lease_token
+                      AND b.folder = f.folder) AS stored
+             FROM sync_folders f
+            WHERE f.run_id = %s AND f.lease_token = %s AND NOT f.completed
+              AND f.batches IS NOT NULL""",
+        (run_id, token),
+    ).fetchall()
+    for f in pending:
+        if f["stored"] < f["batches"]:
+            continue
+        _advance_folder(conn, run["mailbox_id"], f)
+        conn.execute(
+            """UPDATE sync_folders SET completed = true
+                WHERE run_id = %s AND lease_token = %s AND folder = %s""",
+            (run_id, token, f["folder"]),
+        )
+    if run["folders_expected"] is None or not run["folders_listed"]:
+        return None
+    done = conn.execute(
+        """SELECT count(*) AS n, count(error) AS failed,
+                  string_agg(folder || ': ' || error, '; ' ORDER BY folder) AS errors
+             FROM sync_folders WHERE run_id = %s AND lease_token = %s AND completed""",
+        (run_id, token),
+    ).fetchone()
+    assert done is not None
+    if done["n"] < run["folders_expected"]:
+        return None
+    status = "failed" if done["failed"] else "done"
+    error = (f"{done['failed']} of {done['n']} folders failed: {done['errors']}"
+             if done["failed"] else None)
+    conn.execute(
+        """UPDATE sync_runs SET status = %s, finished_at = now(), error = %s,
+                  error_kind = CASE WHEN %s::text IS NULL THEN NULL ELSE 'folder' END
+            WHERE id = %s""",
+        (status, error, error, run_id),
+    )
+    conn.execute(
+        """UPDATE mailboxes SET last_sync_at = now(), last_sync_status = %s, last_error = %s,
+                  last_error_kind = CASE WHEN %s::text IS NULL THEN NULL ELSE 'folder' END,
+                  credentials_invalid_at = NULL
+            WHERE id = %s""",
+        (status, error, error, run["mailbox_id"]),
+    )
+    return status
+
+
+def _advance_folder(conn: Connection, mailbox_id: int, f: dict[str, Any]) -> None:
+    if f["error"] is not None or f["uidvalidity"] is None or f["last_uid"] is None:
+        conn.execute(
+            "UPDATE folders SET last_error = %s WHERE mailbox_id = %s AND raw_name = %s",
+            (f["error"], mailbox_id, f["folder"]),
+        )
+        return
+    # Checkpoints only move forward within one UIDVALIDITY; a new UIDVALIDITY starts over.
+    conn.execute(
+        """UPDATE folders
+              SET last_uid = CASE WHEN uidvalidity IS DISTINCT FROM %(uv)s THEN %(last)s
+                                  ELSE GREATEST(last_uid, %(last)s) END,
+                  highest_modseq = CASE WHEN uidvalidity IS DISTINCT FROM %(uv)s THEN %(hms)s
+                                        ELSE GREATEST(highest_modseq, %(hms)s) END,
+                  uidnext = CASE WHEN uidvalidity IS DISTINCT FROM %(uv)s THEN %(next)s
+                                 ELSE GREATEST(uidnext, %(next)s) END,
+                  uidvalidity = %(uv)s, last_synced_at = now(), last_error = NULL
+            WHERE mailbox_id = %(mb)s AND raw_name = %(folder)s""",
+        {"uv": f["uidvalidity"], "last": f["last_uid"], "hms": f["highest_modseq"],
+         "next": f["uidnext"], "mb": mailbox_id, "folder": f["folder"]},
+    )
+
+
+def folder_synced(conn: Connection, e: FolderSynced) -> None:
+    conn.execute(
+        """INSERT INTO sync_folders (run_id, lease_token, folder, uidvalidity, batches, last_uid,
+                                     uidnext, highest_modseq, messages, error)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+           ON CONFLICT (run_id, lease_token, folder) DO NOTHING""",
+        (e.run_id, e.lease_token, e.folder, e.uidvalidity, e.batches, e.last_uid, e.uidnext,
+         e.highest_modseq, e.messages, clean_text(e.error) if e.error else None),
+    )
+
+
+# --- folders ----------------------------------------------------------------------------------
+
+
+def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderInfo],
+                   initial: list[str] | None) -> dict[str, int]:
+    """Store the server's folder list; apply the deletion rule to folders no longer listed.
+
+    A folder gone from the server is deleted only if it holds no synced mail; one that does is
+    kept and marked gone (OroCRM's rule), so deleting a folder never deletes a user's synced mail.
+    """
+    rows = sorted(folders, key=lambda f: f.raw_name)
+    for f in rows:
+        conn.execute(
+            """INSERT INTO folders (mailbox_id, name, raw_name, delimiter, flags, type,
+                                    selectable, sync_enabled)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (mailbox_id, raw_name) DO UPDATE
+                  SET name = EXCLUDED.name, delimiter = EXCLUDED.delimiter,
+                      flags = EXCLUDED.flags, type = EXCLUDED.type,
+                      selectable = EXCLUDED.selectable, gone_at = NULL""",
+            (mailbox_id, clean_text(f.name), f.raw_name, f.delimiter, list(f.flags), f.type,
+             f.selectable, enabled_on_discovery(f, initial)),
+        )
+    listed = [f.raw_name for f in rows]
+    conn.execute(
+        """UPDATE folders f SET gone_at = now()
+            WHERE f.mailbox_id = %s AND f.gone_at IS NULL AND NOT (f.raw_name = ANY(%s))
+              AND EXISTS (SELECT 1 FROM message_folders mf WHERE mf.folder_id = f.id)""",
+        (mailbox_id, listed),
+    )
+    deleted = conn.execute(
+        """DELETE FROM folders f
+            WHERE f.mailbox_id = %s AND NOT (f.raw_name = ANY(%s))
+              AND NOT EXISTS (SELECT 1 FROM message_folders mf WHERE mf.folder_id = f.id)
+        RETURNING id""",
+        (mailbox_id, listed),
+    ).fetchall()
+    return {"listed": len(listed), "deleted": len(deleted)}
+
+
+def folder_id(conn: Connection, mailbox_id: int, raw_name: str) -> int:
+    """The folder's id; a placeholder row if its FoldersListed has not been applied yet (events
+    arrive in any order), which that event then completes."""
+    name, _ = decode_folder_name(raw_name.encode("utf-8", "surrogateescape"))
+    row = conn.execute(
+        """INSERT INTO folders (mailbox_id, name, raw_name, sync_enabled)
+           VALUES (%s, %s, %s, true)
+           ON CONFLICT (mailbox_id, raw_name) DO UPDATE SET raw_name = EXCLUDED.raw_name
+        RETURNING id""",
+        (mailbox_id, clean_text(name), raw_name),
+    ).fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Incoming:
+    fetched: FetchedMessage
+    sha256: bytes | None
+    parsed: ParsedMessage | None
+
+
+def sha256(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest()
+
+
+def known_hashes(conn: Connection, mailbox_id: int, hashes: list[bytes]) -> set[bytes]:
+    rows = conn.execute(
+        "SELECT sha256 FROM messages WHERE mailbox_id = %s AND sha256 = ANY(%s)",
+        (mailbox_id, hashes),
+    ).fetchall()
+    return {bytes(r["sha256"]) for r in rows}
+
+
+def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: int,
+                   batch: Sequence[Incoming]) -> int:
+    """Insert the batch's raw bytes (once per hash), parsed messages (once per mailbox and hash)
+    and folder placements (once per UIDVALIDITY and UID; an expunged UID's tombstone wins)."""
+    with_raw = sorted({m.sha256: m for m in batch if m.sha256 is not None and m.parsed is not None}.values(),
+                      key=lambda m: m.sha256 or b"")
+    with conn.cursor() as cur:
+        if with_raw:
+            cur.executemany(
+                """INSERT INTO raw_messages (sha256, size, data) VALUES (%b, %s, %b)
+                   ON CONFLICT (sha256) DO NOTHING""",
+                [(m.sha256, len(m.fetched.raw or b""), m.fetched.raw) for m in with_raw],
+            )
+            cur.executemany(
+                """INSERT INTO messages (mailbox_id, sha256, size, message_id, subject, from_addr,
+                       to_addrs, cc_addrs, bcc_addrs, sent_at, in_reply_to, refs, importance,
+                       body_text, body_html, attachments, parse_errors)
+                   VALUES (%s, %b, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (mailbox_id, sha256) DO NOTHING""",
+                [_message_row(mailbox_id, m) for m in with_raw],
+            )
+        hashes = [m.sha256 for m in batch if m.sha256 is not None]
+        ids = {
+            bytes(r["sha256"]): r["id"]
+            for r in conn.execute(
+                "SELECT id, sha256 FROM messages WHERE mailbox_id = %s AND sha256 = ANY(%s)",
+                (mailbox_id, hashes),
+            ).fetchall()
+        }
+        placements = sorted(batch, key=lambda m: m.fetched.uid)
+        cur.executemany(
+            """INSERT INTO message_folders (folder_id, uidvalidity, uid, message_id, flags, seen,
+                                            modseq, internal_date, size, skipped_reason)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (folder_id, uidvalidity, uid) DO NOTHING""",
+            [
+                (folder, uidvalidity, m.fetched.uid,
+                 ids.get(m.sha256) if m.sha256 else None,
+                 [clean_text(f) for f in m.fetched.flags], "\\Seen" in m.fetched.flags,
+                 m.fetched.modseq, m.fetched.internal_date, m.fetched.size,
+                 m.fetched.skipped_reason)
+                for m in placements
+            ],
+        )
+    return len(batch)
+
+
+def _message_row(mailbox_id: int, m: Incoming) -> tuple[Any, ...]:
+    p = m.parsed
+    assert p is not None
+    return (
+        mailbox_id, m.sha256, len(m.fetched.raw or b""), p.message_id, p.subject, p.from_,
+        p.to, p.cc, p.bcc, p.date, p.in_reply_to, p.references, p.importance,
+        p.text_body, p.html_body, Jsonb([a.model_dump() for a in p.attachments]),
+        p.parse_errors,
+    )
+
+
+def batch_stored(conn: Connection, run_id: uuid.UUID, token: int, folder: str, batch_no: int,
+                 count: int) -> bool:
+    row = conn.execute(
+        """INSERT INTO sync_batches (run_id, lease_token, folder, batch_no, messages)
+           VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING batch_no""",
+        (run_id, token, folder, batch_no, count),
+    ).fetchone()
+    if row is not None:
+        conn.execute("UPDATE sync_runs SET messages_stored = messages_stored + %s WHERE id = %s",
+                     (count, run_id))
+    return row is not None

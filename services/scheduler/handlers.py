@@ -1,0 +1,25 @@
+"""The scheduler's work: one tick -> one SyncMailbox per due mailbox."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from shared.config import Settings
+from shared.db import Connection
+from shared.messages import AnyMessage
+from shared.sync_requests import due_mailboxes, expire_stale_runs, request_syncs
+
+log = structlog.get_logger(__name__)
+
+
+def tick(conn: Connection, publish: Callable[[AnyMessage], None], settings: Settings) -> int:
+    """Expire runs that never finished, then queue every due mailbox. Safe to run in several
+    schedulers at once: the one-active-run index lets only one of them queue a mailbox."""
+    expired = expire_stale_runs(conn, settings.run_timeout)
+    due = due_mailboxes(conn, settings.sync_interval)
+    requested = request_syncs(conn, publish, due, requested_by="scheduler")
+    queued = sum(1 for r in requested if r.queued)
+    log.info("schedule.tick", due=len(due), queued=queued, expired=expired)
+    return queued

@@ -1,0 +1,37 @@
+"""Wiring of the scheduler: every MAILFERRY_SCHEDULER_TICK seconds, queue the due mailboxes."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import structlog
+
+from services.scheduler.handlers import tick
+from shared import db
+from shared.broker import Publisher
+from shared.config import Settings
+from shared.errors import MailferryError
+from shared.service import start
+
+log = structlog.get_logger(__name__)
+
+
+def main(settings: Settings) -> None:
+    start(settings, "scheduler")
+    publisher = Publisher(settings.broker_url, settings.retry_delays)
+    connection = db.Reconnecting(settings.database_url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info("scheduler.running", interval=settings.sync_interval, tick=settings.scheduler_tick)
+    while not stop.is_set():
+        try:
+            tick(connection(), publisher.publish, settings)
+        except MailferryError as exc:  # the database or broker is away: try again next tick
+            log.warning("schedule.tick_failed", error=str(exc))
+        except Exception:
+            log.exception("schedule.tick_failed")
+        stop.wait(settings.scheduler_tick)
+    publisher.close()
+    log.info("scheduler.stopped")

@@ -1,0 +1,253 @@
+"""The AMQP adapter (kombu): a confirming publisher and a consumer that acks only after its work.
+
+Publishing: persistent messages, publisher confirms (``confirm_publish``), the topology declared
+before the first publish, the message type as the AMQP ``type`` property.
+
+Consuming (:class:`Worker`): the handler is a plain function; the message is acked only after it
+returns, i.e. after its effect is committed (DESIGN invariant 1). A failure is never acked and
+dropped, and never requeued in a loop:
+- a malformed message or a ``PermanentError``: published to the dead-letter queue with its reason,
+  then acked;
+- anything else: published to the next retry queue (exponential delays) with the attempt count,
+  then acked; after the last delay, dead-lettered;
+- if even that publish fails, the message is left unacked and comes back after a reconnect.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from kombu import Connection, Consumer, Producer
+from kombu.mixins import ConsumerMixin
+from kombu.transport.base import Message
+from pydantic import ValidationError
+
+from shared import messages, topology
+from shared.errors import BrokerUnavailable, PermanentError
+
+log = structlog.get_logger(__name__)
+
+ATTEMPT_HEADER = "x-mailferry-attempt"
+ERROR_HEADER = "x-mailferry-error"
+RETRY_POLICY = {"max_retries": 5, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0}
+
+
+def connect(url: str) -> Connection:
+    # Heartbeats off: handlers run long (a sync) in the consuming thread and cannot answer them;
+    # a dead peer is still noticed through TCP on the next read or write.
+    return Connection(url, heartbeat=0, transport_options={"confirm_publish": True},
+                      connect_timeout=10)
+
+
+class Publisher:
+    """Publishes mailferry messages with confirms; reconnects on its own."""
+
+    def __init__(self, url: str, retry_delays: Sequence[float]) -> None:
+        self._url = url
+        self._retry_delays = tuple(retry_delays)
+        self._conn: Connection | None = None
+        self._producer: Producer | None = None
+
+    def _ensure(self) -> Producer:
+        if self._producer is None or self._conn is None or not self._conn.connected:
+            self.close()
+            conn = connect(self._url)
+            try:
+                conn.ensure_connection(max_retries=3, interval_start=0.5, interval_step=1)
+                topology.declare(conn.default_channel, self._retry_delays)
+            except Exception as exc:
+                conn.release()
+                raise BrokerUnavailable(f"cannot reach RabbitMQ: {exc}") from exc
+            self._conn = conn
+            self._producer = Producer(conn.default_channel)
+        return self._producer
+
+    def publish(self, message: messages.AnyMessage) -> None:
+        exchange = topology.COMMANDS if isinstance(message, messages.SyncMailbox) else topology.EVENTS
+        self.publish_raw(
+            messages.encode(message),
+            exchange=exchange.name,
+            routing_key=message.routing_key,
+            type_=message.type,
+            headers={"schema-version": message.version},
+        )
+
+    def publish_raw(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        type_: str | None,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        for attempt in (1, 2):
+            producer = self._ensure()
+            try:
+                producer.publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    type=type_ or "",
+                    headers=headers or {},
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    delivery_mode=2,
+                    retry=True,
+                    retry_policy=RETRY_POLICY,
+                )
+                return
+            except (TimeoutError, OSError, *Connection().connection_errors) as exc:
+                self.close()
+                if attempt == 2:
+                    raise BrokerUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:  # the connection is already gone; nothing to release
+                pass
+        self._conn = None
+        self._producer = None
+
+
+Handler = Callable[[messages.AnyMessage], None]
+
+
+class Worker(ConsumerMixin):  # type: ignore[misc]
+    """Consumes one work queue and hands each message to ``handler``; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        work: topology.WorkQueue,
+        handler: Handler,
+        publisher: Publisher,
+        retry_delays: Sequence[float],
+        prefetch: int = 1,
+        on_dead_letter: Callable[[messages.AnyMessage, str], None] | None = None,
+    ) -> None:
+        self.connection = connect(url)
+        self.on_dead_letter = on_dead_letter
+        self.work = work
+        self.handler = handler
+        self.publisher = publisher
+        self.retry_delays = tuple(retry_delays)
+        self.prefetch = prefetch
+
+    def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
+        topology.declare(channel, self.retry_delays)
+        return [
+            consumer_cls(
+                queues=[self.work.queue()],
+                on_message=self.on_message,
+                prefetch_count=self.prefetch,
+                no_ack=False,
+            )
+        ]
+
+    def on_connection_error(self, exc: BaseException, interval: float) -> None:
+        log.warning("broker.connection_lost", error=str(exc), retry_in=interval)
+
+    def on_message(self, message: Message) -> None:
+        headers = message.headers or {}
+        attempt = int(headers.get(ATTEMPT_HEADER, 0))
+        structlog.contextvars.clear_contextvars()
+        try:
+            decoded = messages.decode(message.body)
+        except ValidationError as exc:
+            self._dead_letter(message, f"malformed message: {_one_line(exc)}", attempt)
+            return
+        try:
+            self.handler(decoded)
+        except PermanentError as exc:
+            self._dead_letter(message, f"{type(exc).__name__}: {exc}", attempt, decoded)
+        except Exception as exc:
+            log.exception("message.failed", type=decoded.type, attempt=attempt)
+            self._retry(message, exc, attempt, decoded)
+        else:
+            message.ack()
+
+    def _retry(self, message: Message, exc: Exception, attempt: int,
+               decoded: messages.AnyMessage) -> None:
+        reason = f"{type(exc).__name__}: {_one_line(exc)}"
+        if attempt >= len(self.retry_delays):
+            self._dead_letter(message, f"retries exhausted; last error: {reason}", attempt,
+                              decoded)
+            return
+        delay = self.retry_delays[attempt]
+        self.publisher.publish_raw(
+            message.body,
+            exchange=topology.DEFAULT.name,
+            routing_key=self.work.retry_name(delay),
+            type_=message.properties.get("type"),
+            headers={**_own_headers(message), ATTEMPT_HEADER: attempt + 1, ERROR_HEADER: reason},
+        )
+        message.ack()
+        log.warning("message.retry_scheduled", type=message.properties.get("type"),
+                    attempt=attempt + 1, delay=delay, error=reason)
+
+    def _dead_letter(self, message: Message, reason: str, attempt: int,
+                     decoded: messages.AnyMessage | None = None) -> None:
+        if decoded is not None and self.on_dead_letter is not None:
+            try:
+                self.on_dead_letter(decoded, reason)
+            except Exception:  # reporting must not stop the message reaching the dead letters
+                log.exception("dead_letter.hook_failed")
+        self.publisher.publish_raw(
+            message.body,
+            exchange=topology.DEAD_LETTER.name,
+            routing_key=self.work.name,
+            type_=message.properties.get("type"),
+            headers={
+                **_own_headers(message),
+                ATTEMPT_HEADER: attempt,
+                ERROR_HEADER: reason[:2000],
+                "x-mailferry-failed-at": datetime.now(UTC).isoformat(),
+            },
+        )
+        message.ack()
+        log.error("message.dead_lettered", type=message.properties.get("type"), reason=reason)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT finish the message in hand, then stop (nothing half-applied)."""
+
+        def stop(signum: int, _frame: object) -> None:
+            log.info("worker.stopping", signal=signal.Signals(signum).name)
+            self.should_stop = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+
+def _own_headers(message: Message) -> dict[str, Any]:
+    """Our headers, without the broker's x-death bookkeeping (it grows with each hop)."""
+    return {k: v for k, v in (message.headers or {}).items()
+            if not k.startswith(("x-death", "x-first-death", "x-last-death", "x-delivery-count"))}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:500] or type(exc).__name__
+
+
+def wait_for_broker(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = connect(url)
+        try:
+            conn.ensure_connection(max_retries=1)
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"cannot reach RabbitMQ at {url}: {exc}") from exc
+            time.sleep(1)
+        finally:
+            conn.release()

@@ -1,0 +1,57 @@
+"""The one typed settings object, read from the environment (prefix ``MAILFERRY_``) at start-up.
+
+No other module reads ``os.environ``: services and the CLI call :func:`load_settings` once and pass
+the result (or the parts they need) down.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAILFERRY_", frozen=True, extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/mailferry"
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    # Fernet keys, comma separated; the first encrypts, all decrypt (key rotation).
+    secret_key: SecretStr | None = None
+
+    sync_interval: float = Field(default=1800.0, gt=0, description="seconds between scheduled syncs")
+    scheduler_tick: float = Field(default=15.0, gt=0, description="seconds between due checks")
+    first_sync_days: int = Field(default=365, ge=1)
+    # A run still queued or running after this long is given up, so a lost command cannot
+    # block a mailbox forever.
+    run_timeout: float = Field(default=6 * 3600.0, gt=0)
+
+    lease_seconds: float = Field(default=60.0, gt=1)
+    imap_timeout: float = Field(default=60.0, gt=0)
+    imap_ca_file: Path | None = None
+    # Bounds on one MessagesFetched event, so memory stays bounded whatever the folder holds.
+    batch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    batch_max_messages: int = Field(default=500, ge=1)
+    # The largest message carried whole; larger ones are recorded without their bytes.
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    persister_prefetch: int = Field(default=4, ge=1)
+    retry_delays: Annotated[tuple[float, ...], NoDecode] = (5.0, 30.0, 120.0, 600.0)
+
+    log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
+    log_level: str = "info"
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    return Settings()

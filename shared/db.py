@@ -1,0 +1,94 @@
+"""PostgreSQL connections and schema migrations.
+
+Migrations are yoyo SQL files in ``shared/migrations``. Every service migrates at start-up, so two
+processes may start at once: a PostgreSQL advisory lock serialises them, and because PostgreSQL
+releases it when the holder's connection ends, a process killed mid-migration cannot leave the
+database locked (yoyo's own lock row can go stale that way, so it is cleared under ours).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from yoyo import get_backend, read_migrations
+
+from shared.errors import DatabaseUnavailable
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+_MIGRATION_LOCK = 0x6D61696C66  # "mailf"
+
+Connection = psycopg.Connection[dict[str, Any]]
+
+
+def connect(url: str, *, autocommit: bool = False) -> Connection:
+    try:
+        return psycopg.connect(url, row_factory=dict_row, autocommit=autocommit, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {_first_line(exc)}") from exc
+
+
+@contextmanager
+def transaction(conn: Connection) -> Iterator[Connection]:
+    """Commit on success, roll back on any exception: nothing is half-written."""
+    with conn.transaction():
+        yield conn
+
+
+class Reconnecting:
+    """A callable that returns a live autocommit connection, reconnecting after it broke (the
+    database restarted, or an operator terminated the backend)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: Connection | None = None
+
+    def __call__(self) -> Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = connect(self.url, autocommit=True)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending migrations; returns the ids applied (empty when up to date)."""
+    with connect(url, autocommit=True) as lock_conn:
+        lock_conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            backend = get_backend(_yoyo_url(url))
+            backend.break_lock()  # safe: we hold the advisory lock, no one else migrates
+            migrations = read_migrations(str(MIGRATIONS))
+            with backend.lock():
+                pending = backend.to_apply(migrations)
+                backend.apply_migrations(pending)
+            applied = [m.id for m in pending]
+            backend.connection.close()
+            return applied
+        finally:
+            lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def pending_migrations(url: str) -> list[str]:
+    backend = get_backend(_yoyo_url(url))
+    try:
+        return [m.id for m in backend.to_apply(read_migrations(str(MIGRATIONS)))]
+    finally:
+        backend.connection.close()
+
+
+def _yoyo_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in {"postgresql", "postgres", "postgresql+psycopg"}:
+        raise ValueError(f"MAILFERRY_DATABASE_URL must be a postgresql:// URL, got {scheme!r}")
+    return f"postgresql+psycopg://{rest}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

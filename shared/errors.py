@@ -1,0 +1,74 @@
+"""One exception hierarchy for mailferry, split by what a consumer should do with the failure.
+
+``TransientError``: the world may heal (a server down, a timeout); retry with backoff.
+``PermanentError``: retrying cannot help (a malformed message, a refused login); dead-letter or
+report it. Anything else is a bug: it is retried within the budget, then dead-lettered.
+"""
+
+from __future__ import annotations
+
+
+class MailferryError(Exception):
+    """Base of every error mailferry raises on purpose; its message is one clear line."""
+
+
+class TransientError(MailferryError):
+    pass
+
+
+class PermanentError(MailferryError):
+    pass
+
+
+class ConfigError(PermanentError):
+    """The settings or the command line are wrong."""
+
+
+class NotFound(PermanentError):
+    pass
+
+
+class DatabaseUnavailable(TransientError):
+    pass
+
+
+class BrokerUnavailable(TransientError):
+    pass
+
+
+class ImapError(MailferryError):
+    """Base of IMAP failures; ``kind`` is recorded with the sync run."""
+
+    kind = "protocol"
+
+
+class ImapConnectionError(ImapError, TransientError):
+    """Refused, unreachable, timed out, dropped, or [UNAVAILABLE]."""
+
+    kind = "connection"
+
+
+class ImapTlsError(ImapError, PermanentError):
+    """The certificate did not verify, or STARTTLS was configured but not offered."""
+
+    kind = "tls"
+
+
+class ImapAuthError(ImapError, PermanentError):
+    """The server refused the credentials: they are invalid until someone changes them."""
+
+    kind = "auth"
+
+
+class ImapProtocolError(ImapError, TransientError):
+    """The server answered NO/BAD to something other than the login."""
+
+    kind = "protocol"
+
+
+class LeaseLost(TransientError):
+    """Another fetcher took over the mailbox's lease: stop writing, the newer one owns it."""
+
+
+class LeaseHeld(TransientError):
+    """The mailbox is being synced by another fetcher whose lease has not expired yet."""

@@ -1,0 +1,339 @@
+"""The IMAP adapter: connect with ssl / starttls / none, classify failures, list and read folders.
+
+Every failure leaves here as one ``shared.errors.ImapError`` subclass with a one-line message that
+names the server, so a sync run and ``mailferry mailbox check`` can say what went wrong, and the
+fetcher can tell a refused login (credentials invalid) from a transient fault.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import socket
+import ssl
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+from imapclient import IMAPClient, imap_utf7
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+from imapclient.imapclient import SocketTimeout, seq_to_parenstr_upper
+from imapclient.response_parser import parse_fetch_response
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from shared.errors import (
+    ImapAuthError,
+    ImapConnectionError,
+    ImapError,
+    ImapProtocolError,
+    ImapTlsError,
+)
+from shared.messages import FolderInfo, FolderType
+
+Security = Literal["ssl", "starttls", "none"]
+
+# Response codes that mean "the server cannot serve you now", not "your password is wrong"
+# (RFC 5530 section 3).
+_TRANSIENT_CODES = (b"[UNAVAILABLE]", b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]")
+
+
+class ImapConfig(BaseModel):
+    """Connection settings of one IMAP account; the password never appears in repr or logs."""
+
+    model_config = ConfigDict(frozen=True)
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(ge=1, le=65535)
+    security: Security
+    username: str = Field(min_length=1)
+    password: SecretStr
+    timeout: float = Field(default=60.0, gt=0)
+    ca_file: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Certificates and host names verified; a CA file replaces the system store when given."""
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+@contextmanager
+def connect(config: ImapConfig) -> Iterator[IMAPClient]:
+    """A logged-in client, logged out (or dropped) on exit."""
+    client = open_connection(config)
+    try:
+        login(client, config)
+        yield client
+    finally:
+        _close(client)
+
+
+def open_connection(config: ImapConfig) -> IMAPClient:
+    timeout = SocketTimeout(connect=min(config.timeout, 30.0), read=config.timeout)
+    where = config.address
+    try:
+        if config.security == "ssl":
+            client = IMAPClient(config.host, config.port, ssl=True,
+                                ssl_context=tls_context(config.ca_file), timeout=timeout)
+        else:
+            client = IMAPClient(config.host, config.port, ssl=False, timeout=timeout)
+    except ssl.SSLCertVerificationError as exc:
+        raise ImapTlsError(f"{where}: certificate not trusted: {exc.verify_message}") from exc
+    except ssl.SSLError as exc:
+        raise ImapTlsError(
+            f"{where}: TLS handshake failed ({exc.reason or exc}); is this the implicit-TLS port?"
+        ) from exc
+    except socket.gaierror as exc:
+        raise ImapConnectionError(f"{config.host}: host name cannot be resolved") from exc
+    except ConnectionRefusedError as exc:
+        raise ImapConnectionError(f"{where}: connection refused") from exc
+    except TimeoutError as exc:
+        raise ImapConnectionError(f"{where}: no answer within {timeout.connect:g}s") from exc
+    except (imaplib.IMAP4.error, IMAPClientError) as exc:
+        raise ImapConnectionError(
+            f"{where}: not an IMAP greeting ({_text(exc)}); wrong port or security?"
+        ) from exc
+    except OSError as exc:
+        raise ImapConnectionError(f"{where}: {exc.strerror or exc}") from exc
+    client.normalise_times = False  # keep INTERNALDATE's zone
+    client.folder_encode = False  # we keep raw (modified UTF-7) names and decode them ourselves
+    if config.security == "starttls":
+        _starttls(client, config)
+    return client
+
+
+def _starttls(client: IMAPClient, config: ImapConfig) -> None:
+    where = config.address
+    try:
+        offered = client.has_capability("STARTTLS")
+    except (IMAPClientError, OSError) as exc:
+        _close(client)
+        raise ImapConnectionError(f"{where}: CAPABILITY failed: {_text(exc)}") from exc
+    if not offered:
+        _close(client)
+        # Never downgrade: the password would cross the network in clear text.
+        raise ImapTlsError(f"{where}: STARTTLS is configured but the server does not offer it")
+    try:
+        client.starttls(tls_context(config.ca_file))
+    except ssl.SSLCertVerificationError as exc:
+        _close(client)
+        raise ImapTlsError(f"{where}: certificate not trusted: {exc.verify_message}") from exc
+    except (ssl.SSLError, IMAPClientError, OSError) as exc:
+        _close(client)
+        raise ImapTlsError(f"{where}: STARTTLS failed: {_text(exc)}") from exc
+
+
+def login(client: IMAPClient, config: ImapConfig) -> None:
+    try:
+        client.login(config.username, config.password.get_secret_value())
+    except LoginError as exc:
+        raw = _text(exc).encode()
+        if any(code in raw.upper() for code in _TRANSIENT_CODES):
+            raise ImapConnectionError(
+                f"{config.address}: server unavailable for login: {_text(exc)}"
+            ) from exc
+        raise ImapAuthError(
+            f"{config.address}: login refused for user {config.username!r}: {_text(exc)}"
+        ) from exc
+    except (IMAPClientAbortError, OSError) as exc:
+        raise ImapConnectionError(f"{config.address}: connection lost during login") from exc
+    except IMAPClientError as exc:
+        raise ImapProtocolError(f"{config.address}: login failed: {_text(exc)}") from exc
+
+
+def _close(client: IMAPClient) -> None:
+    try:
+        client.logout()
+    except Exception:  # already dropped: closing the socket is all that is left
+        try:
+            client.shutdown()
+        except Exception:
+            pass
+
+
+@contextmanager
+def imap_errors(where: str) -> Iterator[None]:
+    """Turn imapclient/socket exceptions raised inside into our hierarchy."""
+    try:
+        yield
+    except ImapError:
+        raise
+    except (IMAPClientAbortError, OSError, EOFError) as exc:
+        raise ImapConnectionError(f"{where}: connection lost: {_text(exc)}") from exc
+    except (IMAPClientError, imaplib.IMAP4.error) as exc:
+        raise ImapProtocolError(f"{where}: {_text(exc)}") from exc
+
+
+# --- folders -----------------------------------------------------------------------------------
+
+_SPECIAL_USE: dict[bytes, FolderType] = {
+    b"\\sent": "sent",
+    b"\\drafts": "drafts",
+    b"\\trash": "trash",
+    b"\\junk": "spam",
+    b"\\archive": "archive",
+}
+# Names clients use when the server has no SPECIAL-USE (RFC 6154); compared case-insensitively
+# with the last component of the folder's path.
+_WELL_KNOWN: dict[str, FolderType] = {
+    "sent": "sent", "sent items": "sent", "sent messages": "sent", "sent mail": "sent",
+    "drafts": "drafts", "draft": "drafts",
+    "trash": "trash", "deleted items": "trash", "deleted messages": "trash", "bin": "trash",
+    "junk": "spam", "spam": "spam", "junk e-mail": "spam", "junk email": "spam", "bulk mail": "spam",
+    "archive": "archive", "archives": "archive",
+}
+
+
+def folder_type(name: str, delimiter: str | None, flags: Iterable[bytes]) -> FolderType:
+    if name.upper() == "INBOX":
+        return "inbox"
+    lowered = {f.lower() for f in flags}
+    for flag, kind in _SPECIAL_USE.items():
+        if flag in lowered:
+            return kind
+    leaf = name.rsplit(delimiter, 1)[-1] if delimiter else name
+    return _WELL_KNOWN.get(leaf.strip().lower(), "other")
+
+
+def decode_folder_name(raw: bytes) -> tuple[str, str]:
+    """(name as the user sees it, raw name as sent on the wire) for a LIST name.
+
+    Names are modified UTF-7 (RFC 3501 section 5.1.3); a server that sends raw 8-bit names anyway
+    gets them decoded as UTF-8 for display.
+    """
+    try:
+        raw_text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "replace")
+        return text, raw.decode("utf-8", "surrogateescape")
+    try:
+        return imap_utf7.decode(raw), raw_text
+    except Exception:  # not valid modified UTF-7: show it as sent
+        return raw_text, raw_text
+
+
+def list_folders(client: IMAPClient, where: str) -> list[FolderInfo]:
+    with imap_errors(where):
+        listed = client.list_folders()
+    folders: list[FolderInfo] = []
+    for flags, delimiter, raw in listed:
+        raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
+        name, raw_name = decode_folder_name(raw_bytes)
+        delim = delimiter.decode("ascii", "replace") if isinstance(delimiter, bytes) else delimiter
+        lowered = {f.lower() for f in flags}
+        selectable = not ({b"\\noselect", b"\\nonexistent"} & lowered) and _sendable(raw_name)
+        folders.append(
+            FolderInfo(
+                name=name,
+                raw_name=raw_name,
+                delimiter=delim,
+                flags=tuple(f.decode("ascii", "replace") for f in flags),
+                type=folder_type(name, delim, flags),
+                selectable=selectable,
+            )
+        )
+    return folders
+
+
+def _sendable(raw_name: str) -> bool:
+    """Only names we can send back as a quoted string (RFC 3501 section 9, quoted-specials)."""
+    return raw_name.isascii() and not any(c in raw_name for c in "\r\n\0")
+
+
+# --- reading a folder --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FolderStatus:
+    uidvalidity: int
+    uidnext: int | None
+    highest_modseq: int | None
+    exists: int
+
+
+def examine(client: IMAPClient, raw_name: str, where: str) -> FolderStatus:
+    with imap_errors(f"{where} {raw_name}"):
+        info = client.select_folder(raw_name, readonly=True)
+    return FolderStatus(
+        uidvalidity=int(info[b"UIDVALIDITY"]),
+        uidnext=_int(info.get(b"UIDNEXT")),
+        highest_modseq=_int(info.get(b"HIGHESTMODSEQ")),
+        exists=int(info.get(b"EXISTS", 0)),
+    )
+
+
+def search_uids(client: IMAPClient, *, above: int, since: date | None, where: str) -> list[int]:
+    """UIDs greater than ``above`` (and, when given, with an INTERNALDATE on or after ``since``).
+
+    ``n:*`` always matches the highest UID even when it is below n (RFC 3501 section 6.4.8), so
+    the result is filtered again here.
+    """
+    criteria: list[Any] = []
+    if above > 0:
+        criteria += ["UID", f"{above + 1}:*"]
+    if since is not None:
+        criteria += ["SINCE", since]
+    if not criteria:
+        criteria = ["ALL"]
+    with imap_errors(where):
+        found = client.search(criteria)
+    return sorted(uid for uid in found if uid > above)
+
+
+def uid_set(uids: Sequence[int]) -> str:
+    """Compress sorted UIDs into an IMAP sequence set: [1,2,3,7] -> '1:3,7'."""
+    parts: list[str] = []
+    start = prev = None
+    for uid in uids:
+        if start is None:
+            start = prev = uid
+        elif uid == prev + 1:  # type: ignore[operator]
+            prev = uid
+        else:
+            parts.append(f"{start}:{prev}" if start != prev else f"{start}")
+            start = prev = uid
+    if start is not None:
+        parts.append(f"{start}:{prev}" if start != prev else f"{start}")
+    return ",".join(parts)
+
+
+def fetch(client: IMAPClient, uids: Sequence[int], items: Sequence[str],
+          where: str) -> dict[int, dict[bytes, Any]]:
+    """UID FETCH with a compressed UID set.
+
+    ``IMAPClient.fetch`` sends every UID separately (a 100,000-UID command line is refused by
+    servers) and cannot filter a range's unsolicited responses; this goes one level down and
+    keeps only the UIDs asked for (RFC 3501 section 7.4.2 allows unsolicited FETCH responses).
+    """
+    if not uids:
+        return {}
+    wanted = set(uids)
+    with imap_errors(where):
+        tag = client._imap._command("UID", "FETCH", uid_set(sorted(wanted)),
+                                    seq_to_parenstr_upper(list(items)))
+        typ, data = client._imap._command_complete("FETCH", tag)
+        client._checkok("fetch", typ, data)
+        typ, data = client._imap._untagged_response(typ, data, "FETCH")
+        response = parse_fetch_response(data, client.normalise_times, True)
+    return {uid: values for uid, values in response.items() if uid in wanted}
+
+
+def _int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+        if value is None:
+            return None
+    return int(value)
+
+
+def _text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if text.startswith("b'") or text.startswith('b"'):
+        text = text[2:-1]
+    return text or type(exc).__name__

@@ -1,0 +1,181 @@
+"""Every message that crosses the broker, in one module.
+
+Commands are imperative (``SyncMailbox``), events past tense (``MessagesFetched``). Each is a frozen
+pydantic model with a ``type`` and a ``version``; the type also travels as the AMQP ``type``
+property so the management UI shows it. Messages carry ids, never credentials (DESIGN invariant 4).
+Raw message bytes travel base64-encoded inside the JSON body.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+FolderType = Literal["inbox", "sent", "drafts", "trash", "spam", "archive", "other"]
+ErrorKind = Literal["auth", "connection", "tls", "protocol", "config", "internal"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    routing_key: ClassVar[str]
+    version: int = 1
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+class SyncMailbox(_Message):
+    """Fetch what is new in a mailbox's enabled folders (one per due mailbox, or by hand)."""
+
+    routing_key: ClassVar[str] = "sync-mailbox"
+    type: Literal["SyncMailbox"] = "SyncMailbox"
+    run_id: uuid.UUID
+    mailbox_id: int
+    force: bool = False
+    requested_by: str = "scheduler"
+
+
+# --- events from the fetcher -----------------------------------------------------------------
+
+
+class _FetcherEvent(_Message):
+    """An event of one fetcher attempt at one run; ``lease_token`` fences stale attempts."""
+
+    run_id: uuid.UUID
+    mailbox_id: int
+    lease_token: int
+
+
+class SyncStarted(_FetcherEvent):
+    routing_key: ClassVar[str] = "sync.started"
+    type: Literal["SyncStarted"] = "SyncStarted"
+    fetcher: str
+    started_at: datetime
+
+
+class FolderInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str  # as the user sees it (modified UTF-7 decoded, RFC 3501 5.1.3)
+    raw_name: str  # as the server names it on the wire
+    delimiter: str | None
+    flags: tuple[str, ...] = ()
+    type: FolderType = "other"
+    selectable: bool = True
+
+
+class FoldersListed(_FetcherEvent):
+    routing_key: ClassVar[str] = "folders.listed"
+    type: Literal["FoldersListed"] = "FoldersListed"
+    folders: tuple[FolderInfo, ...]
+
+
+class FetchedMessage(BaseModel):
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    uid: int
+    flags: tuple[str, ...] = ()
+    internal_date: datetime | None = None
+    size: int
+    modseq: int | None = None
+    raw: bytes | None  # exactly the BODY[] bytes the server returned; None when not carried
+    skipped_reason: str | None = None
+
+
+class MessagesFetched(_FetcherEvent):
+    routing_key: ClassVar[str] = "messages.fetched"
+    type: Literal["MessagesFetched"] = "MessagesFetched"
+    folder: str  # raw name
+    uidvalidity: int
+    batch_no: int
+    messages: tuple[FetchedMessage, ...]
+
+
+class FolderSynced(_FetcherEvent):
+    """Closes one folder of one attempt: ``batches`` MessagesFetched were published before it.
+
+    The persister moves the folder's checkpoint to ``last_uid`` only once all those batches are
+    stored, so a checkpoint never runs ahead of the data it stands for.
+    """
+
+    routing_key: ClassVar[str] = "folder.synced"
+    type: Literal["FolderSynced"] = "FolderSynced"
+    folder: str
+    uidvalidity: int | None
+    uidnext: int | None = None
+    highest_modseq: int | None = None
+    last_uid: int | None = None  # None: do not move the checkpoint (the folder failed)
+    batches: int
+    messages: int
+    error: str | None = None
+
+
+class SyncFinished(_FetcherEvent):
+    routing_key: ClassVar[str] = "sync.finished"
+    type: Literal["SyncFinished"] = "SyncFinished"
+    folders: int  # FolderSynced events published in this attempt
+    finished_at: datetime
+
+
+class SyncFailed(_FetcherEvent):
+    routing_key: ClassVar[str] = "sync.failed"
+    type: Literal["SyncFailed"] = "SyncFailed"
+    error_kind: ErrorKind
+    error: str
+    finished_at: datetime
+
+
+# --- credential events, for the notifier -----------------------------------------------------
+
+
+class CredentialsInvalid(_Message):
+    routing_key: ClassVar[str] = "credentials.invalid"
+    type: Literal["CredentialsInvalid"] = "CredentialsInvalid"
+    mailbox_id: int
+    run_id: uuid.UUID | None = None
+    error: str
+    detected_at: datetime
+
+
+class CredentialsRestored(_Message):
+    routing_key: ClassVar[str] = "credentials.restored"
+    type: Literal["CredentialsRestored"] = "CredentialsRestored"
+    mailbox_id: int
+    restored_at: datetime
+
+
+Command = SyncMailbox
+Event = Annotated[
+    SyncStarted
+    | FoldersListed
+    | MessagesFetched
+    | FolderSynced
+    | SyncFinished
+    | SyncFailed
+    | CredentialsInvalid
+    | CredentialsRestored,
+    Field(discriminator="type"),
+]
+AnyMessage = Annotated[
+    SyncMailbox
+    | SyncStarted
+    | FoldersListed
+    | MessagesFetched
+    | FolderSynced
+    | SyncFinished
+    | SyncFailed
+    | CredentialsInvalid
+    | CredentialsRestored,
+    Field(discriminator="type"),
+]
+_ANY: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
+
+
+def encode(message: _Message) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode(body: bytes | str) -> AnyMessage:
+    """Parse any message; raises ``pydantic.ValidationError`` on a malformed one (permanent)."""
+    return _ANY.validate_json(body)

@@ -1,0 +1,67 @@
+"""Reads of users and mailboxes that several services share (the fetcher, the notifier, the CLI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from shared.crypto import PasswordBox
+from shared.db import Connection
+from shared.imap import ImapConfig, Security
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    id: int
+    owner_id: int | None
+    name: str
+    host: str
+    port: int
+    security: Security
+    username: str
+    password_encrypted: bytes
+    sync_enabled: bool
+    first_sync_days: int | None
+    initial_folders: list[str] | None
+    credentials_invalid_at: datetime | None
+
+    def imap_config(self, box: PasswordBox, *, timeout: float, ca_file: Path | None) -> ImapConfig:
+        return ImapConfig(
+            host=self.host,
+            port=self.port,
+            security=self.security,
+            username=self.username,
+            password=box.decrypt(self.password_encrypted),  # type: ignore[arg-type]
+            timeout=timeout,
+            ca_file=ca_file,
+        )
+
+
+_MAILBOX_COLUMNS = """id, owner_id, name, host, port, security, username, password_encrypted,
+    sync_enabled, first_sync_days, initial_folders, credentials_invalid_at"""
+
+
+def get_mailbox(conn: Connection, mailbox_id: int) -> Mailbox | None:
+    row = conn.execute(
+        f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes WHERE id = %s", (mailbox_id,)
+    ).fetchone()
+    return Mailbox(**row) if row else None
+
+
+@dataclass(frozen=True)
+class FolderState:
+    raw_name: str
+    sync_enabled: bool
+    uidvalidity: int | None
+    last_uid: int
+    highest_modseq: int | None
+
+
+def folder_states(conn: Connection, mailbox_id: int) -> dict[str, FolderState]:
+    rows = conn.execute(
+        """SELECT raw_name, sync_enabled, uidvalidity, last_uid, highest_modseq
+           FROM folders WHERE mailbox_id = %s""",
+        (mailbox_id,),
+    ).fetchall()
+    return {r["raw_name"]: FolderState(**r) for r in rows}

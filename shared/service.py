@@ -1,0 +1,61 @@
+"""Start-up shared by the four services: logging, migrations, the publisher, the worker loop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import structlog
+
+from shared import db
+from shared.broker import Handler, Publisher, Worker
+from shared.config import Settings
+from shared.errors import DatabaseUnavailable
+from shared.logging import configure_logging
+from shared.messages import AnyMessage
+from shared.topology import WorkQueue
+
+log = structlog.get_logger(__name__)
+
+
+def worker_id(service: str) -> str:
+    return f"{service}@{socket.gethostname()}:{os.getpid()}"
+
+
+def start(settings: Settings, service: str) -> None:
+    """Logging, then the schema (waiting for PostgreSQL to come up, as in docker-compose)."""
+    configure_logging(settings.log_level, settings.log_format, service=service)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            applied = db.migrate(settings.database_url)
+            break
+        except DatabaseUnavailable as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database.waiting", error=str(exc))
+            time.sleep(2)
+    log.info("service.starting", worker=worker_id(service), migrations_applied=applied)
+
+
+def run_worker(settings: Settings, work: WorkQueue, handler: Handler, publisher: Publisher,
+               prefetch: int = 1,
+               on_dead_letter: Callable[[AnyMessage, str], None] | None = None) -> None:
+    worker = Worker(
+        on_dead_letter=on_dead_letter,
+        url=settings.broker_url,
+        work=work,
+        handler=handler,
+        publisher=publisher,
+        retry_delays=settings.retry_delays,
+        prefetch=prefetch,
+    )
+    worker.install_signal_handlers()
+    log.info("worker.consuming", queue=work.name)
+    try:
+        worker.run()
+    finally:
+        publisher.close()
+        log.info("worker.stopped", queue=work.name)

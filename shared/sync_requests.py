@@ -1,0 +1,91 @@
+"""Asking for syncs: a run row, then its SyncMailbox command (the scheduler and the CLI alike).
+
+The run row is committed before the command is published, so every command has a run; a
+partial unique index allows one queued-or-running run per mailbox, so two schedulers (or a
+scheduler and an operator) can never queue the same mailbox twice. A run whose command could not be
+published is marked failed at once; one whose publisher crashed in between is expired by the
+scheduler after MAILFERRY_RUN_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from shared.db import Connection
+from shared.errors import BrokerUnavailable
+from shared.messages import AnyMessage, SyncMailbox
+
+
+@dataclass(frozen=True)
+class Requested:
+    mailbox_id: int
+    run_id: uuid.UUID
+    queued: bool  # False: a run was already queued or running, and that one is returned
+
+
+def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
+                  mailbox_ids: Iterable[int], *, requested_by: str,
+                  force: bool = False) -> list[Requested]:
+    out: list[Requested] = []
+    for mailbox_id in mailbox_ids:
+        run_id = uuid.uuid4()
+        with conn.transaction():
+            row = conn.execute(
+                """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by)
+                   VALUES (%s, %s, 'queued', %s, %s)
+                   ON CONFLICT DO NOTHING RETURNING id""",
+                (run_id, mailbox_id, force, requested_by),
+            ).fetchone()
+        if row is None:
+            active = conn.execute(
+                """SELECT id FROM sync_runs WHERE mailbox_id = %s
+                      AND status IN ('queued', 'running')""",
+                (mailbox_id,),
+            ).fetchone()
+            if active is not None:
+                out.append(Requested(mailbox_id, active["id"], queued=False))
+                continue
+            raise RuntimeError(f"could not queue mailbox {mailbox_id}")  # raced a finishing run
+        try:
+            publish(SyncMailbox(run_id=run_id, mailbox_id=mailbox_id, force=force,
+                                requested_by=requested_by))
+        except BrokerUnavailable as exc:
+            conn.execute(
+                """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'broker',
+                          error = %s WHERE id = %s AND status = 'queued'""",
+                (str(exc), run_id),
+            )
+            raise
+        out.append(Requested(mailbox_id, run_id, queued=True))
+    return out
+
+
+def due_mailboxes(conn: Connection, interval_seconds: float) -> list[int]:
+    """Enabled mailboxes with working credentials, nothing queued or running, and no run asked
+    for within the interval (a failed run waits too: no hammering a broken server)."""
+    rows = conn.execute(
+        """SELECT m.id FROM mailboxes m
+            WHERE m.sync_enabled AND m.credentials_invalid_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM sync_runs r WHERE r.mailbox_id = m.id
+                                 AND r.status IN ('queued', 'running'))
+              AND COALESCE((SELECT max(r.requested_at) FROM sync_runs r
+                             WHERE r.mailbox_id = m.id), '-infinity')
+                  <= now() - make_interval(secs => %s)
+            ORDER BY m.id""",
+        (interval_seconds,),
+    ).fetchall()
+    return [r["id"] for r in rows]
+
+
+def expire_stale_runs(conn: Connection, timeout_seconds: float) -> int:
+    rows = conn.execute(
+        """UPDATE sync_runs SET status = 'expired', finished_at = now(), error_kind = 'timeout',
+                  error = 'no result within MAILFERRY_RUN_TIMEOUT'
+            WHERE status IN ('queued', 'running')
+              AND requested_at < now() - make_interval(secs => %s)
+        RETURNING id""",
+        (timeout_seconds,),
+    ).fetchall()
+    return len(rows)

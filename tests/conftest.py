@@ -1,0 +1,78 @@
+"""Fixtures over the real services: a private database and vhost per test, Dovecot per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from cryptography.fernet import Fernet
+
+from shared import db
+from shared.config import Settings
+from tests.support import services
+
+_TEMPLATE: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def migrated_template() -> Iterator[str]:
+    """A database migrated once; each test's database is a copy of it (fast)."""
+    with services.private_database() as url:
+        db.migrate(url)
+        name = url.rpartition("/")[2]
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+        yield name
+
+
+@pytest.fixture
+def database_url(migrated_template: str) -> Iterator[str]:
+    with services.private_database(template=migrated_template) as url:
+        yield url
+
+
+@pytest.fixture
+def vhost() -> Iterator[tuple[str, str]]:
+    with services.private_vhost() as pair:
+        yield pair
+
+
+@pytest.fixture
+def secret_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture
+def env(database_url: str, vhost: tuple[str, str], secret_key: str) -> dict[str, str]:
+    """The MAILFERRY_* environment of one isolated deployment."""
+    return {
+        "MAILFERRY_DATABASE_URL": database_url,
+        "MAILFERRY_BROKER_URL": vhost[1],
+        "MAILFERRY_SECRET_KEY": secret_key,
+        "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1",
+        "MAILFERRY_LOG_FORMAT": "json",
+        "MAILFERRY_SCHEDULER_TICK": "1",
+        "MAILFERRY_RETRY_DELAYS": "1,2,4",
+        "MAILFERRY_LEASE_SECONDS": "10",
+    }
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return Settings(**{k.removeprefix("MAILFERRY_").lower(): v for k, v in env.items()
+                       if k != "MAILFERRY_ALLOW_PRIVATE_NETWORKS"})
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[db.Connection]:
+    with db.connect(database_url, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def processes(env: dict[str, str], tmp_path: Path) -> Iterator[services.ServiceProcesses]:
+    procs = services.ServiceProcesses(env, tmp_path)
+    yield procs
+    procs.stop()

@@ -1,0 +1,130 @@
+"""Private PostgreSQL databases and RabbitMQ vhosts for tests, and the services as processes.
+
+Each test gets its own database and vhost (created and dropped here), because CI runs on the same
+machine as a developer's session and several test runs may share the servers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+
+PG_ADMIN_URL = os.environ.get("MAILFERRY_TEST_PG_ADMIN_URL",
+                              "postgresql://postgres@127.0.0.1:5432/postgres")
+RABBIT_AMQP = os.environ.get("MAILFERRY_TEST_RABBIT_AMQP", "amqp://guest:guest@127.0.0.1:5672")
+RABBIT_API = os.environ.get("MAILFERRY_TEST_RABBIT_API", "http://127.0.0.1:15672/api")
+RABBIT_USER = os.environ.get("MAILFERRY_TEST_RABBIT_USER", "guest")
+RABBIT_PASSWORD = os.environ.get("MAILFERRY_TEST_RABBIT_PASSWORD", "guest")
+REPO = Path(__file__).resolve().parents[2]
+CORPUS = REPO.parent / "shared" / "corpus"
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@contextmanager
+def private_database(template: str | None = None) -> Iterator[str]:
+    name = f"mf_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        if template:
+            admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        else:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(PG_ADMIN_URL, name)
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def rabbit_api(method: str, path: str, body: Mapping[str, object] | None = None) -> object:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{RABBIT_API}{path}", data=data, method=method)
+    token = base64.b64encode(f"{RABBIT_USER}:{RABBIT_PASSWORD}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        payload = response.read()
+    return json.loads(payload) if payload else None
+
+
+@contextmanager
+def private_vhost() -> Iterator[tuple[str, str]]:
+    """(vhost name, AMQP URL for it)."""
+    vhost = f"mf-test-{uuid.uuid4().hex[:12]}"
+    rabbit_api("PUT", f"/vhosts/{quote(vhost, safe='')}", {})
+    rabbit_api("PUT", f"/permissions/{quote(vhost, safe='')}/{quote(RABBIT_USER, safe='')}",
+               {"configure": ".*", "write": ".*", "read": ".*"})
+    try:
+        yield vhost, f"{RABBIT_AMQP}/{quote(vhost, safe='')}"
+    finally:
+        rabbit_api("DELETE", f"/vhosts/{quote(vhost, safe='')}")
+
+
+def queue_info(vhost: str, queue: str) -> dict[str, object]:
+    result = rabbit_api("GET", f"/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}")
+    assert isinstance(result, dict)
+    return result
+
+
+class ServiceProcesses:
+    """The services as separate OS processes (``mailferry <service>``), as in production."""
+
+    def __init__(self, env: Mapping[str, str], log_dir: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.log_dir = log_dir
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, service: str, count: int = 1) -> None:
+        for _ in range(count):
+            index = sum(1 for name, _ in self.processes if name == service)
+            log = open(self.log_dir / f"{service}-{index}.log", "wb")  # noqa: SIM115
+            process = subprocess.Popen(
+                [sys.executable, "-m", "services.cli.main", service],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            )
+            self.processes.append((service, process))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+                         for p in sorted(self.log_dir.glob("*.log")))
+
+    def assert_running(self) -> None:
+        dead = [(n, p.returncode) for n, p in self.processes if p.poll() is not None]
+        assert not dead, f"services exited: {dead}\n{self.logs()}"
+
+    def stop(self) -> None:
+        for _, process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for _, process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+
+def run_cli(args: list[str], env: Mapping[str, str], stdin: bytes | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args],
+        env={**os.environ, **env}, input=stdin, capture_output=True, timeout=timeout, cwd=REPO,
+    )
