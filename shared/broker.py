@@ -15,6 +15,7 @@ dropped, and never requeued in a loop:
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from kombu import Connection, Consumer, Producer
+from kombu.connection import Connection
+from kombu.messaging import Consumer, Producer
 from kombu.mixins import ConsumerMixin
 from kombu.transport.base import Message
 from pydantic import ValidationError
@@ -109,10 +111,8 @@ class Publisher:
 
     def close(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # already gone: nothing left to release
                 self._conn.release()
-            except Exception:  # the connection is already gone; nothing to release
-                pass
         self._conn = None
         self._producer = None
 
@@ -120,7 +120,7 @@ class Publisher:
 Handler = Callable[[messages.AnyMessage], None]
 
 
-class Worker(ConsumerMixin):  # type: ignore[misc]
+class Worker(ConsumerMixin):
     """Consumes one work queue and hands each message to ``handler``; see the module docstring."""
 
     def __init__(
@@ -142,7 +142,7 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
         self.retry_delays = tuple(retry_delays)
         self.prefetch = prefetch
 
-    def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
+    def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
         topology.declare(channel, self.retry_delays)
         return [
             consumer_cls(

@@ -7,6 +7,7 @@ fetcher can tell a refused login (credentials invalid) from a transient fault.
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import socket
 import ssl
@@ -149,10 +150,8 @@ def _close(client: IMAPClient) -> None:
     try:
         client.logout()
     except Exception:  # already dropped: closing the socket is all that is left
-        try:
+        with contextlib.suppress(Exception):
             client.shutdown()
-        except Exception:
-            pass
 
 
 @contextmanager

@@ -41,7 +41,7 @@ class SyncMailbox(_Message):
 # --- events from the fetcher -----------------------------------------------------------------
 
 
-class _FetcherEvent(_Message):
+class FetcherEvent(_Message):
     """An event of one fetcher attempt at one run; ``lease_token`` fences stale attempts."""
 
     run_id: uuid.UUID
@@ -49,7 +49,7 @@ class _FetcherEvent(_Message):
     lease_token: int
 
 
-class SyncStarted(_FetcherEvent):
+class SyncStarted(FetcherEvent):
     routing_key: ClassVar[str] = "sync.started"
     type: Literal["SyncStarted"] = "SyncStarted"
     fetcher: str
@@ -66,7 +66,7 @@ class FolderInfo(BaseModel):
     selectable: bool = True
 
 
-class FoldersListed(_FetcherEvent):
+class FoldersListed(FetcherEvent):
     routing_key: ClassVar[str] = "folders.listed"
     type: Literal["FoldersListed"] = "FoldersListed"
     folders: tuple[FolderInfo, ...]
@@ -83,7 +83,7 @@ class FetchedMessage(BaseModel):
     skipped_reason: str | None = None
 
 
-class MessagesFetched(_FetcherEvent):
+class MessagesFetched(FetcherEvent):
     routing_key: ClassVar[str] = "messages.fetched"
     type: Literal["MessagesFetched"] = "MessagesFetched"
     folder: str  # raw name
@@ -92,7 +92,7 @@ class MessagesFetched(_FetcherEvent):
     messages: tuple[FetchedMessage, ...]
 
 
-class FolderSynced(_FetcherEvent):
+class FolderSynced(FetcherEvent):
     """Closes one folder of one attempt: ``batches`` MessagesFetched were published before it.
 
     The persister moves the folder's checkpoint to ``last_uid`` only once all those batches are
@@ -111,14 +111,14 @@ class FolderSynced(_FetcherEvent):
     error: str | None = None
 
 
-class SyncFinished(_FetcherEvent):
+class SyncFinished(FetcherEvent):
     routing_key: ClassVar[str] = "sync.finished"
     type: Literal["SyncFinished"] = "SyncFinished"
     folders: int  # FolderSynced events published in this attempt
     finished_at: datetime
 
 
-class SyncFailed(_FetcherEvent):
+class SyncFailed(FetcherEvent):
     routing_key: ClassVar[str] = "sync.failed"
     type: Literal["SyncFailed"] = "SyncFailed"
     error_kind: ErrorKind

@@ -465,9 +465,21 @@ def _decode_fragment(text: str, where: str, errors: _Errors) -> str:
 
 
 _ADDRESS_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
-#: An address-looking token in raw header text: local@domain, both parts non-empty. The
-#: look-behind makes it start only at the beginning of a run, keeping the scan linear.
-_ADDRESS_TOKEN = re.compile(r"(?<![^\s<>,;:\"()\[\]@])[^\s<>,;:\"()\[\]@]+@[^\s<>,;:\"()\[\]@]+")
+#: An address-looking token in raw header text: local@domain, both parts non-empty (the
+#: domain may hold more "@", as in UUCP bang paths). The look-behind makes it start only
+#: at the beginning of a run, keeping the scan linear.
+_ADDRESS_TOKEN = re.compile(r"(?<![^\s<>,;:\"()\[\]@])[^\s<>,;:\"()\[\]@]+@[^\s<>,;:\"()\[\]]+")
+
+
+def _looks_like_address(address: str) -> bool:
+    """Whether a parsed address is usable: ``x@y``, no spaces (bang paths like
+    ``a!b@c@d`` included); ``@d`` or ``x@`` are what getaddresses leaves of broken input."""
+    return (
+        "@" in address
+        and not address.startswith("@")
+        and not address.endswith("@")
+        and not any(char.isspace() for char in address)
+    )
 
 
 def _format_address(name: str, address: str) -> str:
@@ -544,20 +556,24 @@ def _addresses(values: list[str], header: str, errors: _Errors) -> list[str]:
                 except Exception as exc:
                     errors.add(f"{where}: address parser failed ({_describe(exc)})")
         pairs = [(name, address) for name, address in pairs if name or address]
-        known = {address.lower() for _, address in pairs if _ADDRESS_TOKEN.fullmatch(address)}
+        known = {address.lower() for _, address in pairs if _looks_like_address(address)}
         missing: list[str] = []
         if text.count("@") > len(known) or len(known) < len(pairs):
             # Cheap test first: as many valid addresses as "@" signs means none was lost.
+            # A token inside a display name, or inside a parsed address (obsolete syntax
+            # such as "jdoe@test . example" parses whole), is not missing.
+            seen = [name for name, _ in pairs] + [address.lower() for address in known]
             missing = [
                 token
                 for token in dict.fromkeys(_ADDRESS_TOKEN.findall(text))
-                if token.lower() not in known and not any(token in name for name, _ in pairs)
+                if token.lower() not in known
+                and not any(token in item or token.lower() in item for item in seen)
             ]
         if missing:
             if not too_long:
                 errors.add(f"{where}: malformed address list; {len(missing)} recovered")
             # What the parser made of the broken part: fragments without a valid address.
-            pairs = [pair for pair in pairs if _ADDRESS_TOKEN.fullmatch(pair[1])]
+            pairs = [pair for pair in pairs if _looks_like_address(pair[1])]
             pairs.extend(("", token) for token in missing)
         for name, address in pairs:
             display = _format_address(
@@ -973,14 +989,10 @@ def _read_headers(msg: _Message, b: _Builder) -> None:
             headers.setdefault(key, []).append(raw if isinstance(raw, str) else str(raw))
     for key in (*_SINGLE_HEADERS, "content-type"):
         if len(headers.get(key, ())) > 1:
-            errors.add(
-                f"header {_HEADER_NAMES[key]}: appears {len(headers[key])} times; the first is used"
-            )
+            errors.add(f"header {_HEADER_NAMES[key]}: appears {len(headers[key])} times; the first is used")
     for key in _LIST_HEADERS:
         if len(headers.get(key, ())) > 1:
-            errors.add(
-                f"header {_HEADER_NAMES[key]}: appears {len(headers[key])} times; addresses merged"
-            )
+            errors.add(f"header {_HEADER_NAMES[key]}: appears {len(headers[key])} times; addresses merged")
 
     def first(key: str) -> str | None:
         values = headers.get(key)
@@ -1029,9 +1041,7 @@ def _handle_leaf(part: _Message, where: str, b: _Builder) -> None:
     raw_type = part.raw_header("content-type")
     if raw_type is not None:
         declared = _unfold(raw_type).split(";", 1)[0].strip().lower()
-        if declared != content_type and not (
-            declared == "" and content_type == part.get_default_type()
-        ):
+        if declared != content_type and not (declared == "" and content_type == part.get_default_type()):
             shown = _shorten(declared)
             errors.add(f"{where}: invalid Content-Type {shown}; read as {content_type}")
     maintype, _, subtype = content_type.partition("/")

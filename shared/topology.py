@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 COMMANDS = Exchange("mailferry.commands", type="direct", durable=True)
 EVENTS = Exchange("mailferry.events", type="topic", durable=True)
@@ -93,7 +94,7 @@ NOTIFIER = WorkQueue("mailferry.notifier.credentials", EVENTS, ("credentials.#",
 WORK_QUEUES = (FETCHER, PERSISTER, NOTIFIER)
 
 
-def declare(channel: object, retry_delays: Sequence[float]) -> None:
+def declare(channel: Any, retry_delays: Sequence[float]) -> None:
     """Declare the whole topology (idempotent); every process does it before it publishes."""
     for exchange in (COMMANDS, EVENTS, DEAD_LETTER):
         exchange(channel).declare()

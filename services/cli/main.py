@@ -25,6 +25,7 @@ from shared.errors import (
     BrokerUnavailable,
     ConfigError,
     DatabaseUnavailable,
+    ImapError,
     MailferryError,
     NotFound,
     TransientError,
@@ -173,7 +174,10 @@ def user_list(as_json: bool) -> None:
     """List users."""
     rows = _conn(_settings()).execute(
         "SELECT id, email, name, enabled, capabilities FROM users ORDER BY id").fetchall()
-    _json(rows) if as_json else _table(rows, ["id", "email", "name", "enabled", "capabilities"])
+    if as_json:
+        _json(rows)
+    else:
+        _table(rows, ["id", "email", "name", "enabled", "capabilities"])
 
 
 # --- mailboxes --------------------------------------------------------------------------------
@@ -272,7 +276,7 @@ def mailbox_check(mailbox_id: int, as_json: bool) -> None:
         with imap.connect(config) as client:
             folders = imap.list_folders(client, config.address)
             capabilities = sorted(c.decode() for c in client.capabilities())
-    except imap.ImapError as exc:
+    except ImapError as exc:
         if as_json:
             _json({"ok": False, "error_kind": exc.kind, "error": str(exc)})
             sys.exit(EXIT_FAILED)
@@ -293,7 +297,7 @@ def mailbox_check(mailbox_id: int, as_json: bool) -> None:
     for f in folders:
         depth = f.name.count(f.delimiter) if f.delimiter else 0
         leaf = f.name.rsplit(f.delimiter, 1)[-1] if f.delimiter else f.name
-        notes = [f.type] if f.type != "other" else []
+        notes: list[str] = [f.type] if f.type != "other" else []
         if not f.selectable:
             notes.append("not selectable")
         click.echo(f"  {'  ' * depth}{leaf}" + (f"  ({', '.join(notes)})" if notes else ""))
@@ -386,8 +390,10 @@ def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, time
     if not wait:
         out = [{"mailbox_id": r.mailbox_id, "run_id": r.run_id,
                 "status": "queued" if r.queued else "already-active"} for r in requested]
-        _json(out) if as_json else [click.echo(
-            f"mailbox {o['mailbox_id']}: run {o['run_id']} {o['status']}") for o in out]
+        if as_json:
+            _json(out)
+        for o in out if not as_json else []:
+            click.echo(f"mailbox {o['mailbox_id']}: run {o['run_id']} {o['status']}")
         return
     final = _wait_for_runs(conn, list(runs), timeout, progress=not as_json)
     if as_json:

@@ -20,6 +20,7 @@ from services.persister import store
 from shared.db import Connection
 from shared.messages import (
     AnyMessage,
+    FetcherEvent,
     FoldersListed,
     FolderSynced,
     MessagesFetched,
@@ -41,25 +42,23 @@ class PersisterDeps:
 
 def handle(event: AnyMessage, deps: PersisterDeps) -> None:
     handler = _HANDLERS.get(type(event))
-    if handler is None:
+    if handler is None or not isinstance(event, FetcherEvent):
         log.warning("event.ignored", type=event.type)
         return
-    structlog.contextvars.bind_contextvars(
-        type=event.type, mailbox_id=getattr(event, "mailbox_id", None),
-        run_id=str(getattr(event, "run_id", "")),
-    )
+    structlog.contextvars.bind_contextvars(type=event.type, mailbox_id=event.mailbox_id,
+                                           run_id=str(event.run_id))
     started = time.monotonic()
     prepared = _prepare(event, deps.connection())
     for attempt in range(5):
         conn = deps.connection()
         try:
             with conn.transaction():
-                token = store.current_token(conn, event.mailbox_id)  # type: ignore[union-attr]
+                token = store.current_token(conn, event.mailbox_id)
                 if token is None:
                     log.info("event.dropped", reason="mailbox no longer exists")
                     return
-                if event.lease_token < token:  # type: ignore[union-attr]
-                    log.warning("event.fenced", lease_token=event.lease_token, current=token)  # type: ignore[union-attr]
+                if event.lease_token < token:
+                    log.warning("event.fenced", lease_token=event.lease_token, current=token)
                     return
                 summary = handler(conn, event, prepared)
             break

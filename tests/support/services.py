@@ -15,9 +15,10 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote
 
 import psycopg
@@ -30,6 +31,7 @@ RABBIT_USER = os.environ.get("MAILFERRY_TEST_RABBIT_USER", "guest")
 RABBIT_PASSWORD = os.environ.get("MAILFERRY_TEST_RABBIT_PASSWORD", "guest")
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO.parent / "shared" / "corpus"
+T = TypeVar("T")
 
 
 def _with_database(url: str, name: str) -> str:
@@ -128,3 +130,13 @@ def run_cli(args: list[str], env: Mapping[str, str], stdin: bytes | None = None,
         [sys.executable, "-m", "services.cli.main", *args],
         env={**os.environ, **env}, input=stdin, capture_output=True, timeout=timeout, cwd=REPO,
     )
+
+
+def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1) -> T:
+    """Poll until ``check`` returns something truthy (the pipeline is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

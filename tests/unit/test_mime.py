@@ -281,9 +281,7 @@ def test_a_subject_in_rfc2047_base64_is_decoded() -> None:
 
 
 def test_a_subject_mixing_plain_text_and_q_encoded_words_keeps_its_spaces() -> None:
-    parsed = parse_message(
-        mime("Subject: Re: =?iso-8859-1?q?caf=E9?= =?iso-8859-1?q?_cr=E8me?= ok")
-    )
+    parsed = parse_message(mime("Subject: Re: =?iso-8859-1?q?caf=E9?= =?iso-8859-1?q?_cr=E8me?= ok"))
     assert parsed.subject == "Re: café crème ok"
 
 
@@ -365,9 +363,7 @@ def test_an_empty_message_id_is_none() -> None:
 
 
 def test_references_and_in_reply_to_are_lists_of_bare_ids() -> None:
-    parsed = parse_message(
-        mime("In-Reply-To: <b@x> (comment)", "References: <a@x>\r\n <b@x>,<c@\r\n x>")
-    )
+    parsed = parse_message(mime("In-Reply-To: <b@x> (comment)", "References: <a@x>\r\n <b@x>,<c@\r\n x>"))
     assert parsed.in_reply_to == "b@x"
     assert parsed.references == ["a@x", "b@x", "c@x"]
 
@@ -391,6 +387,16 @@ def test_an_address_behind_an_unbalanced_quote_is_recovered() -> None:
     parsed = parse_message(mime('To: Jane "Doe <jane@example.com>, ok@example.com'))
     assert "jane@example.com" in parsed.to
     assert any("To" in e and "recovered" in e for e in parsed.parse_errors)
+
+
+def test_a_uucp_bang_path_address_the_address_parser_mangles_is_kept_whole() -> None:
+    parsed = parse_message(mime("From: develop!nextmime@ebony@sblab.att.com"))
+    assert parsed.from_ == "develop!nextmime@ebony@sblab.att.com"
+
+
+def test_obsolete_address_syntax_does_not_produce_phantom_addresses() -> None:
+    parsed = corpus_message("mail-gem/rfc2822/example11.eml")
+    assert parsed.to == ["Mary Smith <mary@example.net>", "jdoe@test.example"]
 
 
 def test_a_duplicate_from_keeps_the_first_and_is_recorded() -> None:
@@ -698,8 +704,7 @@ def test_more_parts_than_the_limit_are_cut_and_recorded() -> None:
 
 def test_errors_of_a_message_with_thousands_of_broken_parts_are_capped() -> None:
     parts = b"".join(
-        b"--b\r\nContent-Type: text/plain; charset=x-bogus-%d\r\n\r\n\xff\r\n" % i
-        for i in range(1_000)
+        b"--b\r\nContent-Type: text/plain; charset=x-bogus-%d\r\n\r\n\xff\r\n" % i for i in range(1_000)
     )
     parsed = parse_message(mime("Content-Type: multipart/mixed; boundary=b", body=parts))
     assert len(parsed.parse_errors) <= shared.mime.MAX_ERRORS + 1
@@ -709,8 +714,7 @@ def test_errors_of_a_message_with_thousands_of_broken_parts_are_capped() -> None
 @pytest.mark.parametrize("depth", [50, 300, 3_000])
 def test_deeply_nested_multiparts_do_not_raise(depth: int) -> None:
     raw = b"Subject: deep\r\n" + b"".join(
-        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
-        for i in range(depth)
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(depth)
     )
     parsed = parse_message(raw + b"Content-Type: text/plain\r\n\r\nbottom\r\n")
     assert parsed.subject == "deep"

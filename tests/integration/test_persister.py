@@ -1,0 +1,210 @@
+"""The persister against a real PostgreSQL: duplicated and reordered events converge, stale
+attempts are fenced off, and checkpoints never run ahead of the data."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from services.persister.handlers import PersisterDeps, handle
+from shared import db
+from shared.messages import (
+    FetchedMessage,
+    FetcherEvent,
+    FolderInfo,
+    FolderSynced,
+    FoldersListed,
+    MessagesFetched,
+    SyncFinished,
+    SyncStarted,
+)
+
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def _mailbox(conn: db.Connection, token: int = 1) -> int:
+    row = conn.execute(
+        """INSERT INTO mailboxes (name, host, port, security, username, password_encrypted,
+                                  lease_token)
+           VALUES ('m', 'h', 993, 'ssl', 'u', '\\x00', %s) RETURNING id""",
+        (token,),
+    ).fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
+def _run(conn: db.Connection, mailbox_id: int) -> uuid.UUID:
+    run_id = uuid.uuid4()
+    conn.execute("INSERT INTO sync_runs (id, mailbox_id, status, requested_by) "
+                 "VALUES (%s, %s, 'queued', 'test')", (run_id, mailbox_id))
+    return run_id
+
+
+def _message(uid: int, body: bytes, flags: tuple[str, ...] = ()) -> FetchedMessage:
+    raw = b"Subject: message " + str(uid).encode() + b"\r\n\r\n" + body
+    return FetchedMessage(uid=uid, flags=flags, internal_date=NOW, size=len(raw), raw=raw)
+
+
+def _stream(mailbox_id: int, run_id: uuid.UUID, token: int = 1) -> list[FetcherEvent]:
+    common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": token}
+    inbox = FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/", type="inbox")
+    sent = FolderInfo(name="Sent", raw_name="Sent", delimiter="/", flags=("\\Sent",), type="sent")
+    return [
+        SyncStarted(**common, fetcher="test", started_at=NOW),
+        FoldersListed(**common, folders=(inbox, sent)),
+        MessagesFetched(**common, folder="INBOX", uidvalidity=7, batch_no=0,
+                        messages=(_message(1, b"a", ("\\Seen",)), _message(2, b"b"))),
+        MessagesFetched(**common, folder="INBOX", uidvalidity=7, batch_no=1,
+                        messages=(_message(5, b"c"),)),
+        # the same bytes in another folder: one raw copy, two placements
+        MessagesFetched(**common, folder="Sent", uidvalidity=9, batch_no=0,
+                        messages=(_message(1, b"a"),)),
+        FolderSynced(**common, folder="INBOX", uidvalidity=7, uidnext=6, last_uid=5, batches=2,
+                     messages=3),
+        FolderSynced(**common, folder="Sent", uidvalidity=9, uidnext=2, last_uid=1, batches=1,
+                     messages=1),
+        SyncFinished(**common, folders=2, finished_at=NOW),
+    ]
+
+
+def _state(conn: db.Connection) -> dict[str, Any]:
+    """Everything the events determine, independent of ids and timestamps."""
+    return {
+        "folders": conn.execute(
+            """SELECT name, type, sync_enabled, uidvalidity, last_uid FROM folders
+                ORDER BY name""").fetchall(),
+        "placements": conn.execute(
+            """SELECT f.name, mf.uidvalidity, mf.uid, mf.flags, mf.seen,
+                      encode(g.sha256, 'hex') AS sha256
+                 FROM message_folders mf JOIN folders f ON f.id = mf.folder_id
+                 JOIN messages g ON g.id = mf.message_id ORDER BY 1, 2, 3""").fetchall(),
+        "raw": conn.execute("SELECT count(*) AS n FROM raw_messages").fetchone(),
+        "runs": conn.execute("SELECT status, messages_stored FROM sync_runs").fetchall(),
+    }
+
+
+@pytest.fixture
+def deps(database_url: str) -> PersisterDeps:
+    return PersisterDeps(connection=db.Reconnecting(database_url))
+
+
+def test_a_sync_in_order_stores_messages_and_moves_checkpoints(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = _mailbox(conn)
+    for event in _stream(mailbox_id, _run(conn, mailbox_id)):
+        handle(event, deps)
+    state = _state(conn)
+    assert state["folders"] == [
+        {"name": "INBOX", "type": "inbox", "sync_enabled": True, "uidvalidity": 7, "last_uid": 5},
+        {"name": "Sent", "type": "sent", "sync_enabled": True, "uidvalidity": 9, "last_uid": 1},
+    ]
+    assert [(p["name"], p["uid"], p["seen"]) for p in state["placements"]] == [
+        ("INBOX", 1, True), ("INBOX", 2, False), ("INBOX", 5, False), ("Sent", 1, False)]
+    assert state["raw"] == {"n": 3}
+    assert state["runs"] == [{"status": "done", "messages_stored": 4}]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_order_with_duplicates_converges_to_the_same_state(
+    conn: db.Connection, deps: PersisterDeps, seed: int
+) -> None:
+    mailbox_id = _mailbox(conn)
+    run_id = _run(conn, mailbox_id)
+    for event in _stream(mailbox_id, run_id):
+        handle(event, deps)
+    expected = _state(conn)
+
+    conn.execute("DELETE FROM folders; DELETE FROM messages; DELETE FROM raw_messages; "
+                 "DELETE FROM sync_runs; DELETE FROM sync_folders; DELETE FROM sync_batches")
+    run_id = _run(conn, mailbox_id)
+    events = _stream(mailbox_id, run_id) * 2
+    random.Random(seed).shuffle(events)
+    for event in events:
+        handle(event, deps)
+    assert _state(conn) == expected
+
+
+def test_a_checkpoint_waits_for_all_announced_batches(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = _mailbox(conn)
+    stream = _stream(mailbox_id, _run(conn, mailbox_id))
+    missing_batch = stream.pop(3)  # INBOX batch 1
+    for event in stream:
+        handle(event, deps)
+    inbox = conn.execute("SELECT last_uid FROM folders WHERE name = 'INBOX'").fetchone()
+    assert inbox == {"last_uid": 0}
+    assert conn.execute("SELECT status FROM sync_runs").fetchone() == {"status": "running"}
+    handle(missing_batch, deps)
+    assert conn.execute("SELECT last_uid FROM folders WHERE name = 'INBOX'").fetchone() == {
+        "last_uid": 5}
+    assert conn.execute("SELECT status FROM sync_runs").fetchone() == {"status": "done"}
+
+
+def test_events_of_an_attempt_whose_lease_was_taken_over_are_refused(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = _mailbox(conn, token=2)
+    stale = _stream(mailbox_id, _run(conn, mailbox_id), token=1)
+    for event in stale:
+        handle(event, deps)
+    assert conn.execute("SELECT count(*) AS n FROM message_folders").fetchone() == {"n": 0}
+    assert conn.execute("SELECT count(*) AS n FROM folders").fetchone() == {"n": 0}
+
+
+def test_a_message_that_cannot_be_parsed_is_stored_with_its_exact_bytes(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = _mailbox(conn)
+    run_id = _run(conn, mailbox_id)
+    hostile = b"\x00\xff\xfeSubject: \x00bad\xc3(\r\n\r\n\x00body\xff"
+    common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
+    handle(MessagesFetched(**common, folder="INBOX", uidvalidity=1, batch_no=0, messages=(
+        FetchedMessage(uid=1, size=len(hostile), raw=hostile),)), deps)
+    row = conn.execute("SELECT r.data, g.subject FROM messages g "
+                       "JOIN raw_messages r USING (sha256)").fetchone()
+    assert row is not None
+    assert bytes(row["data"]) == hostile
+    assert "\x00" not in (row["subject"] or "")
+
+
+def test_folders_gone_from_the_server_are_deleted_unless_they_hold_synced_mail(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = _mailbox(conn)
+    for event in _stream(mailbox_id, _run(conn, mailbox_id)):
+        handle(event, deps)
+    conn.execute("INSERT INTO folders (mailbox_id, name, raw_name) VALUES (%s, 'Empty', 'Empty')",
+                 (mailbox_id,))
+    run_id = _run(conn, mailbox_id)
+    common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
+    handle(FoldersListed(**common, folders=(
+        FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/", type="inbox"),)), deps)
+    folders = conn.execute("SELECT name, gone_at IS NOT NULL AS gone FROM folders ORDER BY name")
+    assert folders.fetchall() == [{"name": "INBOX", "gone": False}, {"name": "Sent", "gone": True}]
+
+
+def test_every_permutation_of_a_small_stream_converges(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    """Exhaustive for the events that race most: the last batch, its FolderSynced, SyncFinished."""
+    mailbox_id = _mailbox(conn)
+    results = []
+    for order in itertools.permutations(range(3)):
+        conn.execute("DELETE FROM folders; DELETE FROM messages; DELETE FROM raw_messages; "
+                     "DELETE FROM sync_runs; DELETE FROM sync_folders; DELETE FROM sync_batches")
+        stream = _stream(mailbox_id, _run(conn, mailbox_id))
+        racing = [stream[3], stream[5], stream[7]]  # INBOX batch 1, its FolderSynced, SyncFinished
+        for event in (stream[0], stream[1], stream[2], stream[4], stream[6]):
+            handle(event, deps)
+        for i in order:
+            handle(racing[i], deps)
+        results.append(_state(conn))
+    assert all(r == results[0] for r in results)
+    assert results[0]["runs"] == [{"status": "done", "messages_stored": 4}]
