@@ -1,0 +1,905 @@
+"""Benchmark: the initial sync of one large mailbox through the whole pipeline, against mbsync.
+
+Why this exists: the first sync of a mailbox is the one heavy moment of mailferry's life (every
+later sync costs what changed, DESIGN invariant 6), and users compare it with what they know: a
+plain IMAP-to-Maildir copy. The target is that the pipeline (fetcher -> RabbitMQ -> persister ->
+PostgreSQL, with MIME parsing and every durability guarantee) takes at most twice as long as
+``mbsync`` pulling the same mailbox from the same server.
+
+This is a report, not a test: it prints figures (and one JSON line with them) and fails only when
+the result is wrong (a failed run, a message count that is not N), never because it is slow.
+
+What it does:
+
+1. writes N deterministic, realistic messages (log-normal sizes, median about 6 KB, a long tail of
+   messages carrying base64 attachments) straight into the INBOX Maildir of a private Dovecot;
+2. creates a private PostgreSQL database and RabbitMQ vhost, starts the fetcher(s), persister(s)
+   and notifier as separate processes (as in production) and times ``mailferry sync --wait``
+   from publish to done, sampling the persister's queue backlog meanwhile;
+3. checks that the store holds exactly N messages whose raw bytes add up to what was written;
+4. pulls the same mailbox with ``mbsync`` into a fresh Maildir and times it;
+5. prints a summary, then one JSON line with the same figures.
+
+Run it with ``make bench`` or ``.venv/bin/python bench/initial_sync.py --messages 20000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import email.header
+import email.utils
+import html
+import json
+import os
+import platform
+import quopri
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make the project's packages importable
+    sys.path.insert(0, str(REPO))
+
+import psycopg  # noqa: E402
+from cryptography.fernet import Fernet  # noqa: E402
+
+from shared import broker, db, topology  # noqa: E402
+from tests.support import services  # noqa: E402
+from tests.support.dovecot import Dovecot, dovecot_version  # noqa: E402
+
+USER = "bench"
+PASSWORD = "bench-secret"
+OWNER_EMAIL = "bench@example.com"
+PROFILE_RATE = 100  # py-spy samples per second
+TARGET_RATIO = 2.0  # the issue's goal: pipeline <= 2 x mbsync at N = 20,000
+
+# Sizes: log-normal with a median of 6 KB and a mean of about 16.5 KB, i.e. 20,000 messages are
+# about 330 MB as measured on real mailboxes (DESIGN.md). sigma follows from mean/median:
+# mean = median * exp(sigma^2 / 2)  =>  sigma = sqrt(2 * ln(16.5 / 6)) ~ 1.42.
+SIZE_MEDIAN = 6_000
+SIZE_SIGMA = 1.42
+SIZE_MIN = 700
+SIZE_MAX = 20 * 1024 * 1024  # far below the fetcher's 64 MB limit: every message is carried
+ATTACHMENT_FROM = 32 * 1024  # larger messages are multipart/mixed with a base64 attachment
+YEAR_DAYS = 360  # internal dates within the last year, so the first-sync window holds them all
+
+_WORD_TEXT = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her all she there would their we him been has when who will more "
+    "no if out so said what up its about into than them can only other new some could time these "
+    "two may then do first any my now such like our over man me even most made after also did "
+    "many before must through back years where much your way well down should because each just "
+    "invoice meeting quarter release budget server deploy schedule review contract shipment "
+    "report customer ticket order payment draft agenda minutes"
+)
+_WORDS = _WORD_TEXT.split()
+_ACCENTED_WORDS = ("café", "déjà", "naïve", "Grüße", "über", "señor", "façade", "smörgåsbord",
+                   "Привет", "日本語", "Ελλάδα", "zürich", "crème", "brûlée")
+_SUBJECTS_ASCII = (
+    "Quarterly report", "Re: meeting on Monday", "Invoice {n}", "Fwd: contract draft",
+    "Your order {n} has shipped", "Release notes {n}", "Re: Re: budget review",
+    "Ticket #{n}: server unreachable", "Lunch?", "Minutes of the board meeting",
+)
+_SUBJECTS_UNICODE = (
+    "Réunion de lundi", "Überweisung bestätigt {n}", "Счёт за март {n}", "会議の議事録",
+    "Café ☕ demain ?", "Ελληνικά νέα {n}", "Facture n° {n}", "Año nuevo, ¿qué tal?",
+)
+_NAMES = ("Alice Martin", "Bob Stone", "Chloé Dubois", "Dmitri Ivanov", "Eve Adams",
+          "Frank Müller", "Grace Hopper", "Hiro Tanaka", "Inès García", "Jack White")
+_OOXML = "application/vnd.openxmlformats-officedocument"
+_ATTACHMENTS = (
+    ("report.pdf", "application/pdf"),
+    ("photo.jpg", "image/jpeg"),
+    ("archive.zip", "application/zip"),
+    ("slides.pptx", f"{_OOXML}.presentationml.presentation"),
+    ("données.xlsx", f"{_OOXML}.spreadsheetml.sheet"),
+)
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """What was written to the Maildir, for the checks and the summary."""
+
+    count: int = 0
+    total_bytes: int = 0
+    sizes: list[int] = field(default_factory=list)
+    kinds: dict[str, int] = field(default_factory=dict)
+    unicode_subjects: int = 0
+
+
+class MessageFactory:
+    """Deterministic realistic messages: the same seed gives the same bytes (apart from dates,
+    which are relative to now so the first-sync window of 365 days always covers them)."""
+
+    def __init__(self, seed: int, now: datetime) -> None:
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.now = now
+        # A pool of wrapped paragraphs, assembled into bodies: generating every word of 300 MB of
+        # text one by one would make the set-up slower than the thing measured.
+        self.paragraphs = [self._paragraph() for _ in range(256)]
+
+    def _paragraph(self) -> str:
+        words = []
+        for _ in range(self.rng.randint(40, 160)):
+            pool = _ACCENTED_WORDS if self.rng.random() < 0.03 else _WORDS
+            words.append(self.rng.choice(pool))
+        words[0] = words[0].capitalize()
+        lines, line = [], ""
+        for word in words:
+            if len(line) + len(word) + 1 > 72:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line + ".")
+        return "\n".join(lines)
+
+    def _text(self, budget: int) -> str:
+        """Paragraphs up to about ``budget`` characters (at least one)."""
+        out: list[str] = []
+        size = 0
+        while size < budget or not out:
+            paragraph = self.rng.choice(self.paragraphs)
+            out.append(paragraph)
+            size += len(paragraph) + 2
+        return "\n\n".join(out)[: max(budget, 40)]
+
+    def _text_part(self, text: str, subtype: str = "plain") -> str:
+        """One text part; half quoted-printable, half 8bit UTF-8, both common in the wild."""
+        if self.rng.random() < 0.5:
+            body = quopri.encodestring(text.encode("utf-8")).decode("ascii")
+            cte = "quoted-printable"
+        else:
+            body, cte = text, "8bit"
+        return (f"Content-Type: text/{subtype}; charset=utf-8\n"
+                f"Content-Transfer-Encoding: {cte}\n\n{body}\n")
+
+    def _html(self, text: str) -> str:
+        paragraphs = "".join(f"<p>{html.escape(p)}</p>\n" for p in text.split("\n\n"))
+        return f"<html><head><meta charset=\"utf-8\"></head><body>\n{paragraphs}</body></html>"
+
+    def _address(self) -> str:
+        name = self.rng.choice(_NAMES)
+        local = name.split()[0].lower().encode("ascii", "ignore").decode() or "user"
+        mailbox = f"{local}.{self.rng.randint(1, 999)}@example.{self.rng.choice(('com', 'org'))}"
+        if name.isascii():
+            return f"{name} <{mailbox}>"
+        return f"{email.header.Header(name, 'utf-8').encode()} <{mailbox}>"
+
+    def message(self, index: int) -> tuple[bytes, datetime, list[str], str, bool]:
+        """(raw bytes with CRLF line ends, internal date, flags, kind, non-ASCII subject)."""
+        rng = self.rng
+        target = int(min(max(rng.lognormvariate(0, SIZE_SIGMA) * SIZE_MEDIAN, SIZE_MIN), SIZE_MAX))
+        when = self.now - timedelta(seconds=rng.uniform(60, YEAR_DAYS * 86400))
+        unicode_subject = rng.random() < 0.15
+        template = rng.choice(_SUBJECTS_UNICODE if unicode_subject else _SUBJECTS_ASCII)
+        subject = template.format(n=rng.randint(1000, 99999))
+        encoded_subject = (email.header.Header(subject, "utf-8").encode(linesep="\n")
+                           if unicode_subject else subject)
+        boundary = f"=_bench_{self.seed}_{index}_{rng.getrandbits(32):08x}"
+        headers = (
+            f"Return-Path: <sender{index}@example.com>\n"
+            f"Received: from mx.example.com (mx.example.com [192.0.2.{index % 250 + 1}])\n"
+            f"\tby imap.example.net with ESMTPS id {rng.getrandbits(48):012x};\n"
+            f"\t{email.utils.format_datetime(when)}\n"
+            f"From: {self._address()}\n"
+            f"To: {self._address()}\n"
+            + (f"Cc: {self._address()}\n" if rng.random() < 0.3 else "")
+            + f"Subject: {encoded_subject}\n"
+            f"Date: {email.utils.format_datetime(when - timedelta(seconds=rng.randint(1, 600)))}\n"
+            f"Message-ID: <{index}.{self.seed}.{rng.getrandbits(64):016x}@bench.mailferry.test>\n"
+            "MIME-Version: 1.0\n"
+        )
+        room = max(target - len(headers) - 200, 40)
+        if target >= ATTACHMENT_FROM:
+            kind = "multipart/mixed"
+            text = self._text(rng.randint(200, 3000))
+            name, ctype = rng.choice(_ATTACHMENTS)
+            disposition = (f'attachment; filename="{name}"' if name.isascii()
+                           else f"attachment; filename*=utf-8''{_percent(name)}")
+            payload = base64.encodebytes(rng.randbytes(max((room - len(text)) * 57 // 78, 1)))
+            body = (
+                f'Content-Type: multipart/mixed; boundary="{boundary}"\n\n'
+                "This is a multi-part message in MIME format.\n\n"
+                f"--{boundary}\n{self._text_part(text)}\n"
+                f"--{boundary}\nContent-Type: {ctype}; name=\"{name}\"\n"
+                f"Content-Transfer-Encoding: base64\nContent-Disposition: {disposition}\n\n"
+                f"{payload.decode('ascii')}\n--{boundary}--\n"
+            )
+        elif rng.random() < 0.5:
+            kind = "text/plain"
+            body = self._text_part(self._text(room))
+        else:
+            kind = "multipart/alternative"
+            text = self._text(room * 2 // 5)
+            body = (
+                f'Content-Type: multipart/alternative; boundary="{boundary}"\n\n'
+                f"--{boundary}\n{self._text_part(text)}\n"
+                f"--{boundary}\n{self._text_part(self._html(text), 'html')}\n"
+                f"--{boundary}--\n"
+            )
+        raw = (headers + body).replace("\n", "\r\n").encode("utf-8")
+        flags = [flag for flag, p in (("\\Seen", 0.7), ("\\Answered", 0.1), ("\\Flagged", 0.05))
+                 if rng.random() < p]
+        return raw, when, flags, kind, unicode_subject
+
+
+def _percent(text: str) -> str:
+    """RFC 2231 percent-encoding of a UTF-8 filename."""
+    return "".join(chr(b) if (chr(b).isalnum() and b < 128) or chr(b) in ".-_" else f"%{b:02X}"
+                   for b in text.encode("utf-8"))
+
+
+def generate(factory: MessageFactory, count: int, corpus: Corpus
+             ) -> Iterator[tuple[bytes, datetime, list[str]]]:
+    """Messages for ``Dovecot.fill_maildir``, recording sizes on the way (nothing kept in memory:
+    330 MB of messages need not live in the benchmark process)."""
+    for index in range(count):
+        raw, when, flags, kind, unicode_subject = factory.message(index)
+        corpus.count += 1
+        corpus.total_bytes += len(raw)
+        corpus.sizes.append(len(raw))
+        corpus.kinds[kind] = corpus.kinds.get(kind, 0) + 1
+        corpus.unicode_subjects += unicode_subject
+        yield raw, when, flags
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def peak_memory_mb(pid: int) -> float | None:
+    """VmHWM, the process's peak resident set, in MB; read before the process is stopped."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a live process: says which service did the work."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+
+
+def machine() -> dict[str, Any]:
+    """Enough about the machine to compare figures between runs."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_kb = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_kb = int(line.split()[1])
+    # The load before the run: other processes on a shared machine skew every figure.
+    load = round(os.getloadavg()[0], 2)
+    return {"nproc": os.cpu_count(), "memory_gb": round(memory_kb / 1024 / 1024, 1), "cpu": cpu,
+            "kernel": platform.release(), "python": platform.python_version(),
+            "load_1min": load}
+
+
+class QueueSampler:
+    """Samples the persister queue's backlog and the run's stored count while the sync runs.
+
+    A backlog that grows means the persister is slower than the fetcher; one that stays near
+    zero means the fetcher (or IMAP) is the bottleneck. The time the backlog was last non-zero
+    against the time the fetcher finished tells how long the persister lagged behind.
+    """
+
+    def __init__(self, broker_url: str, database_url: str, mailbox_id: int,
+                 interval: float = 0.5) -> None:
+        self.broker_url = broker_url
+        self.database_url = database_url
+        self.mailbox_id = mailbox_id
+        self.interval = interval
+        self.samples: list[tuple[float, int, int]] = []  # (seconds, queue depth, stored)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._started = 0.0
+
+    def __enter__(self) -> QueueSampler:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        conn = broker.connect(self.broker_url)
+        pg = db.connect(self.database_url, autocommit=True)
+        try:
+            channel = conn.channel()
+            while not self._stop.wait(self.interval):
+                try:
+                    depth = int(channel.queue_declare(topology.PERSISTER.name,
+                                                      passive=True).message_count)
+                except Exception:
+                    channel = conn.channel()
+                    depth = -1
+                row = pg.execute(
+                    """SELECT COALESCE(max(messages_stored), 0) AS n FROM sync_runs
+                        WHERE mailbox_id = %s""", (self.mailbox_id,)).fetchone()
+                stored = int(row["n"]) if row else 0
+                self.samples.append((round(time.monotonic() - self._started, 2), depth, stored))
+        finally:
+            pg.close()
+            conn.release()
+
+    def peak_backlog(self) -> int:
+        return max((depth for _, depth, _ in self.samples), default=0)
+
+    def timeline(self, points: int = 12) -> list[tuple[float, int, int]]:
+        step = max(len(self.samples) // points, 1)
+        return self.samples[::step]
+
+
+def wait_for_consumers(broker_url: str, wanted: dict[str, int], timeout: float = 60.0) -> None:
+    """Block until every work queue has its consumers: the clock must not include start-up."""
+    deadline = time.monotonic() + timeout
+    conn = broker.connect(broker_url)
+    try:
+        channel = conn.channel()
+        while True:
+            counts: dict[str, int] = {}
+            for queue in wanted:
+                try:
+                    counts[queue] = int(channel.queue_declare(queue, passive=True).consumer_count)
+                except Exception:  # not declared yet: the channel is closed by the broker
+                    channel = conn.channel()
+                    counts[queue] = 0
+            if all(counts[q] >= n for q, n in wanted.items()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"services not consuming after {timeout:g}s: {counts}")
+            time.sleep(0.2)
+    finally:
+        conn.release()
+
+
+def _service_pids(processes: services.ServiceProcesses) -> dict[str, int]:
+    """"fetcher", "persister", ... or "persister-0", "persister-1" when there are several."""
+    names = [name for name, _ in processes.processes]
+    out: dict[str, int] = {}
+    for name, process in processes.processes:
+        if names.count(name) == 1:
+            out[name] = process.pid
+        else:
+            out[f"{name}-{sum(1 for key in out if key.startswith(name + '-'))}"] = process.pid
+    return out
+
+
+def _cli(args: list[str], env: dict[str, str], stdin: bytes | None = None,
+         timeout: float = 300) -> Any:
+    """Run the mailferry CLI and return its JSON output; any failure stops the benchmark."""
+    result = services.run_cli(args, env, stdin=stdin, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"mailferry {' '.join(args)} failed ({result.returncode}): "
+                           f"{result.stderr.decode(errors='replace')[-2000:]}")
+    return json.loads(result.stdout)
+
+
+def _json_lines(path: Path) -> Iterator[dict[str, Any]]:
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                yield json.loads(line)
+
+
+def log_breakdown(log_dir: Path) -> dict[str, Any]:
+    """With ``--log-level info``: the fetcher's own duration and the persister's busy time per
+    event type (``event.applied`` lines carry ``seconds``, parse and SQL together)."""
+    out: dict[str, Any] = {}
+    for path in sorted(log_dir.glob("fetcher-*.log")):
+        for entry in _json_lines(path):
+            if entry.get("event") == "sync.fetched":
+                out.setdefault("fetcher_seconds", []).append(entry.get("seconds"))
+    busy: dict[str, float] = {}
+    for path in sorted(log_dir.glob("persister-*.log")):
+        for entry in _json_lines(path):
+            if entry.get("event") == "event.applied":
+                kind = str(entry.get("type"))
+                busy[kind] = busy.get(kind, 0.0) + float(entry.get("seconds") or 0)
+    if busy:
+        out["persister_busy_seconds"] = {k: round(v, 2) for k, v in sorted(busy.items())}
+    return out
+
+
+class Profiler:
+    """py-spy on the fetcher and persister processes while the sync runs (``--profile``).
+
+    Sampling from outside (``--nonblocking``) leaves the services as they are in production;
+    idle frames are kept (``--idle``) so that waiting on PostgreSQL, IMAP or RabbitMQ shows up
+    as the wall time it costs, not only the CPU time.
+    """
+
+    def __init__(self, binary: str, out_dir: Path) -> None:
+        self.binary = binary
+        self.out_dir = out_dir
+        self.recorders: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    def start(self, pids: dict[str, int]) -> None:
+        self.out_dir.mkdir(exist_ok=True)
+        for key, pid in pids.items():
+            if not key.startswith(("fetcher", "persister")):
+                continue
+            out = self.out_dir / f"{key}.txt"
+            process = subprocess.Popen(
+                [self.binary, "record", "--pid", str(pid), "--idle", "--threads",
+                 "--nonblocking", "--rate", str(PROFILE_RATE), "--format", "raw", "--output", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.recorders[key] = (process, out)
+        time.sleep(1.0)  # py-spy attaches asynchronously
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        """Stop recording; per service, the main thread's seconds by activity."""
+        for process, _ in self.recorders.values():
+            process.send_signal(signal.SIGINT)
+        out: dict[str, dict[str, float]] = {}
+        for key, (process, path) in self.recorders.items():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if path.exists():
+                out[key] = profile_breakdown(path)
+        return out
+
+
+# (substring of a frame, activity): a sample counts for the first activity any of its frames
+# matches, so the order goes from the most specific work to the loops that call it (the
+# persister's handler runs inside kombu's drain_events, its SQL inside the handler, and so on).
+_ACTIVITIES = (
+    ("shared/mime.py", "MIME parse"),
+    # py-spy sometimes loses the outer frames of the feed parser's generators: still parsing.
+    ("email/", "MIME parse"),
+    ("sha256", "sha256"),
+    ("executemany", "SQL executemany (raw_messages, messages, message_folders)"),
+    ("psycopg", "SQL, other statements"),
+    ("shared/messages.py", "event JSON encode/decode (pydantic, base64)"),
+    ("pydantic", "event JSON encode/decode (pydantic, base64)"),
+    ("publish (shared/broker.py", "AMQP publish + confirm"),
+    ("imapclient/response_", "IMAP response parsing"),
+    ("imapclient", "IMAP FETCH (socket)"),
+    ("imaplib", "IMAP FETCH (socket)"),
+    ("on_message (shared/broker.py", "handler, other"),
+    ("drain_events", "idle: waiting for AMQP deliveries"),
+)
+
+
+def profile_breakdown(path: Path) -> dict[str, float]:
+    """Seconds of the main thread per activity, from py-spy's raw (collapsed) stacks."""
+    counts: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        frames = stack.split(";")
+        # With --threads the first frame names the thread; helper threads (the fetcher's lease
+        # renewal) sleep and would swamp the figures with idle samples.
+        if frames and "MainThread" not in frames[0] and "thread" in frames[0].lower():
+            continue
+        activity = next((name for needle, name in _ACTIVITIES
+                         if any(needle in frame for frame in frames)), "other")
+        if activity.startswith("SQL"):
+            # psycopg's Connection.wait: the statement is on the server (or the wire).
+            server = "Connection.wait (psycopg" in frames[-1]
+            activity += ": waiting for PostgreSQL" if server else ": client side (psycopg)"
+        counts[activity] = counts.get(activity, 0) + int(number)
+    return {k: round(v / PROFILE_RATE, 2) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+# --- the two contenders ----------------------------------------------------------------------
+
+
+def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected: Corpus
+                 ) -> dict[str, Any]:
+    """The four services as processes on a private database and vhost; time one initial sync."""
+    result: dict[str, Any] = {}
+    with services.private_database() as database_url, services.private_vhost() as (_, broker_url):
+        db.migrate(database_url)
+        env = {
+            "MAILFERRY_DATABASE_URL": database_url,
+            "MAILFERRY_BROKER_URL": broker_url,
+            "MAILFERRY_SECRET_KEY": Fernet.generate_key().decode(),
+            "MAILFERRY_LOG_LEVEL": args.log_level,
+            "MAILFERRY_LOG_FORMAT": "json",
+        }
+        _cli(["user", "add", "--email", OWNER_EMAIL], env)
+        mailbox_id = int(_cli(
+            ["mailbox", "add", "--owner", OWNER_EMAIL, "--host", server.host, "--port",
+             str(server.port), "--security", "none", "--username", USER, "--password-stdin",
+             "--folders", "INBOX"],
+            env, stdin=f"{PASSWORD}\n".encode())["id"])
+
+        log_dir = work / "logs"
+        log_dir.mkdir(exist_ok=True)
+        processes = services.ServiceProcesses(env, log_dir)
+        try:
+            processes.start("fetcher", args.fetchers)
+            processes.start("persister", args.persisters)
+            processes.start("notifier")
+            wait_for_consumers(broker_url, {topology.FETCHER.name: args.fetchers,
+                                            topology.PERSISTER.name: args.persisters,
+                                            topology.NOTIFIER.name: 1})
+            profiler = Profiler(args.py_spy, work / "profiles") if args.py_spy else None
+            if profiler:
+                profiler.start(_service_pids(processes))
+            os.sync()  # the 330 MB just written to the Maildir must not be flushed meanwhile
+            print(f"services consuming; syncing mailbox {mailbox_id} ...", flush=True)
+            with QueueSampler(broker_url, database_url, mailbox_id) as sampler:
+                started = time.monotonic()
+                synced = services.run_cli(
+                    ["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout",
+                     str(args.timeout), "--json"], env, timeout=args.timeout + 60)
+                cli_seconds = time.monotonic() - started
+            if profiler:
+                result["profile_seconds"] = profiler.stop()
+            result["memory_mb"], result["cpu_seconds"] = {}, {}
+            for key, pid in _service_pids(processes).items():
+                result["memory_mb"][key] = peak_memory_mb(pid)
+                result["cpu_seconds"][key] = cpu_seconds(pid)
+            dead = [(n, p.returncode) for n, p in processes.processes if p.poll() is not None]
+        finally:
+            processes.stop()
+        if synced.returncode != 0 or dead:
+            raise RuntimeError(
+                f"sync failed ({synced.returncode}, services exited: {dead}): "
+                f"{synced.stderr.decode(errors='replace')[-2000:]}\n{processes.logs()}")
+        run = json.loads(synced.stdout)[0]
+        with psycopg.connect(database_url) as conn:
+            timing = conn.execute(
+                """SELECT extract(epoch FROM finished_at - requested_at)::float8,
+                          extract(epoch FROM started_at - requested_at)::float8
+                     FROM sync_runs WHERE id = %s""", (run["run_id"],)).fetchone()
+            counts = conn.execute(
+                """SELECT (SELECT count(*) FROM messages WHERE mailbox_id = %(mb)s),
+                          (SELECT count(*) FROM message_folders mf JOIN folders f
+                               ON f.id = mf.folder_id
+                            WHERE f.mailbox_id = %(mb)s AND mf.expunged_at IS NULL),
+                          (SELECT COALESCE(sum(r.size), 0) FROM messages g
+                               JOIN raw_messages r ON r.sha256 = g.sha256
+                            WHERE g.mailbox_id = %(mb)s),
+                          (SELECT count(*) FROM messages
+                            WHERE mailbox_id = %(mb)s AND cardinality(parse_errors) > 0),
+                          pg_database_size(current_database())""",
+                {"mb": mailbox_id}).fetchone()
+            pg_version = conn.execute("SHOW server_version").fetchone()
+        assert timing is not None and counts is not None
+        result.update(
+            status=run["status"],
+            seconds=round(timing[0], 2),
+            seconds_cli=round(cli_seconds, 2),
+            queue_wait_seconds=round(timing[1] or 0.0, 2),
+            messages_stored=run["messages_stored"],
+            messages_rows=counts[0],
+            placements=counts[1],
+            raw_bytes=int(counts[2]),
+            with_parse_errors=counts[3],
+            database_mb=round(counts[4] / 1e6, 1),
+            persister_peak_backlog=sampler.peak_backlog(),
+            timeline=sampler.timeline(),
+            postgresql=pg_version[0] if pg_version else None,
+            **log_breakdown(log_dir),
+        )
+        result["ok"] = (run["status"] == "done" and counts[0] == expected.count
+                        and counts[1] == expected.count and counts[2] == expected.total_bytes)
+    return result
+
+
+def run_mbsync(server: Dovecot, work: Path, expected: int, *, fsync: bool,
+               runs: int) -> dict[str, Any]:
+    """Pull the same INBOX with mbsync into a fresh Maildir: the yardstick users know.
+
+    ``fsync``: mbsync's default fsyncs every message it stores, which on this kind of VM costs
+    more than the download itself; ``FSync no`` shows the bare copy speed. Both are reported
+    because they bracket the pipeline's own durability (one PostgreSQL commit per batch).
+    Each is run ``runs`` times into a fresh Maildir and the median kept: on a shared VM single
+    runs of a few seconds vary by a factor of two or more.
+    """
+    binary = shutil.which("mbsync")
+    if binary is None:
+        return {"skipped": "mbsync not installed (apt-get install isync, or WITH_MBSYNC=1 "
+                           "scripts/setup-deps.sh)"}
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             check=False).stdout.strip()
+    label = "fsync" if fsync else "nofsync"
+    results = [_mbsync_once(binary, server, work / f"mbsync-{label}-{run}", expected, fsync)
+               for run in range(runs)]
+    return {
+        "version": version,
+        "seconds": round(statistics.median(r["seconds"] for r in results), 2),
+        "all_seconds": [r["seconds"] for r in results],
+        "returncode": max(r["returncode"] for r in results),
+        "stderr": results[-1]["stderr"],
+        "messages": min(r["messages"] for r in results),
+        "memory_mb": max(r["memory_mb"] for r in results),
+        "ok": all(r["ok"] for r in results),
+    }
+
+
+def _mbsync_once(binary: str, server: Dovecot, directory: Path, expected: int,
+                 fsync: bool) -> dict[str, Any]:
+    near = directory / "maildir"
+    near.mkdir(parents=True)
+    config = directory / "mbsyncrc"
+    # isync 1.4 syntax (Far/Near; 1.3 said Master/Slave). SyncState * keeps the state files in
+    # the Maildir, so nothing is written to $HOME.
+    config.write_text(f"""\
+FSync {"yes" if fsync else "no"}
+
+IMAPAccount bench
+Host {server.host}
+Port {server.port}
+User {USER}
+Pass {PASSWORD}
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore bench-far
+Account bench
+
+MaildirStore bench-near
+Path {near}/
+Inbox {near}/INBOX
+SubFolders Verbatim
+
+Channel bench
+Far :bench-far:
+Near :bench-near:
+Patterns INBOX
+Create Near
+Sync Pull
+SyncState *
+""")
+    errors = directory / "mbsync.err"
+    os.sync()  # start from no dirty pages, like the pipeline: neither pays for the other
+    with open(errors, "wb") as stderr:
+        started = time.monotonic()
+        process = subprocess.Popen([binary, "-c", str(config), "-q", "bench"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        # wait4 gives the child's own peak RSS, with no polling.
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.monotonic() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    files = [p for sub in ("cur", "new") for p in (near / "INBOX" / sub).glob("*") if p.is_file()]
+    result = {
+        "seconds": round(seconds, 2),
+        "returncode": process.returncode,
+        "stderr": errors.read_text(errors="replace")[-1000:],
+        "messages": len(files),
+        "memory_mb": round(usage.ru_maxrss / 1024, 1),
+        "ok": process.returncode == 0 and len(files) == expected,
+    }
+    shutil.rmtree(near)  # 330 MB per run: do not let --keep fill the disk
+    return result
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--messages", type=int, default=20_000, help="N (default 20000)")
+    parser.add_argument("--fetchers", type=int, default=1)
+    parser.add_argument("--persisters", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="of the generated messages")
+    parser.add_argument("--no-mbsync", action="store_true", help="skip the mbsync comparison")
+    parser.add_argument("--mbsync-runs", type=int, default=3,
+                        help="runs of each mbsync variant; the median counts (default 3)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temp dir (service logs, Maildirs) and print where it is")
+    parser.add_argument("--log-level", default="warning",
+                        help="services' MAILFERRY_LOG_LEVEL; 'info' adds the fetcher/persister "
+                             "time breakdown from their logs (default warning)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the fetcher(s) and persister(s) with py-spy during the sync "
+                             "and print where their time goes (pip install py-spy)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the sync")
+    args = parser.parse_args(argv)
+    args.py_spy = None
+    if args.profile:
+        args.py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(
+            Path(sys.executable).parent))
+        if args.py_spy is None:
+            parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
+    if min(args.messages, args.fetchers, args.persisters, args.mbsync_runs) < 1:
+        parser.error("--messages, --fetchers, --persisters and --mbsync-runs must be at least 1")
+    return args
+
+
+def _mb(n: float) -> float:
+    return round(n / 1e6, 1)
+
+
+def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: Corpus, fill_seconds: float,
+              pipeline: dict[str, Any], mbsyncs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The figures of the report, flat enough for one JSON line."""
+    sizes = sorted(corpus.sizes)
+    seconds = pipeline["seconds"]
+    summary: dict[str, Any] = {
+        "benchmark": "initial_sync",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": host,
+        "versions": {"dovecot": dovecot_version(), "postgresql": pipeline.get("postgresql"),
+                     "mbsync": mbsyncs.get("default", {}).get("version")},
+        "messages": corpus.count,
+        "total_mb": _mb(corpus.total_bytes),
+        "median_kb": round(sizes[len(sizes) // 2] / 1000, 1),
+        "max_mb": round(sizes[-1] / 1e6, 2),
+        "kinds": corpus.kinds,
+        "unicode_subjects": corpus.unicode_subjects,
+        "fill_seconds": round(fill_seconds, 2),
+        "fetchers": args.fetchers,
+        "persisters": args.persisters,
+        "pipeline_seconds": seconds,
+        "pipeline_seconds_cli": pipeline["seconds_cli"],
+        "queue_wait_seconds": pipeline["queue_wait_seconds"],
+        "messages_per_second": round(corpus.count / seconds, 1) if seconds else None,
+        "mb_per_second": round(corpus.total_bytes / 1e6 / seconds, 2) if seconds else None,
+        "stored_messages": pipeline["messages_rows"],
+        "stored_placements": pipeline["placements"],
+        "stored_raw_mb": _mb(pipeline["raw_bytes"]),
+        "with_parse_errors": pipeline["with_parse_errors"],
+        "database_mb": pipeline["database_mb"],
+        "persister_peak_backlog": pipeline["persister_peak_backlog"],
+        "peak_memory_mb": pipeline["memory_mb"],
+        "cpu_seconds": pipeline["cpu_seconds"],
+        "pipeline_ok": pipeline["ok"],
+    }
+    for key in ("fetcher_seconds", "persister_busy_seconds", "profile_seconds"):
+        if key in pipeline:
+            summary[key] = pipeline[key]
+    default, nofsync = mbsyncs.get("default", {}), mbsyncs.get("nofsync", {})
+    if "seconds" in default:
+        summary.update(
+            mbsync_seconds=default["seconds"],
+            mbsync_all_seconds=default["all_seconds"],
+            mbsync_messages=default["messages"],
+            mbsync_memory_mb=default["memory_mb"],
+            mbsync_ok=default["ok"] and nofsync.get("ok", True),
+            ratio=round(seconds / default["seconds"], 2) if default["seconds"] else None,
+        )
+        summary["target_met"] = summary["ratio"] is not None and summary["ratio"] <= TARGET_RATIO
+    if "seconds" in nofsync:
+        summary.update(
+            mbsync_nofsync_seconds=nofsync["seconds"],
+            mbsync_nofsync_all_seconds=nofsync["all_seconds"],
+            ratio_nofsync=round(seconds / nofsync["seconds"], 2) if nofsync["seconds"] else None,
+        )
+        summary["target_met_nofsync"] = (summary["ratio_nofsync"] is not None
+                                         and summary["ratio_nofsync"] <= TARGET_RATIO)
+    if "skipped" in default:
+        summary["mbsync_skipped"] = default["skipped"]
+    return summary
+
+
+def print_report(s: dict[str, Any], timeline: list[tuple[float, int, int]]) -> None:
+    m = s["machine"]
+    print()
+    print("== initial sync through the whole pipeline ==")
+    print(f"machine        {m['nproc']} CPUs ({m['cpu']}), {m['memory_gb']} GB RAM, "
+          f"Linux {m['kernel']}, Python {m['python']}; load {m['load_1min']} at the start")
+    print(f"date           {s['date']}")
+    print(f"versions       Dovecot {s['versions']['dovecot']}, PostgreSQL "
+          f"{s['versions']['postgresql']}, {s['versions']['mbsync'] or 'no mbsync'}")
+    print(f"mailbox        {s['messages']} messages, {s['total_mb']} MB (median "
+          f"{s['median_kb']} KB, largest {s['max_mb']} MB; {s['kinds']}; "
+          f"{s['unicode_subjects']} RFC 2047 subjects); written in {s['fill_seconds']} s")
+    print(f"services       {s['fetchers']} fetcher(s), {s['persisters']} persister(s), 1 notifier")
+    print(f"pipeline       {s['pipeline_seconds']} s publish->done "
+          f"({s['pipeline_seconds_cli']} s for the whole `mailferry sync --wait` command; "
+          f"command queued {s['queue_wait_seconds']} s)")
+    print(f"throughput     {s['messages_per_second']} messages/s, {s['mb_per_second']} MB/s")
+    print(f"stored         {s['stored_messages']} messages, {s['stored_placements']} placements, "
+          f"{s['stored_raw_mb']} MB raw, {s['with_parse_errors']} with parse errors; "
+          f"database {s['database_mb']} MB -> {'OK' if s['pipeline_ok'] else 'WRONG'}")
+    print("peak memory    " + ", ".join(f"{k} {v} MB" for k, v in s["peak_memory_mb"].items()))
+    print("CPU time       " + ", ".join(f"{k} {v} s" for k, v in s["cpu_seconds"].items()))
+    print(f"backlog        persister queue peaked at {s['persister_peak_backlog']} events")
+    if "fetcher_seconds" in s:
+        print(f"fetcher        sync.fetched after {s['fetcher_seconds']} s")
+    if "persister_busy_seconds" in s:
+        print(f"persister busy {s['persister_busy_seconds']} (seconds per event type)")
+    for service, shares in s.get("profile_seconds", {}).items():
+        print(f"profile        {service}, main thread, seconds (py-spy, idle included):")
+        for activity, seconds in shares.items():
+            print(f"               {seconds:7.2f}  {activity}")
+    print("progress       " + "  ".join(f"{t}s:q{d}/{n}" for t, d, n in timeline))
+    if "mbsync_seconds" in s:
+        print(f"mbsync         {s['mbsync_seconds']} s (median of {s['mbsync_all_seconds']}) "
+              "with its default FSync yes, "
+              f"{s['mbsync_messages']} messages, peak {s['mbsync_memory_mb']} MB -> "
+              f"{'OK' if s['mbsync_ok'] else 'WRONG'}")
+        if "mbsync_nofsync_seconds" in s:
+            print(f"               {s['mbsync_nofsync_seconds']} s (median of "
+                  f"{s['mbsync_nofsync_all_seconds']}) with FSync no")
+        print(f"ratio          pipeline / mbsync = {s['ratio']} (target <= {TARGET_RATIO:g}: "
+              f"{'met' if s['target_met'] else 'NOT met'})")
+        if "ratio_nofsync" in s:
+            print(f"               pipeline / mbsync FSync no = {s['ratio_nofsync']} "
+                  f"({'met' if s['target_met_nofsync'] else 'NOT met'})")
+    elif "mbsync_skipped" in s:
+        print(f"mbsync         skipped: {s['mbsync_skipped']}")
+    print()
+    print(json.dumps(s, ensure_ascii=False, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    host = machine()
+    work = Path(tempfile.mkdtemp(prefix="mailferry-bench-"))
+    ok = False
+    try:
+        with Dovecot(work / "dovecot") as server:
+            server.add_user(USER, PASSWORD)
+            corpus = Corpus()
+            factory = MessageFactory(args.seed, datetime.now(UTC))
+            started = time.monotonic()
+            server.fill_maildir(USER, "INBOX", generate(factory, args.messages, corpus))
+            fill_seconds = time.monotonic() - started
+            # Let Dovecot index the new files once, so neither contender pays for it.
+            with server.session(USER) as client:
+                client.select_folder("INBOX", readonly=True)
+                uids = client.search(["ALL"])
+                seen = sum(len(client.fetch(uids[i:i + 5000], ["FLAGS", "RFC822.SIZE"]))
+                           for i in range(0, len(uids), 5000))
+            if seen != corpus.count:
+                raise RuntimeError(f"Dovecot sees {seen} messages, {corpus.count} written")
+            print(f"{corpus.count} messages, {_mb(corpus.total_bytes)} MB written to Dovecot in "
+                  f"{fill_seconds:.1f} s", flush=True)
+
+            pipeline = run_pipeline(args, server, work, corpus)
+            mbsyncs: dict[str, dict[str, Any]] = {}
+            if not args.no_mbsync:
+                print("mbsync ...", flush=True)
+                mbsyncs["default"] = run_mbsync(server, work, corpus.count, fsync=True,
+                                                runs=args.mbsync_runs)
+                if "skipped" not in mbsyncs["default"]:
+                    mbsyncs["nofsync"] = run_mbsync(server, work, corpus.count, fsync=False,
+                                                    runs=args.mbsync_runs)
+        summary = summarise(args, host, corpus, fill_seconds, pipeline, mbsyncs)
+        print_report(summary, pipeline["timeline"])
+        ok = summary["pipeline_ok"] and summary.get("mbsync_ok", True)
+        for run in mbsyncs.values():
+            if run.get("returncode"):
+                print(f"mbsync failed: {run['stderr']}", file=sys.stderr)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

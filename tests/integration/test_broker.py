@@ -1,0 +1,121 @@
+"""The consumer contract on a real RabbitMQ: ack after the work, retry through delay queues,
+dead-letter with the reason, never drop."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from shared import messages, topology
+from shared.broker import ERROR_HEADER, Publisher, Worker, connect
+from shared.config import Settings
+from shared.errors import PermanentError
+from tests.support import services
+
+DELAYS = (0.2, 0.4)
+
+
+def _command() -> messages.SyncMailbox:
+    return messages.SyncMailbox(run_id=uuid.uuid4(), mailbox_id=1)
+
+
+@contextmanager
+def _worker(settings: Settings, handler: Callable[[messages.AnyMessage], None]) -> Iterator[Publisher]:
+    publisher = Publisher(settings.broker_url, DELAYS)
+    worker = Worker(url=settings.broker_url, work=topology.FETCHER, handler=handler,
+                    publisher=publisher, retry_delays=DELAYS)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield publisher
+    finally:
+        worker.should_stop = True
+        thread.join(timeout=10)
+        publisher.close()
+
+
+def _dead_letters(settings: Settings) -> list[Any]:
+    out = []
+    with connect(settings.broker_url) as conn:
+        queue = topology.FETCHER.dead_letter_queue()(conn.default_channel)
+        while (message := queue.get(no_ack=True)) is not None:
+            out.append(message)
+    return out
+
+
+def test_a_handled_message_is_acked_and_leaves_the_queue(settings: Settings, vhost: tuple[str, str]
+                                                         ) -> None:
+    seen: list[messages.AnyMessage] = []
+    command = _command()
+    with _worker(settings, seen.append) as publisher:
+        publisher.publish(command)
+        assert services.eventually(lambda: seen)
+    assert seen == [command]
+    info = services.queue_info(vhost[0], topology.FETCHER.name)
+    assert info["arguments"]["x-queue-type"] == "quorum"  # type: ignore[index]
+    with connect(settings.broker_url) as conn:
+        declared = conn.default_channel.queue_declare(topology.FETCHER.name, passive=True)
+    assert declared.message_count == 0
+
+
+def test_a_transient_failure_is_retried_after_a_delay_and_then_succeeds(
+    settings: Settings
+) -> None:
+    attempts: list[messages.AnyMessage] = []
+
+    def flaky(message: messages.AnyMessage) -> None:
+        attempts.append(message)
+        if len(attempts) < 3:
+            raise ConnectionError("server away")
+
+    with _worker(settings, flaky) as publisher:
+        publisher.publish(_command())
+        assert services.eventually(lambda: len(attempts) >= 3, timeout=15)
+    assert len(attempts) == 3
+    assert _dead_letters(settings) == []
+
+
+def test_a_message_that_keeps_failing_is_dead_lettered_with_its_reason(settings: Settings) -> None:
+    calls: list[int] = []
+
+    def broken(_: messages.AnyMessage) -> None:
+        calls.append(1)
+        raise RuntimeError("cannot do it")
+
+    with _worker(settings, broken) as publisher:
+        publisher.publish(_command())
+        dead = services.eventually(lambda: _dead_letters(settings), timeout=15)
+    assert len(calls) == len(DELAYS) + 1
+    [message] = dead
+    assert message.headers[ERROR_HEADER] == "retries exhausted; last error: RuntimeError: cannot do it"
+    assert message.properties["type"] == "SyncMailbox"
+
+
+def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> None:
+    calls: list[int] = []
+
+    def refuses(_: messages.AnyMessage) -> None:
+        calls.append(1)
+        raise PermanentError("mailbox settings are wrong")
+
+    with _worker(settings, refuses) as publisher:
+        publisher.publish(_command())
+        dead = services.eventually(lambda: _dead_letters(settings), timeout=15)
+    assert len(calls) == 1
+    assert dead[0].headers[ERROR_HEADER] == "PermanentError: mailbox settings are wrong"
+
+
+def test_a_malformed_message_is_dead_lettered_not_dropped(settings: Settings) -> None:
+    handled: list[messages.AnyMessage] = []
+    with _worker(settings, handled.append) as publisher:
+        publisher.publish_raw(b'{"type": "SyncMailbox", "mailbox_id": "x"}',
+                              exchange=topology.COMMANDS.name, routing_key="sync-mailbox",
+                              type_="SyncMailbox")
+        dead = services.eventually(lambda: _dead_letters(settings), timeout=15)
+    assert handled == []
+    body = dead[0].body
+    assert (body.encode() if isinstance(body, str) else body) == b'{"type": "SyncMailbox", "mailbox_id": "x"}'
+    assert dead[0].headers[ERROR_HEADER].startswith("malformed message:")

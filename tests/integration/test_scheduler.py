@@ -1,0 +1,115 @@
+"""The scheduler against real PostgreSQL and RabbitMQ: one command per due mailbox, never two."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from services.scheduler.handlers import tick
+from shared import db, messages, topology
+from shared.broker import Publisher, connect
+from shared.config import Settings
+
+
+@pytest.fixture
+def publisher(settings: Settings) -> Iterator[Publisher]:
+    p = Publisher(settings.broker_url, settings.retry_delays)
+    yield p
+    p.close()
+
+
+def _mailboxes(conn: db.Connection, *, enabled: int = 0, disabled: int = 0,
+               invalid: int = 0) -> list[int]:
+    ids = []
+    for kind, n in (("enabled", enabled), ("disabled", disabled), ("invalid", invalid)):
+        for _ in range(n):
+            row = conn.execute(
+                """INSERT INTO mailboxes (name, host, port, security, username, password_encrypted,
+                                          sync_enabled, credentials_invalid_at)
+                   VALUES (%s, 'h', 993, 'ssl', 'u', '\\x00', %s,
+                           CASE WHEN %s THEN now() END) RETURNING id""",
+                (kind, kind != "disabled", kind == "invalid"),
+            ).fetchone()
+            assert row is not None
+            ids.append(int(row["id"]))
+    return ids
+
+
+def _queued_commands(settings: Settings) -> list[messages.SyncMailbox]:
+    out = []
+    with connect(settings.broker_url) as conn:
+        queue = topology.FETCHER.queue()(conn.default_channel)
+        while (message := queue.get(no_ack=True)) is not None:
+            decoded = messages.decode(message.body)
+            assert isinstance(decoded, messages.SyncMailbox)
+            out.append(decoded)
+    return out
+
+
+def test_a_tick_queues_one_command_per_enabled_mailbox_with_working_credentials(
+    conn: db.Connection, settings: Settings, publisher: Publisher
+) -> None:
+    enabled = _mailboxes(conn, enabled=3, disabled=1, invalid=1)[:3]
+    assert tick(conn, publisher.publish, settings) == 3
+    commands = _queued_commands(settings)
+    assert sorted(c.mailbox_id for c in commands) == enabled
+    runs = conn.execute("SELECT id, mailbox_id FROM sync_runs WHERE status = 'queued'").fetchall()
+    assert {(r["id"], r["mailbox_id"]) for r in runs} == {(c.run_id, c.mailbox_id) for c in commands}
+
+
+def test_a_mailbox_already_queued_is_not_queued_again(
+    conn: db.Connection, settings: Settings, publisher: Publisher
+) -> None:
+    _mailboxes(conn, enabled=2)
+    tick(conn, publisher.publish, settings)
+    assert tick(conn, publisher.publish, settings) == 0
+    assert len(_queued_commands(settings)) == 2
+
+
+def test_a_mailbox_synced_within_the_interval_is_not_due(
+    conn: db.Connection, settings: Settings, publisher: Publisher
+) -> None:
+    [mailbox_id] = _mailboxes(conn, enabled=1)
+    tick(conn, publisher.publish, settings)
+    conn.execute("UPDATE sync_runs SET status = 'done'")
+    assert tick(conn, publisher.publish, settings) == 0
+    conn.execute("UPDATE sync_runs SET requested_at = now() - interval '31 minutes'")
+    assert tick(conn, publisher.publish, settings) == 1
+    assert [c.mailbox_id for c in _queued_commands(settings)] == [mailbox_id, mailbox_id]
+
+
+def test_two_schedulers_ticking_at_once_queue_each_mailbox_once(
+    database_url: str, conn: db.Connection, settings: Settings
+) -> None:
+    ids = _mailboxes(conn, enabled=40)
+    barrier = threading.Barrier(2)
+    counts: list[int] = []
+
+    def scheduler() -> None:
+        own = db.connect(database_url, autocommit=True)
+        pub = Publisher(settings.broker_url, settings.retry_delays)
+        barrier.wait()
+        counts.append(tick(own, pub.publish, settings))
+        pub.close()
+        own.close()
+
+    threads = [threading.Thread(target=scheduler) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(counts) == len(ids)
+    assert sorted(c.mailbox_id for c in _queued_commands(settings)) == ids
+
+
+def test_a_run_that_never_finished_is_expired_and_the_mailbox_queued_again(
+    conn: db.Connection, settings: Settings, publisher: Publisher
+) -> None:
+    _mailboxes(conn, enabled=1)
+    tick(conn, publisher.publish, settings)
+    conn.execute("UPDATE sync_runs SET requested_at = now() - interval '7 hours'")
+    assert tick(conn, publisher.publish, settings) == 1
+    statuses = conn.execute("SELECT status FROM sync_runs ORDER BY requested_at").fetchall()
+    assert [r["status"] for r in statuses] == ["expired", "queued"]
