@@ -500,7 +500,7 @@ def status(as_json: bool) -> None:
                       AS mailboxes_with_invalid_credentials,
                   (SELECT count(*) FROM messages) AS messages,
                   (SELECT count(*) FROM raw_messages) AS raw_messages,
-                  (SELECT COALESCE(sum(size), 0) FROM raw_messages) AS raw_bytes"""
+                  (SELECT COALESCE(sum(size), 0)::bigint FROM raw_messages) AS raw_bytes"""
     ).fetchone()
     runs = conn.execute(
         """SELECT status, count(*) AS n FROM sync_runs GROUP BY status ORDER BY status"""

@@ -1,0 +1,116 @@
+"""What an operator does with the CLI against the running services."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared import db
+from tests.support import services
+from tests.support.dovecot import Dovecot
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Dovecot]:
+    with Dovecot(tmp_path / "dovecot") as dovecot:
+        dovecot.add_user("bob", "pw")
+        with dovecot.session("bob") as imap:
+            imap.create_folder("Archive")
+            imap.append("INBOX", b"Subject: first\r\nMessage-ID: <1@x>\r\n\r\nhello\r\n")
+            imap.append("Archive", b"Subject: archived\r\nMessage-ID: <2@x>\r\n\r\nold\r\n")
+        yield dovecot
+
+
+def _cli(env: dict[str, str], *args: str, stdin: bytes | None = None) -> Any:
+    result = services.run_cli(list(args), env, stdin=stdin)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout) if "--json" in args or args[0] in ("user", "mailbox") and \
+        args[1] == "add" else result.stdout
+
+
+def _mailbox(env: dict[str, str], server: Dovecot) -> int:
+    _cli(env, "user", "add", "--email", "bob@example.com")
+    return int(_cli(env, "mailbox", "add", "--owner", "bob@example.com", "--host", server.host,
+                    "--port", str(server.port), "--security", "none", "--username", "bob",
+                    "--password-stdin", stdin=b"pw\n")["id"])
+
+
+def test_the_scheduler_syncs_a_new_mailbox_without_being_asked(
+    env: dict[str, str], server: Dovecot, conn: db.Connection,
+    processes: services.ServiceProcesses,
+) -> None:
+    mailbox_id = _mailbox(env, server)
+    for service in ("scheduler", "fetcher", "persister", "notifier"):
+        processes.start(service)
+    done = services.eventually(lambda: conn.execute(
+        "SELECT status, requested_by FROM sync_runs WHERE mailbox_id = %s AND status = 'done'",
+        (mailbox_id,)).fetchall(), timeout=60)
+    processes.assert_running()
+    assert done == [{"status": "done", "requested_by": "scheduler"}], processes.logs()
+    subjects = [m["subject"] for m in _cli(env, "messages", "list", "--mailbox", str(mailbox_id),
+                                           "--json")]
+    assert subjects == ["first"]
+
+
+def test_enabling_a_folder_brings_its_mail_at_the_next_sync(
+    env: dict[str, str], server: Dovecot, processes: services.ServiceProcesses,
+) -> None:
+    mailbox_id = _mailbox(env, server)
+    processes.start("fetcher")
+    processes.start("persister")
+    _cli(env, "sync", "--mailbox", str(mailbox_id), "--wait", "--json")
+    folders = {f["name"]: f for f in _cli(env, "mailbox", "folders", str(mailbox_id), "--json")}
+    assert (folders["INBOX"]["sync_enabled"], folders["Archive"]["sync_enabled"]) == (True, False)
+
+    _cli(env, "mailbox", "folders", str(mailbox_id), "--enable", "Archive", "--json")
+    _cli(env, "sync", "--mailbox", str(mailbox_id), "--wait", "--json")
+    listed = _cli(env, "messages", "list", "--mailbox", str(mailbox_id), "--json")
+    assert sorted((m["folder"], m["subject"]) for m in listed) == [
+        ("Archive", "archived"), ("INBOX", "first")]
+
+    archived = _cli(env, "messages", "list", "--mailbox", str(mailbox_id), "--folder", "Archive",
+                    "--json")
+    raw = services.run_cli(["messages", "raw", str(archived[0]["id"])], env).stdout
+    assert raw == b"Subject: archived\r\nMessage-ID: <2@x>\r\n\r\nold\r\n"
+    assert hashlib.sha256(raw).hexdigest() == archived[0]["sha256"]
+
+
+def test_enabling_an_unknown_folder_is_a_clear_error(env: dict[str, str], server: Dovecot) -> None:
+    mailbox_id = _mailbox(env, server)
+    result = services.run_cli(["mailbox", "folders", str(mailbox_id), "--enable", "Nope"], env)
+    assert result.returncode == 2
+    assert "has no selectable folder 'Nope'" in result.stderr.decode()
+
+
+def test_a_second_sync_of_an_unchanged_mailbox_fetches_nothing_new(
+    env: dict[str, str], server: Dovecot, conn: db.Connection,
+    processes: services.ServiceProcesses,
+) -> None:
+    mailbox_id = _mailbox(env, server)
+    processes.start("fetcher")
+    processes.start("persister")
+    first = _cli(env, "sync", "--mailbox", str(mailbox_id), "--wait", "--json")
+    second = _cli(env, "sync", "--mailbox", str(mailbox_id), "--wait", "--json")
+    assert [r["messages_stored"] for r in first + second] == [1, 0]
+    with server.session("bob") as imap:
+        imap.append("INBOX", b"Subject: second\r\n\r\nnew\r\n")
+    third = _cli(env, "sync", "--mailbox", str(mailbox_id), "--wait", "--json")
+    assert third[0]["messages_stored"] == 1
+    status = _cli(env, "status", "--json")
+    assert (status["messages"], status["runs"]) == (2, {"done": 3})
+    assert status["queues"]["mailferry.persister.events"] == 0
+
+
+def test_unknown_ids_and_missing_arguments_exit_with_usage_errors(env: dict[str, str]) -> None:
+    assert services.run_cli(["mailbox", "check", "999"], env).returncode == 2
+    assert services.run_cli(["messages", "raw", "999"], env).returncode == 2
+    assert services.run_cli(["sync"], env).returncode == 2
+    unreachable = {**env, "MAILFERRY_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}
+    result = services.run_cli(["mailbox", "list"], unreachable)
+    assert result.returncode == 4
+    assert result.stderr.decode().startswith("mailferry: error: cannot connect to PostgreSQL")
