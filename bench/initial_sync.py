@@ -305,6 +305,77 @@ def machine() -> dict[str, Any]:
             "load_1min": load}
 
 
+class CpuAccount:
+    """CPU seconds spent by every process on the machine during the sync, grouped by program.
+
+    On a small machine the pipeline's parts compete for the same cores: the services, but also
+    PostgreSQL's backend, RabbitMQ (beam.smp, which writes every event to its quorum log) and
+    Dovecot's imap process. Knowing who burns the cores says whether more workers can help
+    (idle cores) or only less work per message can (saturated cores).
+    """
+
+    def __init__(self, names: dict[int, str], interval: float = 0.5) -> None:
+        self.names = names  # pid -> service name, for our own processes
+        self.interval = interval
+        self._start: dict[int, tuple[str, int]] = {}
+        self._last: dict[int, tuple[str, int]] = {}
+        self._busy_start = (0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu", daemon=True)
+
+    def _run(self) -> None:
+        # Processes that end during the sync (Dovecot's imap process exits when the fetcher
+        # logs out) are only seen by a sample taken while they lived.
+        while not self._stop.wait(self.interval):
+            self._last.update(self._processes())
+
+    @staticmethod
+    def _processes() -> dict[int, tuple[str, int]]:
+        out: dict[int, tuple[str, int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            comm = text[text.index("(") + 1:text.rindex(")")]
+            fields = text[text.rindex(")") + 2:].split()
+            out[int(stat.parent.name)] = (comm, int(fields[11]) + int(fields[12]))
+        return out
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        """(busy, total) jiffies of all CPUs since boot."""
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    def start(self) -> None:
+        self._start = self._processes()
+        self._busy_start = self._machine()
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        end = {**self._last, **self._processes()}
+        busy, total = self._machine()
+        tick = os.sysconf("SC_CLK_TCK")
+        by_program: dict[str, float] = {}
+        for pid, (comm, ticks) in end.items():
+            before = self._start.get(pid)
+            used = ticks - (before[1] if before and before[0] == comm else 0)
+            if used > 0:
+                name = self.names.get(pid) or comm.split("/", 1)[0]  # kworker/u8:2 -> kworker
+                by_program[name] = by_program.get(name, 0.0) + used / tick
+        top = dict(sorted(by_program.items(), key=lambda kv: -kv[1])[:10])
+        window = total - self._busy_start[1]
+        return {
+            "by_program": {k: round(v, 2) for k, v in top.items()},
+            "machine_busy_percent": round(100 * (busy - self._busy_start[0]) / window, 1)
+            if window else None,
+        }
+
+
 class QueueSampler:
     """Samples the persister queue's backlog and the run's stored count while the sync runs.
 
@@ -556,12 +627,15 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
                 profiler.start(_service_pids(processes))
             os.sync()  # the 330 MB just written to the Maildir must not be flushed meanwhile
             print(f"services consuming; syncing mailbox {mailbox_id} ...", flush=True)
+            account = CpuAccount({pid: key for key, pid in _service_pids(processes).items()})
             with QueueSampler(broker_url, database_url, mailbox_id) as sampler:
+                account.start()
                 started = time.monotonic()
                 synced = services.run_cli(
                     ["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout",
                      str(args.timeout), "--json"], env, timeout=args.timeout + 60)
                 cli_seconds = time.monotonic() - started
+                result["cpu_during_sync"] = account.stop()
             if profiler:
                 result["profile_seconds"] = profiler.stop()
             result["memory_mb"], result["cpu_seconds"] = {}, {}
@@ -776,6 +850,7 @@ def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: Corpus, fi
         "cpu_seconds": pipeline["cpu_seconds"],
         "pipeline_ok": pipeline["ok"],
     }
+    summary["cpu_during_sync"] = pipeline["cpu_during_sync"]
     for key in ("fetcher_seconds", "persister_busy_seconds", "profile_seconds"):
         if key in pipeline:
             summary[key] = pipeline[key]
@@ -825,6 +900,9 @@ def print_report(s: dict[str, Any], timeline: list[tuple[float, int, int]]) -> N
           f"database {s['database_mb']} MB -> {'OK' if s['pipeline_ok'] else 'WRONG'}")
     print("peak memory    " + ", ".join(f"{k} {v} MB" for k, v in s["peak_memory_mb"].items()))
     print("CPU time       " + ", ".join(f"{k} {v} s" for k, v in s["cpu_seconds"].items()))
+    during = s["cpu_during_sync"]
+    print(f"CPU in sync    machine {during['machine_busy_percent']}% busy; seconds by program: "
+          + ", ".join(f"{k} {v}" for k, v in during["by_program"].items()))
     print(f"backlog        persister queue peaked at {s['persister_peak_backlog']} events")
     if "fetcher_seconds" in s:
         print(f"fetcher        sync.fetched after {s['fetcher_seconds']} s")

@@ -62,6 +62,7 @@ from tests.support.dovecot import Dovecot, DovecotError, MaildirMessage  # noqa:
 DEMO_DIR = REPO / ".demo"
 SECRET_KEY_FILE = DEMO_DIR / "secret_key"
 SERVICES_LOG = DEMO_DIR / "services.log"
+SERVICES_PID_FILE = DEMO_DIR / "services.pid"
 LOCK_FILE = DEMO_DIR / "demo.lock"
 DOVECOT_DIR = DEMO_DIR / "dovecot"
 
@@ -240,23 +241,49 @@ def single_instance() -> Iterator[None]:
         yield
 
 
-def stop_leftover_dovecot() -> None:
-    """A demo killed with SIGKILL leaves its Dovecot running; stop that one (and only that one:
-    the pid file must belong to a process started with our configuration file)."""
-    pid_file = DOVECOT_DIR / "run" / "master.pid"
-    try:
-        pid = int(pid_file.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except (OSError, ValueError):
-        return
-    if str(DOVECOT_DIR / "dovecot.conf") not in cmdline:
-        return
-    note(f"stopping the Dovecot left over by an earlier demo (pid {pid})")
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+def stop_leftovers() -> None:
+    """A demo killed with SIGKILL leaves its services and its Dovecot running: the services would
+    join the next demo's fresh database and vhost, and the Dovecot would lose its files. Stop
+    them, and only them: a process counts as the demo's when its pid file says so and its
+    command line (and, for the services, its broker URL) matches what the demo starts."""
+    found = _demo_processes()
+    if found:
+        step(f"stopping what an earlier demo left running (pids {', '.join(map(str, found))})")
+    for pid in found:  # the supervisor first: its children then stop with it
+        if not Path(f"/proc/{pid}").exists():
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 75  # the supervisor gives its children 60 s
+        while Path(f"/proc/{pid}").exists():
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+    SERVICES_PID_FILE.unlink(missing_ok=True)
+
+
+def _demo_processes() -> list[int]:
+    def read(path: Path) -> str:
+        try:
+            return path.read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
+    found = []
+    dovecot = read(DOVECOT_DIR / "run" / "master.pid").strip()
+    if dovecot.isdigit() and str(DOVECOT_DIR / "dovecot.conf") in read(Path(f"/proc/{dovecot}/cmdline")):
+        found.append(int(dovecot))
+    services = read(SERVICES_PID_FILE).strip()
+    # The supervisor, or its children if it was killed too (same process group: its own).
+    for proc in Path("/proc").glob("[0-9]*") if services.isdigit() else ():
+        stat = read(proc / "stat").rsplit(")", 1)[-1].split()
+        if (len(stat) > 2 and stat[2] == services
+                and "services.cli.main" in read(proc / "cmdline")
+                and f"/{VHOST}\0" in read(proc / "environ")):
+            found.append(int(proc.name))
+    return sorted(found, key=lambda pid: str(pid) != services)  # the supervisor first
 
 
 # --- generated mail -------------------------------------------------------------------------------
@@ -345,7 +372,6 @@ def mail_for(rng: random.Random, folder: str, recent: int, old: int,
 
 
 def start_dovecot(stack: contextlib.ExitStack) -> Dovecot:
-    stop_leftover_dovecot()
     shutil.rmtree(DOVECOT_DIR, ignore_errors=True)  # fresh mail: UIDs start at 1 again
     try:
         server = stack.enter_context(Dovecot(DOVECOT_DIR))
@@ -427,6 +453,7 @@ class Demo:
             cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
+        SERVICES_PID_FILE.write_text(f"{self.supervisor.pid}\n")
 
     def wait_for_consumers(self, timeout: float = 90.0) -> None:
         """Until every work queue has its consumers: then the services are really up.
@@ -475,6 +502,7 @@ class Demo:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             code = process.wait()
+        SERVICES_PID_FILE.unlink(missing_ok=True)
         note(f"supervisor exited with {code}")
 
 
@@ -543,14 +571,16 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     started = time.monotonic()
     DEMO_DIR.mkdir(exist_ok=True)
     stack.enter_context(single_instance())
+    stop_leftovers()
 
     step("checking PostgreSQL and RabbitMQ")
     database = Database.from_environment()
-    ignored = sorted(k for k in os.environ if k.startswith("MAILFERRY_"))
+    if "MAILFERRY_DATABASE_URL" in os.environ:
+        note(f"using the server of MAILFERRY_DATABASE_URL (the database is always {DATABASE})")
+    ignored = sorted(k for k in os.environ
+                     if k.startswith("MAILFERRY_") and k != "MAILFERRY_DATABASE_URL")
     if ignored:
-        note(f"ignoring {', '.join(ignored)} from your shell (the demo uses its own settings"
-             + ("; only the server of MAILFERRY_DATABASE_URL is kept)" if
-                "MAILFERRY_DATABASE_URL" in ignored else ")"))
+        note(f"ignoring {', '.join(ignored)} from your shell: the demo uses its own settings")
     check_postgres(database)
     check_rabbitmq()
 

@@ -29,8 +29,8 @@ def server(tmp_path: Path) -> Iterator[Dovecot]:
 def _cli(env: dict[str, str], *args: str, stdin: bytes | None = None) -> Any:
     result = services.run_cli(list(args), env, stdin=stdin)
     assert result.returncode == 0, result.stderr.decode()
-    return json.loads(result.stdout) if "--json" in args or args[0] in ("user", "mailbox") and \
-        args[1] == "add" else result.stdout
+    return json.loads(result.stdout) if "--json" in args or (args[0] in ("user", "mailbox") and \
+        args[1] == "add") else result.stdout
 
 
 def _mailbox(env: dict[str, str], server: Dovecot) -> int:

@@ -59,7 +59,7 @@ def test_starttls_is_refused_rather_than_downgraded_when_the_server_lacks_it(
 
 
 def test_implicit_tls_against_a_plain_port_says_so(plain_server: Dovecot) -> None:
-    with pytest.raises((ImapTlsError, ImapConnectionError), match="TLS|greeting"):
+    with pytest.raises((ImapTlsError, ImapConnectionError), match=r"TLS|greeting"):
         _logs_in(_config(plain_server, "ssl"))
 
 

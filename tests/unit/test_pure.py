@@ -53,7 +53,7 @@ def test_modified_utf7_folder_names_are_decoded_for_display_and_kept_raw() -> No
 
 
 def test_a_server_sending_raw_utf8_folder_names_gets_them_shown_as_utf8() -> None:
-    name, raw = decode_folder_name("Été".encode())
+    name, _raw = decode_folder_name("Été".encode())
     assert name == "Été"
 
 
