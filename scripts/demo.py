@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -53,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
+from cryptography.fernet import Fernet  # noqa: E402
 from kombu.connection import Connection  # noqa: E402
 
 from shared.crypto import generate_key  # noqa: E402
@@ -215,10 +217,10 @@ def recreate_vhost() -> str:
 
 def secret_key() -> tuple[str, bool]:
     """The session's Fernet key, kept in .demo/secret_key so exports pasted earlier stay valid."""
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, ValueError):  # ValueError: not a Fernet key
         existing = SECRET_KEY_FILE.read_text().strip()
-        if existing:
-            return existing, True
+        Fernet(existing)
+        return existing, True
     key = generate_key()
     SECRET_KEY_FILE.touch(mode=0o600)
     SECRET_KEY_FILE.write_text(key + "\n")
@@ -542,10 +544,12 @@ def run_seconds(database_url: str, mailbox_id: int) -> float:
 
 
 def log_tail(lines: int = 15) -> str:
+    """The end of services.log for an error message, without the console renderer's colours."""
     try:
         text = SERVICES_LOG.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
         return ""
+    text = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in text]
     return "    --- last lines of the services' log ---\n" + "\n".join(f"    {t}" for t in text)
 
 

@@ -1,8 +1,8 @@
 """Passwords at rest: Fernet (AES-128-CBC + HMAC-SHA256) from the ``cryptography`` package.
 
 MAILFERRY_SECRET_KEY holds one or more Fernet keys separated by commas. The first encrypts; all
-decrypt, so a key can be rotated in by putting the new key first, re-encrypting
-(``mailferry keys rotate``), then dropping the old one.
+decrypt, so a key can be rotated in by putting the new key first, re-encrypting the stored
+passwords (:meth:`PasswordBox.rotate`), then dropping the old one.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ database locked (yoyo's own lock row can go stale that way, so it is cleared und
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,19 @@ def migrate(url: str) -> list[str]:
             return applied
         finally:
             lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def migrate_when_ready(url: str, timeout: float = 120.0) -> list[str]:
+    """Migrate, waiting for PostgreSQL to accept connections (it may still be starting, as in
+    docker-compose)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return migrate(url)
+        except DatabaseUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def pending_migrations(url: str) -> list[str]:

@@ -44,7 +44,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", service: str | Non
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
         structlog.processors.format_exc_info if not pretty else structlog.dev.set_exc_info,
-        structlog.dev.ConsoleRenderer() if pretty else structlog.processors.JSONRenderer(),
+        (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if pretty
+         else structlog.processors.JSONRenderer()),
     ]
     structlog.configure(
         processors=processors,

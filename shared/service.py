@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Callable
 
 import structlog
@@ -12,7 +11,6 @@ import structlog
 from shared import db
 from shared.broker import Handler, Publisher, Worker
 from shared.config import Settings
-from shared.errors import DatabaseUnavailable
 from shared.logging import configure_logging
 from shared.messages import AnyMessage
 from shared.topology import WorkQueue
@@ -27,16 +25,7 @@ def worker_id(service: str) -> str:
 def start(settings: Settings, service: str) -> None:
     """Logging, then the schema (waiting for PostgreSQL to come up, as in docker-compose)."""
     configure_logging(settings.log_level, settings.log_format, service=service)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            applied = db.migrate(settings.database_url)
-            break
-        except DatabaseUnavailable as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("database.waiting", error=str(exc))
-            time.sleep(2)
+    applied = db.migrate_when_ready(settings.database_url)
     log.info("service.starting", worker=worker_id(service), migrations_applied=applied)
 
 

@@ -122,9 +122,10 @@ def db_group() -> None:
 
 @db_group.command("upgrade")
 def db_upgrade() -> None:
-    """Apply pending migrations (safe while services run or start)."""
+    """Apply pending migrations (safe while services run or start; waits up to 2 minutes for
+    PostgreSQL to come up)."""
     settings = _settings()
-    applied = db.migrate(settings.database_url)
+    applied = db.migrate_when_ready(settings.database_url)
     click.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else
                                                           "; the schema is up to date"))
 
@@ -294,7 +295,7 @@ def mailbox_check(mailbox_id: int, as_json: bool) -> None:
         return
     click.echo(f"ok: logged in to {config.address} ({config.security}) as {config.username} "
                f"in {result['seconds']}s")
-    for f in folders:
+    for f in sorted(folders, key=lambda f: (f.type != "inbox", f.name.casefold())):
         depth = f.name.count(f.delimiter) if f.delimiter else 0
         leaf = f.name.rsplit(f.delimiter, 1)[-1] if f.delimiter else f.name
         notes: list[str] = [f.type] if f.type != "other" else []
@@ -345,8 +346,8 @@ def mailbox_folders(mailbox_id: int, enable: tuple[str, ...], disable: tuple[str
     if as_json:
         _json(rows)
     else:
-        _table(rows, ["name", "type", "sync_enabled", "messages", "last_synced_at", "gone_at",
-                      "last_error"])
+        _table(rows, ["name", "type", "selectable", "sync_enabled", "messages", "last_synced_at",
+                      "gone_at", "last_error"])
 
 
 # --- sync -------------------------------------------------------------------------------------

@@ -252,7 +252,8 @@ def _fetch_bodies(client: IMAPClient, uids: list[int], meta: dict[int, dict[byte
     out: list[FetchedMessage] = []
     for uid in uids:
         info = meta[uid]
-        flags = tuple(_flag(f) for f in info.get(b"FLAGS", ()))
+        # \Recent belongs to one IMAP session (RFC 3501 section 2.3.2): not a stored fact.
+        flags = tuple(f for f in map(_flag, info.get(b"FLAGS", ())) if f.lower() != "\\recent")
         internal = info.get(b"INTERNALDATE")
         declared = int(info.get(b"RFC822.SIZE", 0))
         if uid not in small:
