@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -90,6 +89,8 @@ class Publisher:
     ) -> None:
         for attempt in (1, 2):
             producer = self._ensure()
+            assert self._conn is not None
+            recoverable = (OSError, *self._conn.connection_errors, *self._conn.channel_errors)
             try:
                 producer.publish(
                     body,
@@ -104,7 +105,7 @@ class Publisher:
                     retry_policy=RETRY_POLICY,
                 )
                 return
-            except (TimeoutError, OSError, *Connection().connection_errors) as exc:
+            except recoverable as exc:
                 self.close()
                 if attempt == 2:
                     raise BrokerUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
@@ -141,6 +142,7 @@ class Worker(ConsumerMixin):
         self.publisher = publisher
         self.retry_delays = tuple(retry_delays)
         self.prefetch = prefetch
+        self._base_context = structlog.contextvars.get_contextvars()  # e.g. the service name
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
         topology.declare(channel, self.retry_delays)
@@ -160,6 +162,7 @@ class Worker(ConsumerMixin):
         headers = message.headers or {}
         attempt = int(headers.get(ATTEMPT_HEADER, 0))
         structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**self._base_context)
         try:
             decoded = messages.decode(message.body)
         except ValidationError as exc:
@@ -236,18 +239,3 @@ def _own_headers(message: Message) -> dict[str, Any]:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:500] or type(exc).__name__
-
-
-def wait_for_broker(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        conn = connect(url)
-        try:
-            conn.ensure_connection(max_retries=1)
-            return
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                raise BrokerUnavailable(f"cannot reach RabbitMQ at {url}: {exc}") from exc
-            time.sleep(1)
-        finally:
-            conn.release()

@@ -18,7 +18,7 @@ import psycopg
 from psycopg.rows import dict_row
 from yoyo import get_backend, read_migrations
 
-from shared.errors import DatabaseUnavailable
+from shared.errors import ConfigError, DatabaseUnavailable
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x6D61696C66  # "mailf"
@@ -30,7 +30,13 @@ def connect(url: str, *, autocommit: bool = False) -> Connection:
     try:
         return psycopg.connect(url, row_factory=dict_row, autocommit=autocommit, connect_timeout=10)
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {_first_line(exc)}") from exc
+        reason = _first_line(exc)
+        if "does not exist" in reason or "authentication failed" in reason:
+            # Waiting will not help: the configuration is wrong.
+            raise ConfigError(f"cannot use PostgreSQL: {reason.split('FATAL:')[-1].strip()}; "
+                              "check MAILFERRY_DATABASE_URL (create the database with "
+                              "`createdb` first)") from exc
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {reason}") from exc
 
 
 @contextmanager
