@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,3 +116,29 @@ def test_unknown_ids_and_missing_arguments_exit_with_usage_errors(env: dict[str,
     result = services.run_cli(["mailbox", "list"], unreachable)
     assert result.returncode == 4
     assert result.stderr.decode().startswith("mailferry: error: cannot connect to PostgreSQL")
+
+
+def test_a_40_mb_message_arrives_byte_for_byte_beside_small_ones(
+    env: dict[str, str], server: Dovecot, processes: services.ServiceProcesses,
+) -> None:
+    attachment = base64.encodebytes(random.Random(40).randbytes(30 * 1024 * 1024))
+    big = (b"Subject: big\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n"
+           b"\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b\r\n"
+           b"Content-Type: application/octet-stream; name=big.bin\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\n"
+           + attachment.replace(b"\n", b"\r\n") + b"--b--\r\n")
+    assert len(big) > 40 * 1024 * 1024
+    with server.session("bob") as imap:
+        imap.append("INBOX", big)
+        for i in range(20):
+            imap.append("INBOX", f"Subject: small {i}\r\n\r\nhi\r\n".encode())
+    mailbox_id = _mailbox(env, server)
+    processes.env["MAILFERRY_BATCH_MAX_BYTES"] = str(64 * 1024)
+    processes.start("fetcher")
+    processes.start("persister")
+    _cli(env, "sync", "--mailbox", str(mailbox_id), "--wait", "--json")
+    listed = {m["subject"]: m for m in _cli(env, "messages", "list", "--mailbox", str(mailbox_id),
+                                            "--json")}
+    assert len(listed) == 22
+    assert listed["big"]["sha256"] == hashlib.sha256(big).hexdigest()
+    assert listed["big"]["size"] == len(big)
