@@ -707,7 +707,7 @@ RabbitMQ management UI: {MANAGEMENT_UI} (guest / guest), vhost {VHOST}
   queues: {queues},
   each with its .dead-letter and .retry-<delay> queues; exchanges mailferry.commands and
   mailferry.events.
-Logs: services {SERVICES_LOG}  (tail -f, or less -R: it is coloured)
+Logs: services {SERVICES_LOG}  (tail -f)
       Dovecot  {DOVECOT_DIR / 'dovecot.log'}
 IMAP: {imap_address}, user {IMAP_USER!r} / password {IMAP_PASSWORD!r}, no TLS: point a mail
       client at it, move or add mail, then `mailferry sync --mailbox {mailbox_id} --wait`.""")
