@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What `make test` and `make demo` need beyond the Python packages, on a Debian machine with
 # PostgreSQL and RabbitMQ running: Dovecot (the IMAP server of tests and demo) and RabbitMQ's
-# management plugin (its HTTP API creates the tests' private vhosts; its UI is how operators watch).
+# management plugin (its HTTP API creates the tests' private vhosts; its UI is how operators watch)
+# and Web-STOMP plugin (real-time notifications).
 set -euo pipefail
 
 SUDO=""
@@ -19,11 +20,15 @@ if [ "${WITH_MBSYNC:-0}" = "1" ] && ! command -v mbsync >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq isync >/dev/null
 fi
 
+# Web-STOMP carries real-time notifications to browsers (it brings the STOMP plugin with it).
 if command -v rabbitmq-plugins >/dev/null 2>&1; then
-    if ! rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_management; then
-        echo "enabling RabbitMQ's management plugin..."
-        $SUDO rabbitmq-plugins enable rabbitmq_management >/dev/null
-    fi
+    enabled=$(rabbitmq-plugins list -e -m 2>/dev/null || true)
+    for plugin in rabbitmq_management rabbitmq_web_stomp; do
+        if ! grep -qx "$plugin" <<<"$enabled"; then
+            echo "enabling RabbitMQ's $plugin plugin..."
+            $SUDO rabbitmq-plugins enable "$plugin" >/dev/null
+        fi
+    done
 fi
 
 # Wait for the management API (it starts a few seconds after the plugin is enabled).

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,7 +120,16 @@ class Publisher:
         self._producer = None
 
 
-Handler = Callable[[messages.AnyMessage], None]
+@dataclass(frozen=True)
+class Delivery:
+    """Which try this is: a handler may act differently on the last one (e.g. record a
+    transient failure as final instead of asking for another retry)."""
+
+    attempt: int  # 0 for the first delivery
+    last: bool  # no retry follows if this one fails
+
+
+Handler = Callable[[messages.AnyMessage, Delivery], None]
 
 
 class Worker(ConsumerMixin):
@@ -134,7 +145,12 @@ class Worker(ConsumerMixin):
         retry_delays: Sequence[float],
         prefetch: int = 1,
         on_dead_letter: Callable[[messages.AnyMessage, str], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        tick_seconds: float = 15.0,
     ) -> None:
+        self.on_tick = on_tick
+        self.tick_seconds = tick_seconds
+        self._next_tick = 0.0
         self.connection = connect(url)
         self.on_dead_letter = on_dead_letter
         self.work = work
@@ -155,6 +171,17 @@ class Worker(ConsumerMixin):
             )
         ]
 
+    def on_iteration(self) -> None:
+        """Called by the consume loop about once a second: runs ``on_tick`` on its schedule, in
+        the consuming thread (so never at the same time as a handler)."""
+        if self.on_tick is None or time.monotonic() < self._next_tick:
+            return
+        self._next_tick = time.monotonic() + self.tick_seconds
+        try:
+            self.on_tick()
+        except Exception:
+            log.exception("worker.tick_failed")
+
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         log.warning("broker.connection_lost", error=str(exc), retry_in=interval)
 
@@ -169,7 +196,7 @@ class Worker(ConsumerMixin):
             self._dead_letter(message, f"malformed message: {_one_line(exc)}", attempt)
             return
         try:
-            self.handler(decoded)
+            self.handler(decoded, Delivery(attempt, attempt >= len(self.retry_delays)))
         except PermanentError as exc:
             self._dead_letter(message, f"{type(exc).__name__}: {exc}", attempt, decoded)
         except Exception as exc:

@@ -41,6 +41,16 @@ class Settings(BaseSettings):
     persister_prefetch: int = Field(default=4, ge=1)
     retry_delays: Annotated[tuple[float, ...], NoDecode] = (5.0, 30.0, 120.0, 600.0)
 
+    # Notifications of invalid credentials (the notifier).
+    realtime: bool = False  # publish to the mailferry.notifications exchange (Web-STOMP)
+    smtp_url: SecretStr | None = None  # smtp://, smtp+starttls:// or smtps://[user:pass@]host[:port]
+    smtp_from: str = "mailferry@localhost"
+    smtp_ca_file: Path | None = None
+    smtp_timeout: float = Field(default=30.0, gt=0)
+    notify_reminder: float = Field(default=24 * 3600.0, gt=0, description="seconds")
+    notifier_tick: float = Field(default=15.0, gt=0, description="seconds between retry passes")
+    notify_retry_base: float = Field(default=30.0, gt=0, description="first retry of a channel")
+
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = "info"
 

@@ -25,6 +25,7 @@ class Mailbox:
     first_sync_days: int | None
     initial_folders: list[str] | None
     credentials_invalid_at: datetime | None
+    last_error_kind: str | None
 
     def imap_config(self, box: PasswordBox, *, timeout: float, ca_file: Path | None) -> ImapConfig:
         return ImapConfig(
@@ -39,7 +40,7 @@ class Mailbox:
 
 
 _MAILBOX_COLUMNS = """id, owner_id, name, host, port, security, username, password_encrypted,
-    sync_enabled, first_sync_days, initial_folders, credentials_invalid_at"""
+    sync_enabled, first_sync_days, initial_folders, credentials_invalid_at, last_error_kind"""
 
 
 def get_mailbox(conn: Connection, mailbox_id: int) -> Mailbox | None:

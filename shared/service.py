@@ -31,9 +31,12 @@ def start(settings: Settings, service: str) -> None:
 
 def run_worker(settings: Settings, work: WorkQueue, handler: Handler, publisher: Publisher,
                prefetch: int = 1,
-               on_dead_letter: Callable[[AnyMessage, str], None] | None = None) -> None:
+               on_dead_letter: Callable[[AnyMessage, str], None] | None = None,
+               on_tick: Callable[[], None] | None = None, tick_seconds: float = 15.0) -> None:
     worker = Worker(
         on_dead_letter=on_dead_letter,
+        on_tick=on_tick,
+        tick_seconds=tick_seconds,
         url=settings.broker_url,
         work=work,
         handler=handler,

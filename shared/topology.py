@@ -26,6 +26,10 @@ COMMANDS = Exchange("mailferry.commands", type="direct", durable=True)
 EVENTS = Exchange("mailferry.events", type="topic", durable=True)
 DEAD_LETTER = Exchange("mailferry.dead-letter", type="direct", durable=True)
 DEFAULT = Exchange("", type="direct")  # routes by queue name: retries and replays
+# Real-time notifications for people, routing key ``user.<user id>``: a browser subscribes to
+# its own key through Web-STOMP (``/exchange/mailferry.notifications/user.42``); RabbitMQ topic
+# permissions keep each user to their own key (see the README).
+NOTIFICATIONS = Exchange("mailferry.notifications", type="topic", durable=True)
 
 DELIVERY_LIMIT = 10
 
@@ -96,7 +100,7 @@ WORK_QUEUES = (FETCHER, PERSISTER, NOTIFIER)
 
 def declare(channel: Any, retry_delays: Sequence[float]) -> None:
     """Declare the whole topology (idempotent); every process does it before it publishes."""
-    for exchange in (COMMANDS, EVENTS, DEAD_LETTER):
+    for exchange in (COMMANDS, EVENTS, DEAD_LETTER, NOTIFICATIONS):
         exchange(channel).declare()
     for work in WORK_QUEUES:
         queue = work.queue()(channel)
@@ -106,6 +110,10 @@ def declare(channel: Any, retry_delays: Sequence[float]) -> None:
         work.dead_letter_queue()(channel).declare()
         for delay in retry_delays:
             work.retry_queue(delay)(channel).declare()
+
+
+def user_routing_key(user_id: int) -> str:
+    return f"user.{user_id}"
 
 
 def _delay_label(delay: float) -> str:

@@ -56,6 +56,8 @@ def env(database_url: str, vhost: tuple[str, str], secret_key: str) -> dict[str,
         "MAILFERRY_SCHEDULER_TICK": "1",
         "MAILFERRY_RETRY_DELAYS": "1,2,4",
         "MAILFERRY_LEASE_SECONDS": "10",
+        "MAILFERRY_NOTIFIER_TICK": "0.5",
+        "MAILFERRY_NOTIFY_RETRY_BASE": "1",
     }
 
 

@@ -233,6 +233,60 @@ def mailbox_add(owner: str | None, system: bool, host: str, port: int, security:
     _json({"id": row["id"]})
 
 
+@mailbox_group.command("update")
+@click.argument("mailbox_id", type=int)
+@click.option("--host")
+@click.option("--port", type=click.IntRange(1, 65535))
+@click.option("--security", type=click.Choice(["ssl", "starttls", "none"]))
+@click.option("--username")
+@click.option("--password-stdin", is_flag=True, help="read the new password from standard input")
+@click.option("--name")
+@click.option("--sync/--no-sync", "sync_enabled", default=None, help="enable or disable its sync")
+@click.option("--first-sync-days", type=click.IntRange(min=1))
+def mailbox_update(mailbox_id: int, host: str | None, port: int | None, security: str | None,
+                   username: str | None, password_stdin: bool, name: str | None,
+                   sync_enabled: bool | None, first_sync_days: int | None) -> None:
+    """Change a mailbox's settings; prints {"id": ..., "run_id": ...}.
+
+    New connection settings clear the "credentials invalid" state and trigger a sync at once.
+    """
+    from shared.broker import Publisher
+    from shared.sync_requests import request_syncs
+
+    settings = _settings()
+    conn = _conn(settings)
+    _mailbox(conn, mailbox_id)
+    changes: dict[str, Any] = {"host": host, "port": port, "security": security,
+                               "username": username, "name": name,
+                               "sync_enabled": sync_enabled, "first_sync_days": first_sync_days}
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise click.UsageError("no password on standard input")
+        changes["password_encrypted"] = PasswordBox(settings.secret_key).encrypt(password)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        raise click.UsageError("nothing to change")
+    reconnect = bool({"host", "port", "security", "username", "password_encrypted"} & set(changes))
+    assignments = ", ".join(f"{column} = %({column})s" for column in changes)
+    row = conn.execute(
+        f"""UPDATE mailboxes SET {assignments}, updated_at = now(),
+                   credentials_invalid_at = CASE WHEN %(reconnect)s THEN NULL
+                                                 ELSE credentials_invalid_at END
+             WHERE id = %(id)s RETURNING sync_enabled""",
+        {**changes, "reconnect": reconnect, "id": mailbox_id},
+    ).fetchone()
+    assert row is not None
+    run_id = None
+    if reconnect and row["sync_enabled"]:
+        publisher = Publisher(settings.broker_url, settings.retry_delays)
+        try:
+            run_id = request_syncs(conn, publisher.publish, [mailbox_id], requested_by="cli")[0].run_id
+        finally:
+            publisher.close()
+    _json({"id": mailbox_id, "run_id": run_id})
+
+
 _MAILBOX_LIST = """
 SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m.sync_enabled,
        m.last_sync_at, m.last_sync_status, m.last_error,
@@ -483,6 +537,47 @@ def messages_raw(message_id: int) -> None:
         raise NotFound(f"no message with id {message_id}")
     sys.stdout.buffer.write(bytes(row["data"]))
     sys.stdout.buffer.flush()
+
+
+# --- notifications ----------------------------------------------------------------------------
+
+
+@cli.group("notifications")
+def notifications_group() -> None:
+    """Notifications waiting for a person's next login."""
+
+
+def _print_notifications(items: list[Any], as_json: bool) -> None:
+    if as_json:
+        _json([n.model_dump() for n in items])
+        return
+    if not items:
+        click.echo("(none)")
+    for n in items:
+        click.echo(f"[{n.created_at:%Y-%m-%d %H:%M}] {n.title}\n  {n.body}")
+
+
+@notifications_group.command("list")
+@click.option("--user", "email", required=True, help="the person's email")
+@click.option("--all", "all_", is_flag=True, help="read ones too")
+@click.option("--json", "as_json", is_flag=True)
+def notifications_list(email: str, all_: bool, as_json: bool) -> None:
+    """Show the person's unread notifications (without marking them read)."""
+    from shared.notifications import list_notifications
+
+    _print_notifications(list_notifications(_conn(_settings()), email, unread_only=not all_),
+                         as_json)
+
+
+@notifications_group.command("pop")
+@click.option("--user", "email", required=True, help="the person's email")
+@click.option("--json", "as_json", is_flag=True)
+def notifications_pop(email: str, as_json: bool) -> None:
+    """Return the unread notifications and mark them read: what a host application calls when
+    the person logs in."""
+    from shared.notifications import pop_notifications
+
+    _print_notifications(pop_notifications(_conn(_settings()), email), as_json)
 
 
 # --- status -----------------------------------------------------------------------------------

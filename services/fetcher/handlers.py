@@ -20,11 +20,19 @@ from imapclient import IMAPClient
 
 from services.fetcher import lease as leases
 from shared import imap, repository
+from shared.broker import Delivery
 from shared.config import Settings
 from shared.crypto import PasswordBox
 from shared.db import Connection
 from shared.domain import enabled_on_discovery, first_sync_since
-from shared.errors import ConfigError, ImapAuthError, ImapConnectionError, ImapError, LeaseLost
+from shared.errors import (
+    ConfigError,
+    ImapAuthError,
+    ImapConnectionError,
+    ImapError,
+    LeaseLost,
+    TransientError,
+)
 from shared.messages import (
     AnyMessage,
     CredentialsInvalid,
@@ -57,7 +65,10 @@ class FetcherDeps:
     today: Callable[[], date] = lambda: datetime.now(UTC).date()
 
 
-def sync_mailbox(cmd: SyncMailbox, deps: FetcherDeps) -> None:
+def sync_mailbox(cmd: SyncMailbox, deps: FetcherDeps, delivery: Delivery | None = None) -> None:
+    """One attempt at one run. A transient fault before any folder work (refused, timed out,
+    [UNAVAILABLE]) is recorded on the run and raised, so the worker retries it after a delay;
+    on the last delivery it is recorded as the run's failure instead."""
     structlog.contextvars.bind_contextvars(mailbox_id=cmd.mailbox_id, run_id=str(cmd.run_id))
     started = time.monotonic()
     conn = deps.connection()
@@ -92,13 +103,23 @@ def sync_mailbox(cmd: SyncMailbox, deps: FetcherDeps) -> None:
             config = mailbox.imap_config(deps.passwords, timeout=s.imap_timeout,
                                          ca_file=s.imap_ca_file)
             with deps.imap_connect(config) as client:
-                if mailbox.credentials_invalid_at is not None:
+                if mailbox.credentials_invalid_at is not None or mailbox.last_error_kind == "auth":
                     deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=_now()))
                 totals = _sync_folders(cmd, deps, conn, client, config, mailbox, lease, event)
         except (ImapError, ConfigError) as exc:
             kind = exc.kind if isinstance(exc, ImapError) else "config"
+            if isinstance(exc, TransientError) and delivery is not None and not delivery.last:
+                conn.execute(
+                    """UPDATE sync_runs SET attempts = attempts + 1, error_kind = %s, error = %s
+                        WHERE id = %s""",
+                    (kind, str(exc), cmd.run_id),
+                )
+                log.warning("sync.retrying", error_kind=kind, error=str(exc),
+                            attempt=delivery.attempt + 1)
+                raise
             deps.publish(event(SyncFailed, error_kind=kind, error=str(exc), finished_at=_now()))
-            if isinstance(exc, ImapAuthError) and mailbox.credentials_invalid_at is None:
+            if isinstance(exc, ImapAuthError):
+                # Every refusal is told; the notifier tells people once per transition.
                 deps.publish(CredentialsInvalid(mailbox_id=mailbox.id, run_id=cmd.run_id,
                                                 error=str(exc), detected_at=_now()))
             log.warning("sync.failed", error_kind=kind, error=str(exc),

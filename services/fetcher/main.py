@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.fetcher.handlers import FetcherDeps, command_dead_lettered, sync_mailbox
 from shared import db, imap, topology
-from shared.broker import Publisher
+from shared.broker import Delivery, Publisher
 from shared.config import Settings
 from shared.crypto import PasswordBox
 from shared.messages import AnyMessage, SyncMailbox
@@ -23,9 +23,9 @@ def main(settings: Settings) -> None:
         fetcher_id=worker_id("fetcher"),
     )
 
-    def handle(message: AnyMessage) -> None:
+    def handle(message: AnyMessage, delivery: Delivery) -> None:
         if isinstance(message, SyncMailbox):
-            sync_mailbox(message, deps)
+            sync_mailbox(message, deps, delivery)
 
     run_worker(settings, topology.FETCHER, handle, publisher,
                on_dead_letter=lambda cmd, reason: command_dead_lettered(cmd, reason, deps))

@@ -1,10 +1,11 @@
-"""Wiring of the notifier: consume credential events."""
+"""Wiring of the notifier: consume credential events; on a timer, reminders and retries."""
 
 from __future__ import annotations
 
-from services.notifier.handlers import NotifierDeps, handle
+from services.notifier.channels import RealtimePublisher, SmtpSender
+from services.notifier.handlers import NotifierDeps, handle, tick
 from shared import db, topology
-from shared.broker import Publisher
+from shared.broker import Delivery, Publisher
 from shared.config import Settings
 from shared.messages import AnyMessage
 from shared.service import run_worker, start
@@ -12,10 +13,20 @@ from shared.service import run_worker, start
 
 def main(settings: Settings) -> None:
     start(settings, "notifier")
-    deps = NotifierDeps(connection=db.Reconnecting(settings.database_url))
+    publisher = Publisher(settings.broker_url, settings.retry_delays)
+    email = (SmtpSender(settings.smtp_url.get_secret_value(), settings.smtp_from,
+                        settings.smtp_timeout, settings.smtp_ca_file)
+             if settings.smtp_url else None)
+    deps = NotifierDeps(
+        connection=db.Reconnecting(settings.database_url),
+        reminder_seconds=settings.notify_reminder,
+        retry_base_seconds=settings.notify_retry_base,
+        send_email=email.send if email else None,
+        send_realtime=RealtimePublisher(publisher).send if settings.realtime else None,
+    )
 
-    def on_event(message: AnyMessage) -> None:
+    def on_event(message: AnyMessage, _delivery: Delivery) -> None:
         handle(message, deps)
 
-    run_worker(settings, topology.NOTIFIER, on_event,
-               Publisher(settings.broker_url, settings.retry_delays))
+    run_worker(settings, topology.NOTIFIER, on_event, publisher,
+               on_tick=lambda: tick(deps), tick_seconds=settings.notifier_tick)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.persister.handlers import PersisterDeps, event_dead_lettered, handle
 from shared import db, topology
-from shared.broker import Publisher
+from shared.broker import Delivery, Publisher
 from shared.config import Settings
 from shared.messages import AnyMessage
 from shared.service import run_worker, start
@@ -14,7 +14,7 @@ def main(settings: Settings) -> None:
     start(settings, "persister")
     deps = PersisterDeps(connection=db.Reconnecting(settings.database_url))
 
-    def on_event(message: AnyMessage) -> None:
+    def on_event(message: AnyMessage, _delivery: Delivery) -> None:
         handle(message, deps)
 
     run_worker(settings, topology.PERSISTER, on_event,

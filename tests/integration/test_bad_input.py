@@ -4,7 +4,6 @@ sync with nothing half-written."""
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,12 +21,6 @@ def server(tmp_path: Path) -> Iterator[Dovecot]:
         with dovecot.session("alice") as imap:
             imap.append("INBOX", b"Subject: hello\r\n\r\nhi\r\n")
         yield dovecot
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _add_mailbox(env: dict[str, str], host: str, port: int, password: str) -> int:
@@ -61,7 +54,7 @@ def test_check_with_a_wrong_password_says_the_login_was_refused(
 
 
 def test_check_of_a_closed_port_says_the_connection_was_refused(env: dict[str, str]) -> None:
-    port = _free_port()
+    port = services.free_port()
     mailbox_id = _add_mailbox(env, "127.0.0.1", port, "secret")
     result = services.run_cli(["mailbox", "check", str(mailbox_id)], env)
     assert result.returncode == 1
@@ -121,7 +114,7 @@ def test_a_sync_with_a_wrong_password_is_recorded_as_failed_and_writes_nothing(
 def test_a_sync_of_a_closed_port_is_recorded_as_a_connection_failure(
     env: dict[str, str], conn: db.Connection, processes: services.ServiceProcesses,
 ) -> None:
-    mailbox_id = _add_mailbox(env, "127.0.0.1", _free_port(), "secret")
+    mailbox_id = _add_mailbox(env, "127.0.0.1", services.free_port(), "secret")
     processes.start("fetcher")
     processes.start("persister")
     result = services.run_cli(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout", "60",

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from shared import messages, topology
-from shared.broker import ERROR_HEADER, Publisher, Worker, connect
+from shared.broker import ERROR_HEADER, Delivery, Publisher, Worker, connect
 from shared.config import Settings
 from shared.errors import PermanentError
 from tests.support import services
@@ -23,7 +23,8 @@ def _command() -> messages.SyncMailbox:
 
 
 @contextmanager
-def _worker(settings: Settings, handler: Callable[[messages.AnyMessage], None]) -> Iterator[Publisher]:
+def _worker(settings: Settings,
+            handler: Callable[[messages.AnyMessage, Delivery], None]) -> Iterator[Publisher]:
     publisher = Publisher(settings.broker_url, DELAYS)
     worker = Worker(url=settings.broker_url, work=topology.FETCHER, handler=handler,
                     publisher=publisher, retry_delays=DELAYS)
@@ -50,7 +51,7 @@ def test_a_handled_message_is_acked_and_leaves_the_queue(settings: Settings, vho
                                                          ) -> None:
     seen: list[messages.AnyMessage] = []
     command = _command()
-    with _worker(settings, seen.append) as publisher:
+    with _worker(settings, lambda m, _: seen.append(m)) as publisher:
         publisher.publish(command)
         assert services.eventually(lambda: seen)
     assert seen == [command]
@@ -66,7 +67,7 @@ def test_a_transient_failure_is_retried_after_a_delay_and_then_succeeds(
 ) -> None:
     attempts: list[messages.AnyMessage] = []
 
-    def flaky(message: messages.AnyMessage) -> None:
+    def flaky(message: messages.AnyMessage, _: Delivery) -> None:
         attempts.append(message)
         if len(attempts) < 3:
             raise ConnectionError("server away")
@@ -81,14 +82,14 @@ def test_a_transient_failure_is_retried_after_a_delay_and_then_succeeds(
 def test_a_message_that_keeps_failing_is_dead_lettered_with_its_reason(settings: Settings) -> None:
     calls: list[int] = []
 
-    def broken(_: messages.AnyMessage) -> None:
-        calls.append(1)
+    def broken(_: messages.AnyMessage, delivery: Delivery) -> None:
+        calls.append(delivery.attempt)
         raise RuntimeError("cannot do it")
 
     with _worker(settings, broken) as publisher:
         publisher.publish(_command())
         dead = services.eventually(lambda: _dead_letters(settings), timeout=15)
-    assert len(calls) == len(DELAYS) + 1
+    assert calls == [0, 1, 2]  # the last one knew it was the last
     [message] = dead
     assert message.headers[ERROR_HEADER] == "retries exhausted; last error: RuntimeError: cannot do it"
     assert message.properties["type"] == "SyncMailbox"
@@ -97,7 +98,7 @@ def test_a_message_that_keeps_failing_is_dead_lettered_with_its_reason(settings:
 def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> None:
     calls: list[int] = []
 
-    def refuses(_: messages.AnyMessage) -> None:
+    def refuses(_: messages.AnyMessage, __: Delivery) -> None:
         calls.append(1)
         raise PermanentError("mailbox settings are wrong")
 
@@ -110,7 +111,7 @@ def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> Non
 
 def test_a_malformed_message_is_dead_lettered_not_dropped(settings: Settings) -> None:
     handled: list[messages.AnyMessage] = []
-    with _worker(settings, handled.append) as publisher:
+    with _worker(settings, lambda m, _: handled.append(m)) as publisher:
         publisher.publish_raw(b'{"type": "SyncMailbox", "mailbox_id": "x"}',
                               exchange=topology.COMMANDS.name, routing_key="sync-mailbox",
                               type_="SyncMailbox")

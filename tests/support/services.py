@@ -140,3 +140,12 @@ def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for "connection refused" cases and late servers)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
