@@ -4,19 +4,24 @@ read their own routing key on ``mailferry.notifications`` and nobody else's, ove
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
+import websocket
 from amqp.exceptions import AccessRefused
 
+from services.notifier.channels import RealtimePublisher
 from shared import topology
-from shared.broker import connect
+from shared.broker import Publisher, connect
+from shared.config import Settings
 from tests.support import services
 
 STOMP_PORT = 61613
+WEB_STOMP_PORT = 15674
 
 
 def grant_own_notifications(vhost: str, rabbit_user: str, user_id: int) -> None:
@@ -94,3 +99,30 @@ def test_over_stomp_a_person_receives_their_own_key_and_is_refused_anothers(
     assert b"RECEIPT" in own and b"ERROR" not in own
     other = _stomp_subscribe(vhost[0], person, "/exchange/mailferry.notifications/user.43")
     assert b"ERROR" in other and b"access_refused" in other.lower().replace(b" ", b"_")
+
+
+def test_over_web_stomp_a_person_receives_the_notifications_published_for_them(
+    vhost: tuple[str, str], person: tuple[str, str], settings: Settings
+) -> None:
+    """What a browser does: STOMP over WebSocket (Web-STOMP, port 15674), subscribed to its own
+    key; the notifier's real-time channel publishes one notification for user 42 and one for
+    user 43, and only the first arrives."""
+    ws = websocket.create_connection(f"ws://127.0.0.1:{WEB_STOMP_PORT}/ws", timeout=10)
+    try:
+        ws.send(f"CONNECT\naccept-version:1.2\nhost:{vhost[0]}\nlogin:{person[0]}\n"
+                f"passcode:{person[1]}\n\n\0")
+        assert ws.recv().startswith("CONNECTED")
+        ws.send("SUBSCRIBE\nid:0\ndestination:/exchange/mailferry.notifications/user.42\n"
+                "receipt:r1\n\n\0")
+        assert ws.recv().startswith("RECEIPT")
+        publisher = Publisher(settings.broker_url, settings.retry_delays)
+        realtime = RealtimePublisher(publisher)
+        realtime.send(43, {"kind": "credentials_invalid", "title": "not for 42"})
+        realtime.send(42, {"kind": "credentials_invalid", "title": "for 42"})
+        publisher.close()
+        frame = ws.recv()
+    finally:
+        ws.close()
+    assert frame.startswith("MESSAGE")
+    body = frame.split("\n\n", 1)[1].split("\0", 1)[0]
+    assert json.loads(body) == {"kind": "credentials_invalid", "title": "for 42"}

@@ -324,7 +324,7 @@ def _virtual_size(raw: bytes) -> int:
     return len(raw) + raw.count(b"\n") - raw.count(b"\r\n")
 
 
-def _make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     """Create a throw-away CA and a server certificate for 127.0.0.1/localhost.
 
     A separate CA (rather than one self-signed leaf) keeps the chain valid even
@@ -589,7 +589,7 @@ class Dovecot:
             self.binary = ensure_dovecot_installed()
         self._prepare_directories()
         if self.ssl and self._ca_file is None:
-            self._ca_file, self._cert_file, self._key_file = _make_tls_files(self.tls_dir)
+            self._ca_file, self._cert_file, self._key_file = make_tls_files(self.tls_dir)
 
         keep_ports = self._port is not None  # restart: clients expect the same ports
         attempts = 1 if keep_ports else 5
