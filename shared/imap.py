@@ -265,6 +265,16 @@ def examine(client: IMAPClient, raw_name: str, where: str) -> FolderStatus:
     )
 
 
+def existing_uids(client: IMAPClient, up_to: int, where: str) -> set[int]:
+    """The UIDs at or below ``up_to`` still in the selected folder: what an expunge diff needs
+    when the server has no QRESYNC (RFC 7162 section 3.2)."""
+    if up_to < 1:
+        return set()
+    with imap_errors(where):
+        found = client.search(["UID", f"1:{up_to}"])
+    return {uid for uid in found if uid <= up_to}
+
+
 def search_uids(client: IMAPClient, *, above: int, since: date | None, where: str) -> list[int]:
     """UIDs greater than ``above`` (and, when given, with an INTERNALDATE on or after ``since``).
 
@@ -300,8 +310,19 @@ def uid_set(uids: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def fetch(client: IMAPClient, uids: Sequence[int], items: Sequence[str],
-          where: str) -> dict[int, dict[bytes, Any]]:
+def enable_condstore(client: IMAPClient, where: str) -> bool:
+    """Turn CONDSTORE on when the server announces it (RFC 7162 section 3.1): SELECT then
+    reports HIGHESTMODSEQ and FETCH accepts CHANGEDSINCE. Decided from CAPABILITY alone: some
+    servers accept the command without announcing it."""
+    with imap_errors(where):
+        if not client.has_capability("CONDSTORE"):
+            return False
+        client.enable("CONDSTORE")
+    return True
+
+
+def fetch(client: IMAPClient, uids: Sequence[int] | str, items: Sequence[str],
+          where: str, modifiers: Sequence[str] = ()) -> dict[int, dict[bytes, Any]]:
     """UID FETCH with a compressed UID set.
 
     ``IMAPClient.fetch`` sends every UID separately (a 100,000-UID command line is refused by
@@ -310,15 +331,28 @@ def fetch(client: IMAPClient, uids: Sequence[int], items: Sequence[str],
     """
     if not uids:
         return {}
-    wanted = set(uids)
+    if isinstance(uids, str):  # a range such as "1:500"
+        low, _, high = uids.partition(":")
+        wanted: range | set[int] = range(int(low), int(high or low) + 1)
+        message_set = uids
+    else:
+        wanted = set(uids)
+        message_set = uid_set(sorted(wanted))
+    args = ["UID", "FETCH", message_set, seq_to_parenstr_upper(list(items))]
+    if modifiers:
+        args.append(seq_to_parenstr_upper(list(modifiers)))
     with imap_errors(where):
-        tag = client._imap._command("UID", "FETCH", uid_set(sorted(wanted)),
-                                    seq_to_parenstr_upper(list(items)))
+        tag = client._imap._command(*args)
         typ, data = client._imap._command_complete("FETCH", tag)
         client._checkok("fetch", typ, data)
         typ, data = client._imap._untagged_response(typ, data, "FETCH")
         response = parse_fetch_response(data, client.normalise_times, True)
     return {uid: values for uid, values in response.items() if uid in wanted}
+
+
+def modseq(value: Any) -> int | None:
+    """FETCH MODSEQ comes as a parenthesized list: ``MODSEQ (12)``."""
+    return _int(value)
 
 
 def _int(value: Any) -> int | None:

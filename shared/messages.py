@@ -92,8 +92,38 @@ class MessagesFetched(FetcherEvent):
     messages: tuple[FetchedMessage, ...]
 
 
+class FlagChange(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    uid: int
+    flags: tuple[str, ...]
+    modseq: int | None = None
+
+
+class FlagsChanged(FetcherEvent):
+    """Current flags of messages already stored (CHANGEDSINCE, or a full pass without CONDSTORE)."""
+
+    routing_key: ClassVar[str] = "messages.flags"
+    type: Literal["FlagsChanged"] = "FlagsChanged"
+    folder: str
+    uidvalidity: int
+    batch_no: int
+    changes: tuple[FlagChange, ...]
+
+
+class MessagesExpunged(FetcherEvent):
+    """UIDs gone from the folder (expunged or moved away); they become tombstones."""
+
+    routing_key: ClassVar[str] = "messages.expunged"
+    type: Literal["MessagesExpunged"] = "MessagesExpunged"
+    folder: str
+    uidvalidity: int
+    batch_no: int
+    uids: tuple[int, ...]
+
+
 class FolderSynced(FetcherEvent):
-    """Closes one folder of one attempt: ``batches`` MessagesFetched were published before it.
+    """Closes one folder of one attempt: ``batches`` MessagesFetched, FlagsChanged and
+    MessagesExpunged events (numbered together by ``batch_no``) were published before it.
 
     The persister moves the folder's checkpoint to ``last_uid`` only once all those batches are
     stored, so a checkpoint never runs ahead of the data it stands for.
@@ -150,6 +180,8 @@ Event = Annotated[
     SyncStarted
     | FoldersListed
     | MessagesFetched
+    | FlagsChanged
+    | MessagesExpunged
     | FolderSynced
     | SyncFinished
     | SyncFailed
@@ -162,6 +194,8 @@ AnyMessage = Annotated[
     | SyncStarted
     | FoldersListed
     | MessagesFetched
+    | FlagsChanged
+    | MessagesExpunged
     | FolderSynced
     | SyncFinished
     | SyncFailed

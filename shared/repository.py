@@ -52,6 +52,7 @@ def get_mailbox(conn: Connection, mailbox_id: int) -> Mailbox | None:
 
 @dataclass(frozen=True)
 class FolderState:
+    mailbox_id: int
     raw_name: str
     sync_enabled: bool
     uidvalidity: int | None
@@ -61,8 +62,19 @@ class FolderState:
 
 def folder_states(conn: Connection, mailbox_id: int) -> dict[str, FolderState]:
     rows = conn.execute(
-        """SELECT raw_name, sync_enabled, uidvalidity, last_uid, highest_modseq
+        """SELECT mailbox_id, raw_name, sync_enabled, uidvalidity, last_uid, highest_modseq
            FROM folders WHERE mailbox_id = %s""",
         (mailbox_id,),
     ).fetchall()
     return {r["raw_name"]: FolderState(**r) for r in rows}
+
+
+def live_uids(conn: Connection, raw_name: str, state: FolderState, uidvalidity: int) -> set[int]:
+    """UIDs of a folder's stored, not expunged placements up to its checkpoint."""
+    rows = conn.execute(
+        """SELECT mf.uid FROM message_folders mf JOIN folders f ON f.id = mf.folder_id
+            WHERE f.mailbox_id = %s AND f.raw_name = %s AND mf.uidvalidity = %s
+              AND mf.expunged_at IS NULL AND mf.uid <= %s""",
+        (state.mailbox_id, raw_name, uidvalidity, state.last_uid),
+    ).fetchall()
+    return {int(r["uid"]) for r in rows}

@@ -38,9 +38,12 @@ from shared.messages import (
     CredentialsInvalid,
     CredentialsRestored,
     FetchedMessage,
+    FlagChange,
+    FlagsChanged,
     FolderInfo,
     FoldersListed,
     FolderSynced,
+    MessagesExpunged,
     MessagesFetched,
     SyncFailed,
     SyncFinished,
@@ -146,6 +149,7 @@ def _sync_folders(cmd: SyncMailbox, deps: FetcherDeps, conn: Connection, client:
                   config: imap.ImapConfig, mailbox: repository.Mailbox, lease: leases.Lease,
                   event: Callable[..., Any]) -> dict[str, int]:
     where = config.address
+    condstore = imap.enable_condstore(client, where)
     folders = imap.list_folders(client, where)
     deps.publish(event(FoldersListed, folders=tuple(folders)))
     states = repository.folder_states(conn, mailbox.id)
@@ -160,8 +164,9 @@ def _sync_folders(cmd: SyncMailbox, deps: FetcherDeps, conn: Connection, client:
         totals["folders"] += 1
         structlog.contextvars.bind_contextvars(folder=folder.name)
         try:
-            n, size = _sync_folder(client, folder, state, cmd, deps, lease, event,
-                                   since=first_sync_since(deps.today(), days), where=where)
+            n, size = _sync_folder(client, conn, folder, state, condstore, cmd, deps, lease,
+                                   event, since=first_sync_since(deps.today(), days),
+                                   where=where)
             totals["messages"] += n
             totals["bytes"] += size
         except LeaseLost:
@@ -207,40 +212,87 @@ class _FolderFailed(ImapError):
         self.batches = batches
 
 
-def _sync_folder(client: IMAPClient, folder: FolderInfo, state: repository.FolderState | None,
-                 cmd: SyncMailbox, deps: FetcherDeps, lease: leases.Lease,
-                 event: Callable[..., Any], *, since: date, where: str) -> tuple[int, int]:
+def _sync_folder(client: IMAPClient, conn: Connection, folder: FolderInfo,
+                 state: repository.FolderState | None, condstore: bool, cmd: SyncMailbox,
+                 deps: FetcherDeps, lease: leases.Lease, event: Callable[..., Any], *,
+                 since: date, where: str) -> tuple[int, int]:
+    """Bring one folder's store up to the server: changes to known messages first (flags,
+    expunges), then new UIDs. Every event is numbered; FolderSynced says how many there were."""
     s = deps.settings
+    where = f"{where} {folder.raw_name}"
     status = imap.examine(client, folder.raw_name, where)
     same_generation = state is not None and state.uidvalidity == status.uidvalidity
     above = state.last_uid if (same_generation and state and not cmd.force) else 0
-    if above and status.uidnext is not None and status.uidnext <= above + 1:
-        uids: list[int] = []  # UIDNEXT says nothing arrived: no SEARCH, no FETCH
-    else:
-        uids = imap.search_uids(client, above=above, since=None if above else since,
-                                where=f"{where} {folder.raw_name}")
-    batches = 0
-    count = 0
-    size_total = 0
+    batch_no = 0
+
+    def publish(cls: type[Any], **fields: Any) -> None:
+        nonlocal batch_no
+        lease.check()
+        deps.publish(event(cls, folder=folder.raw_name, uidvalidity=status.uidvalidity,
+                           batch_no=batch_no, **fields))
+        batch_no += 1
+
+    changes = expunged = 0
     try:
+        if state is not None and same_generation and state.last_uid:
+            changes, expunged = _known_messages(client, conn, folder, state, status, condstore,
+                                                publish, where)
+        if above and status.uidnext is not None and status.uidnext <= above + 1:
+            uids: list[int] = []  # UIDNEXT says nothing arrived: no SEARCH, no FETCH
+        else:
+            uids = imap.search_uids(client, above=above, since=None if above else since,
+                                    where=where)
+        count = size_total = 0
         for batch in _batches(client, uids, s.batch_max_bytes, s.batch_max_messages,
-                              s.max_message_bytes, f"{where} {folder.raw_name}"):
-            lease.check()
-            deps.publish(event(MessagesFetched, folder=folder.raw_name,
-                               uidvalidity=status.uidvalidity, batch_no=batches,
-                               messages=tuple(batch)))
-            batches += 1
+                              s.max_message_bytes, where):
+            publish(MessagesFetched, messages=tuple(batch))
             count += len(batch)
             size_total += sum(m.size for m in batch)
     except ImapError as exc:
-        raise _FolderFailed(exc, batches) from exc
+        raise _FolderFailed(exc, batch_no) from exc
     last_uid = max([above, *uids, (status.uidnext or 1) - 1])
     deps.publish(event(FolderSynced, folder=folder.raw_name, uidvalidity=status.uidvalidity,
                        uidnext=status.uidnext, highest_modseq=status.highest_modseq,
-                       last_uid=last_uid, batches=batches, messages=count))
-    log.info("folder.fetched", messages=count, bytes=size_total, batches=batches,
-             uidvalidity=status.uidvalidity, last_uid=last_uid)
+                       last_uid=last_uid, batches=batch_no, messages=count))
+    log.info("folder.fetched", messages=count, bytes=size_total, flag_changes=changes,
+             expunged=expunged, events=batch_no, uidvalidity=status.uidvalidity,
+             last_uid=last_uid, condstore=condstore)
     return count, size_total
+
+
+def _known_messages(client: IMAPClient, conn: Connection, folder: FolderInfo,
+                    state: repository.FolderState, status: imap.FolderStatus, condstore: bool,
+                    publish: Callable[..., None], where: str) -> tuple[int, int]:
+    """Flag changes and expunges among the UIDs already synced (1..last_uid).
+
+    With CONDSTORE, an unchanged HIGHESTMODSEQ proves nothing changed (expunges raise it too,
+    RFC 7162 section 3.1.2): no command is sent. Otherwise flags come from CHANGEDSINCE, or from a
+    full FLAGS pass without CONDSTORE, and expunges from comparing the server's UIDs with ours.
+    """
+    if (condstore and state.highest_modseq is not None
+            and status.highest_modseq == state.highest_modseq):
+        return 0, 0
+    modifiers = ([f"CHANGEDSINCE {state.highest_modseq}"]
+                 if condstore and state.highest_modseq is not None else [])
+    items = ["FLAGS", "MODSEQ"] if condstore else ["FLAGS"]
+    flags = imap.fetch(client, f"1:{state.last_uid}", items, where, modifiers)
+    changes = [
+        FlagChange(uid=uid, flags=_clean_flags(info.get(b"FLAGS", ())),
+                   modseq=imap.modseq(info.get(b"MODSEQ")))
+        for uid, info in sorted(flags.items())
+    ]
+    for start in range(0, len(changes), META_CHUNK):
+        publish(FlagsChanged, changes=tuple(changes[start:start + META_CHUNK]))
+    stored = repository.live_uids(conn, folder.raw_name, state, status.uidvalidity)
+    gone = sorted(stored - imap.existing_uids(client, state.last_uid, where))
+    for start in range(0, len(gone), META_CHUNK):
+        publish(MessagesExpunged, uids=tuple(gone[start:start + META_CHUNK]))
+    return len(changes), len(gone)
+
+
+def _clean_flags(flags: Any) -> tuple[str, ...]:
+    # \Recent belongs to one IMAP session (RFC 3501 section 2.3.2): not a stored fact.
+    return tuple(f for f in map(_flag, flags) if f.lower() != "\\recent")
 
 
 def _batches(client: IMAPClient, uids: list[int], max_bytes: int, max_count: int,
@@ -273,8 +325,7 @@ def _fetch_bodies(client: IMAPClient, uids: list[int], meta: dict[int, dict[byte
     out: list[FetchedMessage] = []
     for uid in uids:
         info = meta[uid]
-        # \Recent belongs to one IMAP session (RFC 3501 section 2.3.2): not a stored fact.
-        flags = tuple(f for f in map(_flag, info.get(b"FLAGS", ())) if f.lower() != "\\recent")
+        flags = _clean_flags(info.get(b"FLAGS", ()))
         internal = info.get(b"INTERNALDATE")
         declared = int(info.get(b"RFC822.SIZE", 0))
         if uid not in small:

@@ -21,8 +21,10 @@ from shared.db import Connection
 from shared.messages import (
     AnyMessage,
     FetcherEvent,
+    FlagsChanged,
     FoldersListed,
     FolderSynced,
+    MessagesExpunged,
     MessagesFetched,
     SyncFailed,
     SyncFinished,
@@ -111,13 +113,31 @@ def _on_messages(conn: Connection, e: MessagesFetched,
                  incoming: list[store.Incoming]) -> dict[str, Any]:
     parsed = incoming
     folder = store.folder_id(conn, e.mailbox_id, e.folder)
-    store.store_messages(conn, e.mailbox_id, folder, e.uidvalidity, parsed)
+    store.store_messages(conn, e.mailbox_id, folder, e.uidvalidity, parsed, e.lease_token)
     new_batch = store.batch_stored(conn, e.run_id, e.lease_token, e.folder, e.batch_no,
                                    len(e.messages))
     status = store.try_complete(conn, e.run_id, e.lease_token)
     return {"folder": e.folder, "messages": len(e.messages),
             "parsed": sum(1 for m in parsed if m.parsed), "duplicate_batch": not new_batch,
             "run_status": status}
+
+
+def _on_flags(conn: Connection, e: FlagsChanged, _: Any) -> dict[str, Any]:
+    store.apply_flags(conn, store.folder_id(conn, e.mailbox_id, e.folder), e.uidvalidity,
+                      e.changes, e.lease_token)
+    return _batch_done(conn, e, len(e.changes), "changes")
+
+
+def _on_expunged(conn: Connection, e: MessagesExpunged, _: Any) -> dict[str, Any]:
+    store.expunge(conn, store.folder_id(conn, e.mailbox_id, e.folder), e.uidvalidity, e.uids)
+    return _batch_done(conn, e, len(e.uids), "expunged")
+
+
+def _batch_done(conn: Connection, e: FlagsChanged | MessagesExpunged, n: int,
+                what: str) -> dict[str, Any]:
+    store.batch_stored(conn, e.run_id, e.lease_token, e.folder, e.batch_no, 0)
+    return {"folder": e.folder, what: n,
+            "run_status": store.try_complete(conn, e.run_id, e.lease_token)}
 
 
 def _on_folder_synced(conn: Connection, e: FolderSynced, _: Any) -> dict[str, Any]:
@@ -141,6 +161,8 @@ _HANDLERS: dict[type, Callable[[Connection, Any, Any], dict[str, Any]]] = {
     SyncStarted: _on_started,
     FoldersListed: _on_folders,
     MessagesFetched: _on_messages,
+    FlagsChanged: _on_flags,
+    MessagesExpunged: _on_expunged,
     FolderSynced: _on_folder_synced,
     SyncFinished: _on_finished,
     SyncFailed: _on_failed,

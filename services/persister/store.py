@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from shared.db import Connection
 from shared.domain import enabled_on_discovery
 from shared.imap import decode_folder_name
-from shared.messages import FetchedMessage, FolderInfo, FolderSynced
+from shared.messages import FetchedMessage, FlagChange, FolderInfo, FolderSynced
 from shared.mime import ParsedMessage, clean_text
 
 ACTIVE = ("queued", "running")
@@ -158,6 +158,16 @@ def _advance_folder(conn: Connection, mailbox_id: int, f: dict[str, Any]) -> Non
             (f["error"], mailbox_id, f["folder"]),
         )
         return
+    # A new UIDVALIDITY means the old UIDs name nothing any more (RFC 3501 2.3.1.1): their
+    # placements become tombstones. The messages and raw bytes stay, so mail that comes back
+    # under new UIDs is not stored twice.
+    conn.execute(
+        """UPDATE message_folders mf SET expunged_at = now()
+             FROM folders f
+            WHERE f.id = mf.folder_id AND f.mailbox_id = %s AND f.raw_name = %s
+              AND mf.uidvalidity <> %s AND mf.expunged_at IS NULL""",
+        (mailbox_id, f["folder"], f["uidvalidity"]),
+    )
     # Checkpoints only move forward within one UIDVALIDITY; a new UIDVALIDITY starts over.
     conn.execute(
         """UPDATE folders
@@ -263,7 +273,7 @@ def known_hashes(conn: Connection, mailbox_id: int, hashes: list[bytes]) -> set[
 
 
 def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: int,
-                   batch: Sequence[Incoming]) -> int:
+                   batch: Sequence[Incoming], token: int) -> int:
     """Insert the batch's raw bytes (once per hash), parsed messages (once per mailbox and hash)
     and folder placements (once per UIDVALIDITY and UID; an expunged UID's tombstone wins)."""
     with_raw = sorted({m.sha256: m for m in batch if m.sha256 is not None and m.parsed is not None}.values(),
@@ -294,19 +304,51 @@ def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: 
         placements = sorted(batch, key=lambda m: m.fetched.uid)
         cur.executemany(
             """INSERT INTO message_folders (folder_id, uidvalidity, uid, message_id, flags, seen,
-                                            modseq, internal_date, size, skipped_reason)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                            modseq, internal_date, size, skipped_reason,
+                                            flags_token)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (folder_id, uidvalidity, uid) DO NOTHING""",
             [
                 (folder, uidvalidity, m.fetched.uid,
                  ids.get(m.sha256) if m.sha256 else None,
                  [clean_text(f) for f in m.fetched.flags], "\\Seen" in m.fetched.flags,
                  m.fetched.modseq, m.fetched.internal_date, m.fetched.size,
-                 m.fetched.skipped_reason)
+                 m.fetched.skipped_reason, token)
                 for m in placements
             ],
         )
     return len(batch)
+
+
+def apply_flags(conn: Connection, folder: int, uidvalidity: int, changes: Sequence[FlagChange],
+                token: int) -> None:
+    """New flags win only over flags read by the same or an older attempt, and never touch a
+    tombstone: duplicated or late events cannot roll flags back."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            """UPDATE message_folders
+                  SET flags = %s, seen = %s, modseq = COALESCE(%s, modseq), flags_token = %s
+                WHERE folder_id = %s AND uidvalidity = %s AND uid = %s AND expunged_at IS NULL
+                  AND COALESCE(flags_token, 0) <= %s
+                  AND (flags IS DISTINCT FROM %s OR modseq IS DISTINCT FROM COALESCE(%s, modseq))""",
+            [(flags, "\\Seen" in flags, c.modseq, token, folder, uidvalidity, c.uid, token,
+              flags, c.modseq)
+             for c in sorted(changes, key=lambda c: c.uid)
+             for flags in [[clean_text(f) for f in c.flags]]],
+        )
+
+
+def expunge(conn: Connection, folder: int, uidvalidity: int, uids: Sequence[int]) -> None:
+    """Tombstones: the UID is never used again within this UIDVALIDITY (RFC 3501 2.3.1.1), so a
+    late insert of it must not bring the message back."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO message_folders (folder_id, uidvalidity, uid, expunged_at)
+               VALUES (%s, %s, %s, now())
+               ON CONFLICT (folder_id, uidvalidity, uid) DO UPDATE
+                  SET expunged_at = COALESCE(message_folders.expunged_at, now())""",
+            [(folder, uidvalidity, uid) for uid in sorted(uids)],
+        )
 
 
 def _message_row(mailbox_id: int, m: Incoming) -> tuple[Any, ...]:
