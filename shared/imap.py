@@ -310,15 +310,33 @@ def uid_set(uids: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def enable_condstore(client: IMAPClient, where: str) -> bool:
-    """Turn CONDSTORE on when the server announces it (RFC 7162 section 3.1): SELECT then
-    reports HIGHESTMODSEQ and FETCH accepts CHANGEDSINCE. Decided from CAPABILITY alone: some
-    servers accept the command without announcing it."""
+@dataclass(frozen=True)
+class Extensions:
+    condstore: bool  # SELECT reports HIGHESTMODSEQ, FETCH takes CHANGEDSINCE (RFC 7162 3.1)
+    qresync: bool  # FETCH takes VANISHED: expunged UIDs without a UID diff (RFC 7162 3.2)
+
+
+def enable_extensions(client: IMAPClient, where: str) -> Extensions:
+    """Turn on CONDSTORE and QRESYNC when the server announces them. Decided from CAPABILITY
+    alone: some servers accept the commands without announcing them."""
     with imap_errors(where):
-        if not client.has_capability("CONDSTORE"):
-            return False
-        client.enable("CONDSTORE")
-    return True
+        wanted = [ext for ext in ("CONDSTORE", "QRESYNC") if client.has_capability(ext)]
+        if wanted:
+            client.enable(*wanted)
+    return Extensions(condstore=bool(wanted), qresync="QRESYNC" in wanted)
+
+
+def vanished(client: IMAPClient) -> set[int]:
+    """UIDs the server reported as VANISHED since the last call (RFC 7162 section 3.2.10)."""
+    found: set[int] = set()
+    for data in client._imap.untagged_responses.pop("VANISHED", []):
+        text = data.decode("ascii", "replace") if isinstance(data, bytes) else str(data)
+        for part in text.replace("(EARLIER)", "").strip().split(","):
+            low, _, high = part.strip().partition(":")
+            if low.isdigit():
+                start, end = int(low), int(high) if high.isdigit() else int(low)
+                found.update(range(min(start, end), max(start, end) + 1))
+    return found
 
 
 def fetch(client: IMAPClient, uids: Sequence[int] | str, items: Sequence[str],

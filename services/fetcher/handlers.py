@@ -149,7 +149,7 @@ def _sync_folders(cmd: SyncMailbox, deps: FetcherDeps, conn: Connection, client:
                   config: imap.ImapConfig, mailbox: repository.Mailbox, lease: leases.Lease,
                   event: Callable[..., Any]) -> dict[str, int]:
     where = config.address
-    condstore = imap.enable_condstore(client, where)
+    extensions = imap.enable_extensions(client, where)
     folders = imap.list_folders(client, where)
     deps.publish(event(FoldersListed, folders=tuple(folders)))
     states = repository.folder_states(conn, mailbox.id)
@@ -164,7 +164,7 @@ def _sync_folders(cmd: SyncMailbox, deps: FetcherDeps, conn: Connection, client:
         totals["folders"] += 1
         structlog.contextvars.bind_contextvars(folder=folder.name)
         try:
-            n, size = _sync_folder(client, conn, folder, state, condstore, cmd, deps, lease,
+            n, size = _sync_folder(client, conn, folder, state, extensions, cmd, deps, lease,
                                    event, since=first_sync_since(deps.today(), days),
                                    where=where)
             totals["messages"] += n
@@ -213,7 +213,8 @@ class _FolderFailed(ImapError):
 
 
 def _sync_folder(client: IMAPClient, conn: Connection, folder: FolderInfo,
-                 state: repository.FolderState | None, condstore: bool, cmd: SyncMailbox,
+                 state: repository.FolderState | None, extensions: imap.Extensions,
+                 cmd: SyncMailbox,
                  deps: FetcherDeps, lease: leases.Lease, event: Callable[..., Any], *,
                  since: date, where: str) -> tuple[int, int]:
     """Bring one folder's store up to the server: changes to known messages first (flags,
@@ -235,7 +236,7 @@ def _sync_folder(client: IMAPClient, conn: Connection, folder: FolderInfo,
     changes = expunged = 0
     try:
         if state is not None and same_generation and state.last_uid:
-            changes, expunged = _known_messages(client, conn, folder, state, status, condstore,
+            changes, expunged = _known_messages(client, conn, folder, state, status, extensions,
                                                 publish, where)
         if above and status.uidnext is not None and status.uidnext <= above + 1:
             uids: list[int] = []  # UIDNEXT says nothing arrived: no SEARCH, no FETCH
@@ -256,25 +257,30 @@ def _sync_folder(client: IMAPClient, conn: Connection, folder: FolderInfo,
                        last_uid=last_uid, batches=batch_no, messages=count))
     log.info("folder.fetched", messages=count, bytes=size_total, flag_changes=changes,
              expunged=expunged, events=batch_no, uidvalidity=status.uidvalidity,
-             last_uid=last_uid, condstore=condstore)
+             last_uid=last_uid, condstore=extensions.condstore, qresync=extensions.qresync)
     return count, size_total
 
 
 def _known_messages(client: IMAPClient, conn: Connection, folder: FolderInfo,
-                    state: repository.FolderState, status: imap.FolderStatus, condstore: bool,
-                    publish: Callable[..., None], where: str) -> tuple[int, int]:
+                    state: repository.FolderState, status: imap.FolderStatus,
+                    extensions: imap.Extensions, publish: Callable[..., None],
+                    where: str) -> tuple[int, int]:
     """Flag changes and expunges among the UIDs already synced (1..last_uid).
 
     With CONDSTORE, an unchanged HIGHESTMODSEQ proves nothing changed (expunges raise it too,
     RFC 7162 section 3.1.2): no command is sent. Otherwise flags come from CHANGEDSINCE, or from a
-    full FLAGS pass without CONDSTORE, and expunges from comparing the server's UIDs with ours.
+    full FLAGS pass without CONDSTORE; expunges from VANISHED with QRESYNC, otherwise from
+    comparing the server's UIDs with ours.
     """
-    if (condstore and state.highest_modseq is not None
-            and status.highest_modseq == state.highest_modseq):
+    incremental = extensions.condstore and state.highest_modseq is not None
+    if incremental and status.highest_modseq == state.highest_modseq:
         return 0, 0
-    modifiers = ([f"CHANGEDSINCE {state.highest_modseq}"]
-                 if condstore and state.highest_modseq is not None else [])
-    items = ["FLAGS", "MODSEQ"] if condstore else ["FLAGS"]
+    modifiers = [f"CHANGEDSINCE {state.highest_modseq}"] if incremental else []
+    use_vanished = incremental and extensions.qresync
+    if use_vanished:
+        modifiers.append("VANISHED")
+        imap.vanished(client)  # drop anything reported before this command
+    items = ["FLAGS", "MODSEQ"] if extensions.condstore else ["FLAGS"]
     flags = imap.fetch(client, f"1:{state.last_uid}", items, where, modifiers)
     changes = [
         FlagChange(uid=uid, flags=_clean_flags(info.get(b"FLAGS", ())),
@@ -284,7 +290,10 @@ def _known_messages(client: IMAPClient, conn: Connection, folder: FolderInfo,
     for start in range(0, len(changes), META_CHUNK):
         publish(FlagsChanged, changes=tuple(changes[start:start + META_CHUNK]))
     stored = repository.live_uids(conn, folder.raw_name, state, status.uidvalidity)
-    gone = sorted(stored - imap.existing_uids(client, state.last_uid, where))
+    if use_vanished:
+        gone = sorted(stored & imap.vanished(client))
+    else:
+        gone = sorted(stored - imap.existing_uids(client, state.last_uid, where))
     for start in range(0, len(gone), META_CHUNK):
         publish(MessagesExpunged, uids=tuple(gone[start:start + META_CHUNK]))
     return len(changes), len(gone)
