@@ -71,7 +71,8 @@ class Publisher:
         return self._producer
 
     def publish(self, message: messages.AnyMessage) -> None:
-        exchange = topology.COMMANDS if isinstance(message, messages.SyncMailbox) else topology.EVENTS
+        is_command = isinstance(message, messages.SyncMailbox | messages.SyncFolders)
+        exchange = topology.COMMANDS if is_command else topology.EVENTS
         self.publish_raw(
             messages.encode(message),
             exchange=exchange.name,

@@ -254,6 +254,12 @@ class FolderStatus:
     exists: int
 
 
+def folder_uidvalidity(client: IMAPClient, raw_name: str, where: str) -> int | None:
+    with imap_errors(f"{where} {raw_name}"):
+        status = client.folder_status(raw_name, ["UIDVALIDITY"])
+    return _int(status.get(b"UIDVALIDITY"))
+
+
 def examine(client: IMAPClient, raw_name: str, where: str) -> FolderStatus:
     with imap_errors(f"{where} {raw_name}"):
         info = client.select_folder(raw_name, readonly=True)

@@ -38,6 +38,17 @@ class SyncMailbox(_Message):
     requested_by: str = "scheduler"
 
 
+class SyncFolders(_Message):
+    """Refresh a mailbox's folder list only (its folder selection changed), not its mail."""
+
+    routing_key: ClassVar[str] = "sync-folders"
+    type: Literal["SyncFolders"] = "SyncFolders"
+    run_id: uuid.UUID
+    mailbox_id: int
+    requested_by: str = "cli"
+    force: bool = False
+
+
 # --- events from the fetcher -----------------------------------------------------------------
 
 
@@ -64,6 +75,8 @@ class FolderInfo(BaseModel):
     flags: tuple[str, ...] = ()
     type: FolderType = "other"
     selectable: bool = True
+    # Only for folders new to the store while others vanished: a rename keeps its UIDVALIDITY.
+    uidvalidity: int | None = None
 
 
 class FoldersListed(FetcherEvent):
@@ -175,7 +188,7 @@ class CredentialsRestored(_Message):
     restored_at: datetime
 
 
-Command = SyncMailbox
+Command = SyncMailbox | SyncFolders
 Event = Annotated[
     SyncStarted
     | FoldersListed
@@ -191,6 +204,7 @@ Event = Annotated[
 ]
 AnyMessage = Annotated[
     SyncMailbox
+    | SyncFolders
     | SyncStarted
     | FoldersListed
     | MessagesFetched

@@ -9,13 +9,14 @@ scheduler after MAILFERRY_RUN_TIMEOUT.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from shared.db import Connection
 from shared.errors import BrokerUnavailable
-from shared.messages import AnyMessage, SyncMailbox
+from shared.messages import AnyMessage, SyncFolders, SyncMailbox
 
 
 @dataclass(frozen=True)
@@ -27,39 +28,61 @@ class Requested:
 
 def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
                   mailbox_ids: Iterable[int], *, requested_by: str,
-                  force: bool = False) -> list[Requested]:
+                  force: bool = False, folders_only: bool = False,
+                  wait_behind_folder_runs: float = 0.0) -> list[Requested]:
+    """Queue runs; a mailbox with a run already queued or running gets that run back. A mail
+    sync asked for while a (short) folder-list run is active can wait for it to end
+    (``wait_behind_folder_runs`` seconds), so the mail is synced, not merely the folders."""
     out: list[Requested] = []
     for mailbox_id in mailbox_ids:
-        run_id = uuid.uuid4()
-        with conn.transaction():
-            row = conn.execute(
-                """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by)
-                   VALUES (%s, %s, 'queued', %s, %s)
-                   ON CONFLICT DO NOTHING RETURNING id""",
-                (run_id, mailbox_id, force, requested_by),
-            ).fetchone()
-        if row is None:
-            active = conn.execute(
-                """SELECT id FROM sync_runs WHERE mailbox_id = %s
-                      AND status IN ('queued', 'running')""",
-                (mailbox_id,),
-            ).fetchone()
-            if active is not None:
-                out.append(Requested(mailbox_id, active["id"], queued=False))
-                continue
-            raise RuntimeError(f"could not queue mailbox {mailbox_id}")  # raced a finishing run
-        try:
-            publish(SyncMailbox(run_id=run_id, mailbox_id=mailbox_id, force=force,
-                                requested_by=requested_by))
-        except BrokerUnavailable as exc:
-            conn.execute(
-                """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'broker',
-                          error = %s WHERE id = %s AND status = 'queued'""",
-                (str(exc), run_id),
-            )
-            raise
-        out.append(Requested(mailbox_id, run_id, queued=True))
+        deadline = time.monotonic() + wait_behind_folder_runs
+        while (requested := _request_one(conn, publish, mailbox_id, requested_by, force,
+                                         folders_only)) is None:
+            if time.monotonic() > deadline:
+                active = conn.execute(
+                    """SELECT id FROM sync_runs WHERE mailbox_id = %s
+                          AND status IN ('queued', 'running')""", (mailbox_id,)).fetchone()
+                if active is None:
+                    continue  # it just finished: try again
+                requested = Requested(mailbox_id, active["id"], queued=False)
+                break
+            time.sleep(0.2)
+        out.append(requested)
     return out
+
+
+def _request_one(conn: Connection, publish: Callable[[AnyMessage], None], mailbox_id: int,
+                 requested_by: str, force: bool, folders_only: bool) -> Requested | None:
+    """None: a folder-list run is in the way of a mail sync."""
+    run_id = uuid.uuid4()
+    with conn.transaction():
+        row = conn.execute(
+            """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by, kind)
+               VALUES (%s, %s, 'queued', %s, %s, %s)
+               ON CONFLICT DO NOTHING RETURNING id""",
+            (run_id, mailbox_id, force, requested_by, "folders" if folders_only else "mailbox"),
+        ).fetchone()
+    if row is None:
+        active = conn.execute(
+            """SELECT id, kind FROM sync_runs WHERE mailbox_id = %s
+                  AND status IN ('queued', 'running')""",
+            (mailbox_id,),
+        ).fetchone()
+        if active is None or (active["kind"] == "folders" and not folders_only):
+            return None  # it just finished, or only lists folders: try again
+        return Requested(mailbox_id, active["id"], queued=False)
+    try:
+        command = SyncFolders if folders_only else SyncMailbox
+        publish(command(run_id=run_id, mailbox_id=mailbox_id, force=force,
+                        requested_by=requested_by))
+    except BrokerUnavailable as exc:
+        conn.execute(
+            """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'broker',
+                      error = %s WHERE id = %s AND status = 'queued'""",
+            (str(exc), run_id),
+        )
+        raise
+    return Requested(mailbox_id, run_id, queued=True)
 
 
 def due_mailboxes(conn: Connection, interval_seconds: float) -> list[int]:
@@ -71,7 +94,7 @@ def due_mailboxes(conn: Connection, interval_seconds: float) -> list[int]:
               AND NOT EXISTS (SELECT 1 FROM sync_runs r WHERE r.mailbox_id = m.id
                                  AND r.status IN ('queued', 'running'))
               AND COALESCE((SELECT max(r.requested_at) FROM sync_runs r
-                             WHERE r.mailbox_id = m.id), '-infinity')
+                             WHERE r.mailbox_id = m.id AND r.kind = 'mailbox'), '-infinity')
                   <= now() - make_interval(secs => %s)
             ORDER BY m.id""",
         (interval_seconds,),

@@ -90,7 +90,7 @@ class WorkQueue:
         )
 
 
-FETCHER = WorkQueue("mailferry.fetcher.sync-mailbox", COMMANDS, ("sync-mailbox",))
+FETCHER = WorkQueue("mailferry.fetcher.sync-mailbox", COMMANDS, ("sync-mailbox", "sync-folders"))
 PERSISTER = WorkQueue(
     "mailferry.persister.events", EVENTS, ("sync.#", "folders.#", "folder.#", "messages.#")
 )

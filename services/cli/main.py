@@ -365,7 +365,9 @@ def mailbox_check(mailbox_id: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def mailbox_folders(mailbox_id: int, enable: tuple[str, ...], disable: tuple[str, ...],
                     as_json: bool) -> None:
-    """Show the mailbox's folders, and enable or disable their sync."""
+    """Show the mailbox's folders, and enable or disable their sync.
+
+    A change queues a folder sync at once (SyncFolders: the folder list, not the mail)."""
     conn = _conn(_settings())
     _mailbox(conn, mailbox_id)
     with conn.transaction():
@@ -389,6 +391,18 @@ def mailbox_folders(mailbox_id: int, enable: tuple[str, ...], disable: tuple[str
                            "; no folders known yet: run `mailferry sync --mailbox "
                            f"{mailbox_id} --wait` first")
                     )
+    if enable or disable:
+        # The selection changed: refresh the folder list at once (not the mail), as users expect.
+        from shared.broker import Publisher
+        from shared.sync_requests import request_syncs
+
+        settings = _settings()
+        publisher = Publisher(settings.broker_url, settings.retry_delays)
+        try:
+            request_syncs(conn, publisher.publish, [mailbox_id], requested_by="cli",
+                          folders_only=True)
+        finally:
+            publisher.close()
     rows = conn.execute(
         """SELECT f.name, f.raw_name, f.delimiter, f.type, f.selectable, f.sync_enabled,
                   f.uidvalidity, f.last_uid, f.last_synced_at, f.gone_at, f.last_error,
@@ -438,7 +452,8 @@ def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, time
                 raise ConfigError(f"mailbox {mailbox_id} has sync disabled; use --force")
     publisher = Publisher(settings.broker_url, settings.retry_delays)
     try:
-        requested = request_syncs(conn, publisher.publish, ids, requested_by="cli", force=force)
+        requested = request_syncs(conn, publisher.publish, ids, requested_by="cli", force=force,
+                                  wait_behind_folder_runs=30.0)
     finally:
         publisher.close()
     runs = {r.run_id: r for r in requested}

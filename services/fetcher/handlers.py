@@ -47,6 +47,7 @@ from shared.messages import (
     MessagesFetched,
     SyncFailed,
     SyncFinished,
+    SyncFolders,
     SyncMailbox,
     SyncStarted,
 )
@@ -68,7 +69,8 @@ class FetcherDeps:
     today: Callable[[], date] = lambda: datetime.now(UTC).date()
 
 
-def sync_mailbox(cmd: SyncMailbox, deps: FetcherDeps, delivery: Delivery | None = None) -> None:
+def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps,
+                 delivery: Delivery | None = None) -> None:
     """One attempt at one run. A transient fault before any folder work (refused, timed out,
     [UNAVAILABLE]) is recorded on the run and raised, so the worker retries it after a delay;
     on the last delivery it is recorded as the run's failure instead."""
@@ -82,9 +84,10 @@ def sync_mailbox(cmd: SyncMailbox, deps: FetcherDeps, delivery: Delivery | None 
     # A command published by hand straight to the broker has no run yet: register it, unless
     # the mailbox already has a run queued or running (then this command is redundant).
     conn.execute(
-        """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by)
-           VALUES (%s, %s, 'queued', %s, %s) ON CONFLICT DO NOTHING""",
-        (cmd.run_id, mailbox.id, cmd.force, cmd.requested_by),
+        """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by, kind)
+           VALUES (%s, %s, 'queued', %s, %s, %s) ON CONFLICT DO NOTHING""",
+        (cmd.run_id, mailbox.id, cmd.force, cmd.requested_by,
+         "folders" if isinstance(cmd, SyncFolders) else "mailbox"),
     )
     status = conn.execute("SELECT status FROM sync_runs WHERE id = %s",
                                (cmd.run_id,)).fetchone()
@@ -135,7 +138,7 @@ def sync_mailbox(cmd: SyncMailbox, deps: FetcherDeps, delivery: Delivery | None 
 def command_dead_lettered(cmd: AnyMessage, reason: str, deps: FetcherDeps) -> None:
     """A command that will not be retried any more closes its run as failed, so nobody waits on
     it (``sync --wait``) and the scheduler queues the mailbox again at the next interval."""
-    if not isinstance(cmd, SyncMailbox):
+    if not isinstance(cmd, SyncMailbox | SyncFolders):
         return
     deps.connection().execute(
         """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'internal',
@@ -145,21 +148,23 @@ def command_dead_lettered(cmd: AnyMessage, reason: str, deps: FetcherDeps) -> No
     )
 
 
-def _sync_folders(cmd: SyncMailbox, deps: FetcherDeps, conn: Connection, client: IMAPClient,
+def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, conn: Connection, client: IMAPClient,
                   config: imap.ImapConfig, mailbox: repository.Mailbox, lease: leases.Lease,
                   event: Callable[..., Any]) -> dict[str, int]:
     where = config.address
     extensions = imap.enable_extensions(client, where)
-    folders = imap.list_folders(client, where)
-    deps.publish(event(FoldersListed, folders=tuple(folders)))
     states = repository.folder_states(conn, mailbox.id)
+    folders, renamed = _detect_renames(client, imap.list_folders(client, where), states, where)
+    deps.publish(event(FoldersListed, folders=tuple(folders)))
+    if isinstance(cmd, SyncFolders):
+        return {"folders": 0, "failed_folders": 0, "messages": 0, "bytes": 0}
     days = mailbox.first_sync_days or deps.settings.first_sync_days
     totals = {"folders": 0, "failed_folders": 0, "messages": 0, "bytes": 0}
     for folder in folders:
         state = states.get(folder.raw_name)
         wanted = state.sync_enabled if state else enabled_on_discovery(folder, mailbox.initial_folders)
-        if not wanted or not folder.selectable:
-            continue
+        if not wanted or not folder.selectable or folder.raw_name in renamed:
+            continue  # a renamed folder is synced under its new name from the next run on
         lease.check()
         totals["folders"] += 1
         structlog.contextvars.bind_contextvars(folder=folder.name)
@@ -188,6 +193,28 @@ def _sync_folders(cmd: SyncMailbox, deps: FetcherDeps, conn: Connection, client:
     return totals
 
 
+def _detect_renames(client: IMAPClient, folders: list[FolderInfo],
+                    states: dict[str, repository.FolderState],
+                    where: str) -> tuple[list[FolderInfo], set[str]]:
+    """IMAP has no rename notification, but a renamed folder keeps its UIDVALIDITY (RFC 3501
+    6.3.5): when known folders vanished and new ones appeared, the new ones' UIDVALIDITY (one
+    STATUS each) tells renames from deletions. Returns the folders, with UIDVALIDITY set on new
+    ones, and the raw names that are renames of known folders."""
+    listed = {f.raw_name for f in folders}
+    gone = {s.uidvalidity for name, s in states.items() if name not in listed and s.uidvalidity}
+    if not gone:
+        return folders, set()
+    out = [
+        f.model_copy(update={"uidvalidity": imap.folder_uidvalidity(client, f.raw_name, where)})
+        if f.raw_name not in states and f.selectable else f
+        for f in folders
+    ]
+    renamed = {f.raw_name for f in out if f.uidvalidity is not None and f.uidvalidity in gone}
+    if renamed:
+        log.info("folders.renamed", new_names=sorted(renamed))
+    return out, renamed
+
+
 def _close_remaining(folders: list[FolderInfo], failed: FolderInfo,
                      states: dict[str, repository.FolderState], mailbox: repository.Mailbox,
                      deps: FetcherDeps, event: Callable[..., Any], error: str) -> int:
@@ -214,7 +241,7 @@ class _FolderFailed(ImapError):
 
 def _sync_folder(client: IMAPClient, conn: Connection, folder: FolderInfo,
                  state: repository.FolderState | None, extensions: imap.Extensions,
-                 cmd: SyncMailbox,
+                 cmd: SyncMailbox | SyncFolders,
                  deps: FetcherDeps, lease: leases.Lease, event: Callable[..., Any], *,
                  since: date, where: str) -> tuple[int, int]:
     """Bring one folder's store up to the server: changes to known messages first (flags,

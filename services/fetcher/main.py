@@ -7,7 +7,7 @@ from shared import db, imap, topology
 from shared.broker import Delivery, Publisher
 from shared.config import Settings
 from shared.crypto import PasswordBox
-from shared.messages import AnyMessage, SyncMailbox
+from shared.messages import AnyMessage, SyncFolders, SyncMailbox
 from shared.service import run_worker, start, worker_id
 
 
@@ -24,7 +24,7 @@ def main(settings: Settings) -> None:
     )
 
     def handle(message: AnyMessage, delivery: Delivery) -> None:
-        if isinstance(message, SyncMailbox):
+        if isinstance(message, SyncMailbox | SyncFolders):
             sync_mailbox(message, deps, delivery)
 
     run_worker(settings, topology.FETCHER, handle, publisher,

@@ -206,6 +206,25 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
     kept and marked gone (OroCRM's rule), so deleting a folder never deletes a user's synced mail.
     """
     rows = sorted(folders, key=lambda f: f.raw_name)
+    listed = [f.raw_name for f in rows]
+    renamed = 0
+    for f in rows:
+        if f.uidvalidity is None:
+            continue
+        # A renamed folder keeps its UIDVALIDITY: the vanished folder row takes the new name
+        # and keeps its settings, checkpoint and mail.
+        renamed += len(conn.execute(
+            """UPDATE folders SET raw_name = %s, name = %s, gone_at = NULL
+                WHERE id = (SELECT id FROM folders
+                             WHERE mailbox_id = %s AND uidvalidity = %s
+                               AND NOT (raw_name = ANY(%s))
+                             LIMIT 1)
+                  AND NOT EXISTS (SELECT 1 FROM folders
+                                   WHERE mailbox_id = %s AND raw_name = %s)
+            RETURNING id""",
+            (f.raw_name, clean_text(f.name), mailbox_id, f.uidvalidity, listed, mailbox_id,
+             f.raw_name),
+        ).fetchall())
     for f in rows:
         conn.execute(
             """INSERT INTO folders (mailbox_id, name, raw_name, delimiter, flags, type,
@@ -218,7 +237,6 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
             (mailbox_id, clean_text(f.name), f.raw_name, f.delimiter, list(f.flags), f.type,
              f.selectable, enabled_on_discovery(f, initial)),
         )
-    listed = [f.raw_name for f in rows]
     conn.execute(
         """UPDATE folders f SET gone_at = now()
             WHERE f.mailbox_id = %s AND f.gone_at IS NULL AND NOT (f.raw_name = ANY(%s))
@@ -232,7 +250,7 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
         RETURNING id""",
         (mailbox_id, listed),
     ).fetchall()
-    return {"listed": len(listed), "deleted": len(deleted)}
+    return {"listed": len(listed), "renamed": renamed, "deleted": len(deleted)}
 
 
 def folder_id(conn: Connection, mailbox_id: int, raw_name: str) -> int:

@@ -113,3 +113,41 @@ def test_the_store_follows_flags_expunges_moves_and_a_uidvalidity_reset(
     assert unchanged["messages_stored"] == 0
     with server.session("carol") as imap:
         assert stored_state(env, mailbox_id) == server_state(imap)
+
+
+def test_a_renamed_folder_keeps_its_settings_and_mail_under_the_new_name(
+    env: dict[str, str], server: Dovecot, conn: db.Connection,
+    processes: services.ServiceProcesses,
+) -> None:
+    with server.session("carol") as imap:
+        imap.create_folder("Work")
+        imap.create_folder("Empty")
+        for n in range(3):
+            imap.append("Work", _message(n))
+    assert services.run_cli(["user", "add", "--email", "carol@example.com"], env).returncode == 0
+    added = services.run_cli(
+        ["mailbox", "add", "--owner", "carol@example.com", "--host", server.host, "--port",
+         str(server.port), "--security", "none", "--username", "carol", "--password-stdin",
+         "--folders", "INBOX,Work"], env, stdin=b"pw\n")
+    mailbox_id = int(json.loads(added.stdout)["id"])
+    processes.start("fetcher")
+    processes.start("persister")
+    _sync(env, mailbox_id)
+    raw_before = conn.execute("SELECT count(*) AS n FROM raw_messages").fetchone()
+
+    with server.session("carol") as imap:
+        imap.rename_folder("Work", "Projets/Travail")
+        imap.delete_folder("Empty")
+        imap.append("Projets/Travail", _message(3))
+    _sync(env, mailbox_id)  # the rename is recognised; the folder is synced from the next run
+    _sync(env, mailbox_id)
+
+    listed = services.run_cli(["mailbox", "folders", str(mailbox_id), "--json"], env)
+    folders = {f["name"]: f for f in json.loads(listed.stdout)}
+    assert "Work" not in folders and "Empty" not in folders
+    assert folders["Projets/Travail"]["sync_enabled"] is True
+    assert folders["Projets/Travail"]["messages"] == 4
+    stored = stored_state(env, mailbox_id)
+    assert sorted(folder for folder, _ in stored) == ["Projets/Travail"] * 4
+    raw_after = conn.execute("SELECT count(*) AS n FROM raw_messages").fetchone()
+    assert raw_after == {"n": raw_before["n"] + 1}  # type: ignore[index]

@@ -59,8 +59,9 @@ def test_the_scheduler_syncs_a_new_mailbox_without_being_asked(
     assert subjects == ["first"]
 
 
-def test_enabling_a_folder_brings_its_mail_at_the_next_sync(
-    env: dict[str, str], server: Dovecot, processes: services.ServiceProcesses,
+def test_enabling_a_folder_syncs_the_folder_list_at_once_and_its_mail_at_the_next_sync(
+    env: dict[str, str], server: Dovecot, conn: db.Connection,
+    processes: services.ServiceProcesses,
 ) -> None:
     mailbox_id = _mailbox(env, server)
     processes.start("fetcher")
@@ -69,7 +70,14 @@ def test_enabling_a_folder_brings_its_mail_at_the_next_sync(
     folders = {f["name"]: f for f in _cli(env, "mailbox", "folders", str(mailbox_id), "--json")}
     assert (folders["INBOX"]["sync_enabled"], folders["Archive"]["sync_enabled"]) == (True, False)
 
+    with server.session("bob") as imap:
+        imap.create_folder("Later")
     _cli(env, "mailbox", "folders", str(mailbox_id), "--enable", "Archive", "--json")
+    listed_at_once = services.eventually(lambda: conn.execute(
+        "SELECT sync_enabled FROM folders WHERE name = 'Later'").fetchone())
+    assert listed_at_once == {"sync_enabled": False}  # found by the folder sync, not enabled
+    runs = conn.execute("SELECT kind, messages_stored FROM sync_runs ORDER BY requested_at")
+    assert [r["kind"] for r in runs.fetchall()] == ["mailbox", "folders"]
     _cli(env, "sync", "--mailbox", str(mailbox_id), "--wait", "--json")
     listed = _cli(env, "messages", "list", "--mailbox", str(mailbox_id), "--json")
     assert sorted((m["folder"], m["subject"]) for m in listed) == [
