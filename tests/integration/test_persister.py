@@ -10,15 +10,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.persister.handlers import PersisterDeps, handle
 from shared import db
 from shared.messages import (
     FetchedMessage,
     FetcherEvent,
+    FlagChange,
+    FlagsChanged,
     FolderInfo,
     FoldersListed,
     FolderSynced,
+    MessagesExpunged,
     MessagesFetched,
     SyncFinished,
     SyncStarted,
@@ -80,9 +85,9 @@ def _state(conn: db.Connection) -> dict[str, Any]:
                 ORDER BY name""").fetchall(),
         "placements": conn.execute(
             """SELECT f.name, mf.uidvalidity, mf.uid, mf.flags, mf.seen,
-                      encode(g.sha256, 'hex') AS sha256
+                      mf.expunged_at IS NOT NULL AS expunged, encode(g.sha256, 'hex') AS sha256
                  FROM message_folders mf JOIN folders f ON f.id = mf.folder_id
-                 JOIN messages g ON g.id = mf.message_id ORDER BY 1, 2, 3""").fetchall(),
+                 LEFT JOIN messages g ON g.id = mf.message_id ORDER BY 1, 2, 3""").fetchall(),
         "raw": conn.execute("SELECT count(*) AS n FROM raw_messages").fetchone(),
         "runs": conn.execute("SELECT status, messages_stored FROM sync_runs").fetchall(),
     }
@@ -104,7 +109,7 @@ def test_a_sync_in_order_stores_messages_and_moves_checkpoints(
         {"name": "INBOX", "type": "inbox", "sync_enabled": True, "uidvalidity": 7, "last_uid": 5},
         {"name": "Sent", "type": "sent", "sync_enabled": True, "uidvalidity": 9, "last_uid": 1},
     ]
-    assert [(p["name"], p["uid"], p["seen"]) for p in state["placements"]] == [
+    assert [(p["name"], p["uid"], p["seen"]) for p in state["placements"] if not p["expunged"]] == [
         ("INBOX", 1, True), ("INBOX", 2, False), ("INBOX", 5, False), ("Sent", 1, False)]
     assert state["raw"] == {"n": 3}
     assert state["runs"] == [{"status": "done", "messages_stored": 4}]
@@ -208,3 +213,96 @@ def test_every_permutation_of_a_small_stream_converges(
         results.append(_state(conn))
     assert all(r == results[0] for r in results)
     assert results[0]["runs"] == [{"status": "done", "messages_stored": 4}]
+
+
+def _reset(conn: db.Connection) -> None:
+    conn.execute("TRUNCATE folders, messages, raw_messages, message_folders, sync_runs, "
+                 "sync_folders, sync_batches CASCADE")
+
+
+def _second_run(mailbox_id: int, run_id: uuid.UUID) -> list[FetcherEvent]:
+    """What a later sync sends: flag changes, an expunge, a move in, new mail, the closing."""
+    common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 2}
+    return [
+        SyncStarted(**common, fetcher="test", started_at=NOW),
+        FoldersListed(**common, folders=(
+            FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/", type="inbox"),
+            FolderInfo(name="Sent", raw_name="Sent", delimiter="/", type="sent"))),
+        FlagsChanged(**common, folder="INBOX", uidvalidity=7, batch_no=0, changes=(
+            FlagChange(uid=1, flags=(), modseq=20), FlagChange(uid=2, flags=("\\Flagged",),
+                                                             modseq=21))),
+        MessagesExpunged(**common, folder="INBOX", uidvalidity=7, batch_no=1, uids=(5,)),
+        MessagesFetched(**common, folder="INBOX", uidvalidity=7, batch_no=2,
+                        messages=(_message(6, b"d", ("\\Seen",)),)),
+        MessagesFetched(**common, folder="Sent", uidvalidity=9, batch_no=0,
+                        messages=(_message(2, b"c"),)),  # moved: same bytes as INBOX uid 5
+        FolderSynced(**common, folder="INBOX", uidvalidity=7, uidnext=7, last_uid=6, batches=3,
+                     messages=1),
+        FolderSynced(**common, folder="Sent", uidvalidity=9, uidnext=3, last_uid=2, batches=1,
+                     messages=1),
+        SyncFinished(**common, folders=2, finished_at=NOW),
+    ]
+
+
+def _two_runs(conn: db.Connection, deps: PersisterDeps, second_order: list[int]) -> dict[str, Any]:
+    _reset(conn)
+    conn.execute("UPDATE mailboxes SET lease_token = 1")
+    mailbox_id = int(conn.execute("SELECT id FROM mailboxes").fetchone()["id"])  # type: ignore[index]
+    for event in _stream(mailbox_id, _run(conn, mailbox_id)):
+        handle(event, deps)
+    conn.execute("UPDATE mailboxes SET lease_token = 2")
+    second = _second_run(mailbox_id, _run(conn, mailbox_id))
+    for i in second_order:
+        handle(second[i], deps)
+    return _state(conn)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_permutation_and_duplication_of_a_sync_converges_to_the_same_state(
+    conn: db.Connection, deps: PersisterDeps, data: st.DataObject
+) -> None:
+    if conn.execute("SELECT count(*) AS n FROM mailboxes").fetchone() == {"n": 0}:
+        _mailbox(conn)
+    expected = _two_runs(conn, deps, list(range(9)))
+    order = data.draw(st.permutations(range(9)))
+    duplicates = data.draw(st.lists(st.integers(0, 8), max_size=6))
+    shuffled = data.draw(st.permutations([*order, *duplicates]))
+    assert _two_runs(conn, deps, list(shuffled)) == expected
+    assert expected["runs"] == [{"status": "done", "messages_stored": 4},
+                                {"status": "done", "messages_stored": 2}]
+    placed = {(p["name"], p["uid"]): (p["flags"], p["expunged"]) for p in expected["placements"]}
+    assert placed[("INBOX", 1)] == ([], False)
+    assert placed[("INBOX", 2)] == (["\\Flagged"], False)
+    assert placed[("INBOX", 5)][1] is True  # a tombstone
+    assert placed[("Sent", 2)] == ([], False)
+
+
+def test_a_late_insert_cannot_resurrect_an_expunged_uid(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = _mailbox(conn)
+    run_id = _run(conn, mailbox_id)
+    common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
+    handle(MessagesExpunged(**common, folder="INBOX", uidvalidity=7, batch_no=1, uids=(5,)), deps)
+    handle(MessagesFetched(**common, folder="INBOX", uidvalidity=7, batch_no=0,
+                           messages=(_message(5, b"late"),)), deps)
+    row = conn.execute("SELECT expunged_at IS NOT NULL AS gone FROM message_folders").fetchone()
+    assert row == {"gone": True}
+
+
+def test_older_flags_never_overwrite_newer_ones(conn: db.Connection, deps: PersisterDeps) -> None:
+    mailbox_id = _mailbox(conn, token=3)
+    for event in _stream(mailbox_id, _run(conn, mailbox_id), token=3):
+        handle(event, deps)
+    run_id = _run(conn, mailbox_id)
+    common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 3}
+    handle(FlagsChanged(**common, folder="INBOX", uidvalidity=7, batch_no=0,
+                        changes=(FlagChange(uid=2, flags=("\\Answered",)),)), deps)
+    conn.execute("UPDATE message_folders SET flags_token = 4 WHERE uid = 2")  # newer attempt's
+    handle(FlagsChanged(**common, folder="INBOX", uidvalidity=7, batch_no=1,
+                        changes=(FlagChange(uid=2, flags=()),)), deps)
+    row = conn.execute("SELECT mf.flags FROM message_folders mf JOIN folders f ON f.id = mf.folder_id "
+                       "WHERE f.name = 'INBOX' AND uid = 2").fetchone()
+    assert row == {"flags": ["\\Answered"]}
