@@ -188,20 +188,6 @@ class CredentialsRestored(_Message):
     restored_at: datetime
 
 
-Command = SyncMailbox | SyncFolders
-Event = Annotated[
-    SyncStarted
-    | FoldersListed
-    | MessagesFetched
-    | FlagsChanged
-    | MessagesExpunged
-    | FolderSynced
-    | SyncFinished
-    | SyncFailed
-    | CredentialsInvalid
-    | CredentialsRestored,
-    Field(discriminator="type"),
-]
 AnyMessage = Annotated[
     SyncMailbox
     | SyncFolders
