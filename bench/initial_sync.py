@@ -609,6 +609,7 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
             "MAILFERRY_SECRET_KEY": Fernet.generate_key().decode(),
             "MAILFERRY_LOG_LEVEL": args.log_level,
             "MAILFERRY_LOG_FORMAT": "json",
+            "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1",  # Dovecot listens on 127.0.0.1
         }
         _cli(["user", "add", "--email", OWNER_EMAIL], env)
         mailbox_id = int(_cli(

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=60.0, gt=1)
     imap_timeout: float = Field(default=60.0, gt=0)
     imap_ca_file: Path | None = None
+    # Mailbox hosts are user input: loopback, private and link-local addresses are refused so a
+    # user cannot point the fetcher at internal services. 1 allows them (tests, a LAN server).
+    allow_private_networks: bool = False
     # Bounds on one MessagesFetched event, so memory stays bounded whatever the folder holds.
     batch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     batch_max_messages: int = Field(default=500, ge=1)

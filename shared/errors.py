@@ -54,6 +54,12 @@ class ImapTlsError(ImapError, PermanentError):
     kind = "tls"
 
 
+class ImapAddressRefused(ImapError, PermanentError):
+    """The host resolves to an address mailferry may not connect to (internal networks)."""
+
+    kind = "config"
+
+
 class ImapAuthError(ImapError, PermanentError):
     """The server refused the credentials: they are invalid until someone changes them."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import ipaddress
 import socket
 import ssl
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ from imapclient.response_parser import parse_fetch_response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from shared.errors import (
+    ImapAddressRefused,
     ImapAuthError,
     ImapConnectionError,
     ImapError,
@@ -51,6 +53,7 @@ class ImapConfig(BaseModel):
     password: SecretStr
     timeout: float = Field(default=60.0, gt=0)
     ca_file: Path | None = None
+    allow_private_networks: bool = False
 
     @property
     def address(self) -> str:
@@ -73,9 +76,32 @@ def connect(config: ImapConfig) -> Iterator[IMAPClient]:
         _close(client)
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse a host any of whose addresses is loopback, private, link-local or otherwise not
+    public (after DNS resolution), so user-supplied settings cannot reach internal services.
+
+    The connection itself resolves the name again; a DNS answer that changes in between (DNS
+    rebinding) is not caught here.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ImapConnectionError(f"{host}: host name cannot be resolved") from exc
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if not address.is_global or address.is_multicast:
+            raise ImapAddressRefused(
+                f"{host}:{port}: {address} is not a public address; mailboxes on internal "
+                "networks need MAILFERRY_ALLOW_PRIVATE_NETWORKS=1")
+
+
 def open_connection(config: ImapConfig) -> IMAPClient:
     timeout = SocketTimeout(connect=min(config.timeout, 30.0), read=config.timeout)
     where = config.address
+    if not config.allow_private_networks:
+        check_address(config.host, config.port)
     try:
         if config.security == "ssl":
             client = IMAPClient(config.host, config.port, ssl=True,

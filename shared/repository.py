@@ -27,7 +27,8 @@ class Mailbox:
     credentials_invalid_at: datetime | None
     last_error_kind: str | None
 
-    def imap_config(self, box: PasswordBox, *, timeout: float, ca_file: Path | None) -> ImapConfig:
+    def imap_config(self, box: PasswordBox, *, timeout: float, ca_file: Path | None,
+                    allow_private_networks: bool = False) -> ImapConfig:
         return ImapConfig(
             host=self.host,
             port=self.port,
@@ -36,6 +37,7 @@ class Mailbox:
             password=box.decrypt(self.password_encrypted),  # type: ignore[arg-type]
             timeout=timeout,
             ca_file=ca_file,
+            allow_private_networks=allow_private_networks,
         )
 
 

@@ -63,8 +63,7 @@ def env(database_url: str, vhost: tuple[str, str], secret_key: str) -> dict[str,
 
 @pytest.fixture
 def settings(env: dict[str, str]) -> Settings:
-    return Settings(**{k.removeprefix("MAILFERRY_").lower(): v for k, v in env.items()
-                       if k != "MAILFERRY_ALLOW_PRIVATE_NETWORKS"})
+    return Settings(**{k.removeprefix("MAILFERRY_").lower(): v for k, v in env.items()})
 
 
 @pytest.fixture

@@ -325,7 +325,8 @@ def mailbox_check(mailbox_id: int, as_json: bool) -> None:
     settings = _settings()
     mailbox = _mailbox(_conn(settings), mailbox_id)
     config = mailbox.imap_config(PasswordBox(settings.secret_key), timeout=settings.imap_timeout,
-                                 ca_file=settings.imap_ca_file)
+                                 ca_file=settings.imap_ca_file,
+                                 allow_private_networks=settings.allow_private_networks)
     started = time.monotonic()
     try:
         with imap.connect(config) as client:

@@ -107,7 +107,8 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps,
         deps.publish(event(SyncStarted, fetcher=deps.fetcher_id, started_at=_now()))
         try:
             config = mailbox.imap_config(deps.passwords, timeout=s.imap_timeout,
-                                         ca_file=s.imap_ca_file)
+                                         ca_file=s.imap_ca_file,
+                                         allow_private_networks=s.allow_private_networks)
             with deps.imap_connect(config) as client:
                 if mailbox.credentials_invalid_at is not None or mailbox.last_error_kind == "auth":
                     deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=_now()))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared import imap
-from shared.errors import ImapAuthError, ImapConnectionError, ImapTlsError
+from shared.errors import ImapAddressRefused, ImapAuthError, ImapConnectionError, ImapTlsError
 from tests.support.dovecot import Dovecot
 
 
@@ -30,7 +30,8 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
 def _config(server: Dovecot, security: imap.Security, *, port: int | None = None,
             ca_file: Path | None = None, password: str = "secret") -> imap.ImapConfig:
     return imap.ImapConfig(host=server.host, port=port or server.port, security=security,
-                           username="alice", password=password, timeout=10, ca_file=ca_file)
+                           username="alice", password=password, timeout=10, ca_file=ca_file,
+                           allow_private_networks=True)
 
 
 def _logs_in(config: imap.ImapConfig) -> bool:
@@ -71,3 +72,11 @@ def test_a_plain_connection_to_a_tls_port_fails_with_a_clear_error(tls_server: D
 def test_a_refused_password_is_an_authentication_error(plain_server: Dovecot) -> None:
     with pytest.raises(ImapAuthError, match="login refused for user 'alice'"):
         _logs_in(_config(plain_server, "none", password="wrong"))
+
+
+def test_without_the_private_network_setting_a_loopback_server_is_refused(
+    plain_server: Dovecot,
+) -> None:
+    config = _config(plain_server, "none").model_copy(update={"allow_private_networks": False})
+    with pytest.raises(ImapAddressRefused, match=r"127\.0\.0\.1 is not a public address"):
+        _logs_in(config)

@@ -1,0 +1,445 @@
+"""Model-based test of sync convergence (DESIGN invariants 2, 6, 7) against a real Dovecot.
+
+A hypothesis ``RuleBasedStateMachine`` changes a Dovecot mailbox over IMAP at random - APPEND
+(small messages from a pool, so bytes are often shared, with random flags), flags added and
+removed (\\Seen, \\Flagged, \\Answered, \\Draft, $Label1), EXPUNGE, MOVE, COPY (also into the same
+folder), CREATE, RENAME, DELETE of folders, a UIDVALIDITY reset (the folder deleted and made
+anew with the same messages, flags and INTERNALDATEs) - and enables folders
+(``mailferry mailbox folders ID --enable NAME``), interleaved with ``mailferry sync --mailbox ID
+--wait`` through the CLI while a fetcher and a persister run as processes. After every sync:
+
+* the store equals the server for the enabled folders: (folder, uid) -> (sha256 of BODY[],
+  sorted flags without \\Recent), read from ``mailferry messages list --json``; a folder that is
+  gone from the server but kept still shows the mail last synced, a disabled folder none;
+* the folder list (``mailferry mailbox folders ID --json``) follows the product's rules: a new
+  folder is enabled only if named in ``--folders`` at ``mailbox add``; a folder deleted on the
+  server is kept with ``gone_at`` set if it holds synced mail, and is gone otherwise; a rename
+  keeps the folder's row (settings, mail) when the product detects renames (it recognizes them
+  by the UIDVALIDITY a renamed folder keeps), otherwise it is a deletion plus a new folder;
+* no raw bytes are stored twice: ``raw_messages`` has one row per distinct sha256 ever synced in
+  the test's database, ``messages`` one per distinct sha256 ever synced into the mailbox.
+
+Each example is a fresh IMAP user and a fresh mailbox, so Dovecot, the database, the vhost and
+the service processes are started once per test function. When an example ends without a
+failure, one last sync is checked in ``teardown`` (a failure there shows as ``state.teardown()``
+in hypothesis' report).
+
+Both server modes run: CONDSTORE/QRESYNC announced, and hidden
+(``Dovecot(..., capabilities_hidden=("CONDSTORE", "QRESYNC"))``).
+
+Profiles (the default one is meant for CI: about a minute for both modes)::
+
+    .venv/bin/pytest -q tests/e2e/test_model.py                      # default: 4 x 12 steps
+    MAILFERRY_MODEL_PROFILE=long .venv/bin/pytest -q tests/e2e/test_model.py
+    .venv/bin/pytest -q -m slow tests/e2e/test_model.py              # the long profile too
+
+The long profile runs 30 examples of up to 40 steps per mode (several minutes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+from imapclient import IMAPClient
+
+from services.persister import store as persister_store
+from shared import db
+from tests.support import services
+from tests.support.dovecot import Dovecot
+
+PROFILES: dict[str, dict[str, int]] = {
+    "default": {"max_examples": 4, "stateful_step_count": 12},
+    "long": {"max_examples": 30, "stateful_step_count": 40},
+}
+PROFILE = os.environ.get("MAILFERRY_MODEL_PROFILE", "default")
+if PROFILE not in PROFILES:
+    raise ValueError(f"MAILFERRY_MODEL_PROFILE must be one of {sorted(PROFILES)}, not {PROFILE!r}")
+
+INITIAL_FOLDERS = ("INBOX", "Work")  # the --folders selection at `mailbox add`
+# Folders the machine creates; "Work" is in the selection, so it is enabled when (re)discovered.
+FOLDER_NAMES = ("Work", "Archive", "Résumé", "Lists 2024")
+FLAGS = ("\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$Label1")
+# Whether the product recognizes renamed folders (the lead is landing it): a rename then keeps
+# the folder's row; without it a rename is a deletion plus a new (disabled) folder.
+RENAMES_DETECTED = "rename" in inspect.getsource(persister_store.upsert_folders).lower()
+
+Snapshot = dict[int, tuple[str, tuple[str, ...]]]  # uid -> (sha256 of BODY[], sorted flags)
+State = dict[tuple[str, int], tuple[str, tuple[str, ...]]]  # (folder, uid) -> same
+
+
+def message(k: int) -> bytes:
+    """Message number k of a small pool: the same k gives the same bytes (shared content)."""
+    if k % 5 == 4:  # bare LF line endings and 8-bit UTF-8 in a header and the body
+        return f"Subject: ünïcode {k}\nMessage-ID: <{k}@model>\n\nbody {k} é\n".encode()
+    lines = "".join(f"line {i} of {k}\r\n" for i in range(k % 7))
+    return f"Subject: note {k}\r\nMessage-ID: <{k}@model>\r\n\r\nbody {k}\r\n{lines}".encode()
+
+
+def _sha(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _flags(raw_flags: Any) -> tuple[str, ...]:
+    return tuple(sorted(f.decode() if isinstance(f, bytes) else str(f) for f in raw_flags
+                        if f not in (b"\\Recent", "\\Recent")))
+
+
+@dataclass
+class Context:
+    """What lives as long as one test function: the deployment and what it stored so far."""
+
+    server: Dovecot
+    env: dict[str, str]
+    conn: db.Connection
+    processes: services.ServiceProcesses
+    counter: Iterator[int] = field(default_factory=itertools.count)
+    stored_hashes: set[str] = field(default_factory=set)  # every sha256 synced in this database
+
+
+@dataclass
+class Row:
+    """A folder row of the store as the model expects it."""
+
+    enabled: bool
+    gone: bool = False
+    uidvalidity: int | None = None  # the generation last synced (None: never synced)
+    messages: Snapshot = field(default_factory=dict)  # live placements as last synced
+
+
+@dataclass
+class ServerFolder:
+    uidvalidity: int
+    messages: Snapshot
+
+
+class SyncModel(RuleBasedStateMachine):
+    """The server is the oracle; the model is what the store must hold after each sync."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__()
+        self.ctx = ctx
+        n = next(ctx.counter)
+        self.user = f"model{n}"
+        ctx.server.add_user(self.user, "pw")
+        with self._imap() as imap:
+            imap.create_folder("Work")
+        email = f"{self.user}-{uuid.uuid4().hex[:8]}@example.com"
+        self._cli(["user", "add", "--email", email])
+        added = self._cli(["mailbox", "add", "--owner", email, "--host", ctx.server.host,
+                           "--port", str(ctx.server.port), "--security", "none",
+                           "--username", self.user, "--password-stdin",
+                           "--folders", ",".join(INITIAL_FOLDERS)], stdin=b"pw\n")
+        self.mailbox_id = int(added["id"])
+        self.counts: dict[str, int] = {"INBOX": 0, "Work": 0}  # messages per server folder
+        self.rows: dict[str, Row] = {}  # the store's folders, as the model expects them
+        self.hashes: set[str] = set()  # every sha256 synced into this mailbox
+        self.synced = False
+        self.dirty = True
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _imap(self) -> Any:
+        return self.ctx.server.session(self.user)
+
+    def _cli(self, args: list[str], stdin: bytes | None = None) -> Any:
+        result = services.run_cli(args, self.ctx.env, stdin=stdin)
+        assert result.returncode == 0, (
+            f"mailferry {' '.join(args)} exited {result.returncode}:\n"
+            f"{result.stderr.decode()}{result.stdout.decode()}")
+        return json.loads(result.stdout) if result.stdout.strip() else None
+
+    def _folders(self, nonempty: bool = False, inbox: bool = True) -> list[str]:
+        return sorted(f for f, n in self.counts.items()
+                      if (n or not nonempty) and (inbox or f != "INBOX"))
+
+    def _free_names(self) -> list[str]:
+        return [f for f in FOLDER_NAMES if f not in self.counts]
+
+    @staticmethod
+    def _pick(imap: IMAPClient, folder: str, picks: list[int]) -> list[int]:
+        imap.select_folder(folder)
+        uids = sorted(imap.search("ALL"))
+        return sorted({uids[p % len(uids)] for p in picks})
+
+    def _server(self) -> dict[str, ServerFolder]:
+        """Every selectable folder of the server with its messages."""
+        out: dict[str, ServerFolder] = {}
+        with self._imap() as imap:
+            for flags, _, name in imap.list_folders():
+                if b"\\Noselect" in flags or b"\\NonExistent" in flags:
+                    continue
+                info = imap.select_folder(name, readonly=True)
+                fetched = imap.fetch("1:*", ["BODY.PEEK[]", "FLAGS"]) if info[b"EXISTS"] else {}
+                out[name] = ServerFolder(
+                    int(info[b"UIDVALIDITY"]),
+                    {uid: (_sha(d[b"BODY[]"]), _flags(d[b"FLAGS"])) for uid, d in fetched.items()})
+        return out
+
+    def _expect(self, server: dict[str, ServerFolder]) -> None:
+        """Apply one sync to the model: the product's folder rules, then the enabled folders."""
+        listed = set(server)
+        if RENAMES_DETECTED:  # a new name whose UIDVALIDITY is a vanished folder's: a rename
+            vanished = {r.uidvalidity: name for name, r in self.rows.items()
+                        if name not in listed and r.uidvalidity is not None}
+            for name in sorted(listed - set(self.rows)):
+                old = vanished.pop(server[name].uidvalidity, None)
+                if old is not None:
+                    self.rows[name] = self.rows.pop(old)
+        initial = {f.casefold() for f in INITIAL_FOLDERS}
+        for name in listed:
+            if name in self.rows:
+                self.rows[name].gone = False
+            else:
+                self.rows[name] = Row(enabled=name.casefold() in initial)
+        for name in sorted(set(self.rows) - listed):
+            if self.rows[name].messages:  # holds synced mail: kept, marked gone
+                self.rows[name].gone = True
+            else:
+                del self.rows[name]
+        for name, row in self.rows.items():
+            if row.enabled and not row.gone:
+                row.uidvalidity = server[name].uidvalidity
+                row.messages = dict(server[name].messages)
+                self.hashes |= {sha for sha, _ in row.messages.values()}
+
+    def _sync_and_check(self) -> None:
+        server = self._server()
+        assert {name: len(f.messages) for name, f in server.items()} == self.counts, \
+            "the test's own bookkeeping of the server is wrong"
+        self._expect(server)
+        result = services.run_cli(["sync", "--mailbox", str(self.mailbox_id), "--wait",
+                                   "--timeout", "60", "--json"], self.ctx.env)
+        assert result.returncode == 0, (
+            f"sync exited {result.returncode}: {result.stderr.decode()}{result.stdout.decode()}"
+            f"\n{self.ctx.processes.logs()}")
+        self.ctx.processes.assert_running()
+        self.ctx.stored_hashes |= self.hashes
+        self.synced, self.dirty = True, False
+
+        folders = {f["name"]: f for f in self._cli(["mailbox", "folders", str(self.mailbox_id),
+                                                    "--json"])}
+        assert {name: (f["sync_enabled"], f["gone_at"] is not None, f["messages"])
+                for name, f in folders.items()} == \
+            {name: (r.enabled, r.gone, len(r.messages)) for name, r in self.rows.items()}, \
+            "folders in the store: (sync_enabled, gone, messages)"
+
+        stored: State = {(m["folder"], m["uid"]): (m["sha256"], tuple(sorted(m["flags"])))
+                         for m in self._cli(["messages", "list", "--mailbox",
+                                             str(self.mailbox_id), "--json"])}
+        expected: State = {(name, uid): v for name, r in self.rows.items()
+                           for uid, v in r.messages.items()}
+        assert_same_state(stored, expected)
+
+        raw = self.ctx.conn.execute("SELECT count(*) AS n FROM raw_messages").fetchone()
+        assert raw is not None and raw["n"] == len(self.ctx.stored_hashes), \
+            "raw_messages must hold each distinct sha256 ever synced exactly once"
+        parsed = self.ctx.conn.execute("SELECT count(*) AS n FROM messages WHERE mailbox_id = %s",
+                                       (self.mailbox_id,)).fetchone()
+        assert parsed is not None and parsed["n"] == len(self.hashes), \
+            "messages must hold each distinct sha256 synced into the mailbox exactly once"
+
+    # -- syncs (three rules, so that about one step in four is a sync) ------------------------
+
+    @rule()
+    def sync(self) -> None:
+        self._sync_and_check()
+
+    @rule()
+    def sync_(self) -> None:
+        self._sync_and_check()
+
+    @rule()
+    def sync__(self) -> None:
+        self._sync_and_check()
+
+    # -- server-side changes -----------------------------------------------------------------
+
+    @rule(data=st.data(), k=st.integers(0, 11),
+          flags=st.sets(st.sampled_from(FLAGS), max_size=3))
+    def append(self, data: st.DataObject, k: int, flags: set[str]) -> None:
+        folder = data.draw(st.sampled_from(self._folders()), label="folder")
+        with self._imap() as imap:
+            imap.append(folder, message(k), flags=sorted(flags))
+        self.counts[folder] += 1
+        self.dirty = True
+
+    @precondition(lambda self: self._folders(nonempty=True))
+    @rule(data=st.data(), picks=st.lists(st.integers(0, 30), min_size=1, max_size=3),
+          flags=st.sets(st.sampled_from(FLAGS), min_size=1, max_size=2), add=st.booleans())
+    def change_flags(self, data: st.DataObject, picks: list[int], flags: set[str],
+                     add: bool) -> None:
+        folder = data.draw(st.sampled_from(self._folders(nonempty=True)), label="folder")
+        with self._imap() as imap:
+            uids = self._pick(imap, folder, picks)
+            (imap.add_flags if add else imap.remove_flags)(uids, sorted(flags))
+        self.dirty = True
+
+    @precondition(lambda self: self._folders(nonempty=True))
+    @rule(data=st.data(), picks=st.lists(st.integers(0, 30), min_size=1, max_size=3))
+    def expunge(self, data: st.DataObject, picks: list[int]) -> None:
+        folder = data.draw(st.sampled_from(self._folders(nonempty=True)), label="folder")
+        with self._imap() as imap:
+            uids = self._pick(imap, folder, picks)
+            imap.delete_messages(uids)
+            imap.expunge()
+        self.counts[folder] -= len(uids)
+        self.dirty = True
+
+    @precondition(lambda self: self._folders(nonempty=True) and len(self.counts) > 1)
+    @rule(data=st.data(), picks=st.lists(st.integers(0, 30), min_size=1, max_size=3))
+    def move(self, data: st.DataObject, picks: list[int]) -> None:
+        source = data.draw(st.sampled_from(self._folders(nonempty=True)), label="from")
+        target = data.draw(st.sampled_from([f for f in self._folders() if f != source]),
+                           label="to")
+        with self._imap() as imap:
+            uids = self._pick(imap, source, picks)
+            if imap.has_capability("MOVE"):
+                imap.move(uids, target)
+            else:
+                imap.copy(uids, target)
+                imap.delete_messages(uids)
+                imap.expunge()
+        self.counts[source] -= len(uids)
+        self.counts[target] += len(uids)
+        self.dirty = True
+
+    @precondition(lambda self: self._folders(nonempty=True))
+    @rule(data=st.data(), picks=st.lists(st.integers(0, 30), min_size=1, max_size=3))
+    def copy(self, data: st.DataObject, picks: list[int]) -> None:
+        source = data.draw(st.sampled_from(self._folders(nonempty=True)), label="from")
+        target = data.draw(st.sampled_from(self._folders()), label="to")  # may be the same
+        with self._imap() as imap:
+            uids = self._pick(imap, source, picks)
+            imap.copy(uids, target)
+        self.counts[target] += len(uids)
+        self.dirty = True
+
+    @precondition(lambda self: self._free_names())
+    @rule(data=st.data())
+    def create_folder(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self._free_names()), label="name")
+        with self._imap() as imap:
+            imap.create_folder(name)
+        self.counts[name] = 0
+        self.dirty = True
+
+    @precondition(lambda self: self._free_names() and self._folders(inbox=False))
+    @rule(data=st.data())
+    def rename_folder(self, data: st.DataObject) -> None:
+        old = data.draw(st.sampled_from(self._folders(inbox=False)), label="old")
+        new = data.draw(st.sampled_from(self._free_names()), label="new")
+        with self._imap() as imap:
+            imap.rename_folder(old, new)
+        self.counts[new] = self.counts.pop(old)
+        self.dirty = True
+
+    @precondition(lambda self: self._folders(inbox=False))
+    @rule(data=st.data())
+    def delete_folder(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self._folders(inbox=False)), label="name")
+        with self._imap() as imap:
+            imap.delete_folder(name)
+        del self.counts[name]
+        self.dirty = True
+
+    @precondition(lambda self: self._folders(inbox=False))
+    @rule(data=st.data())
+    def reset_uidvalidity(self, data: st.DataObject) -> None:
+        """The folder is deleted and made anew with the same messages, flags and dates."""
+        name = data.draw(st.sampled_from(self._folders(inbox=False)), label="name")
+        with self._imap() as imap:
+            before = imap.select_folder(name, readonly=True)[b"UIDVALIDITY"]
+            kept = (imap.fetch("1:*", ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"])
+                    if self.counts[name] else {})
+            imap.close_folder()
+            imap.delete_folder(name)
+            imap.create_folder(name)
+            for _, d in sorted(kept.items()):
+                imap.append(name, d[b"BODY[]"], flags=_flags(d[b"FLAGS"]),
+                            msg_time=d[b"INTERNALDATE"])
+            after = imap.folder_status(name, ["UIDVALIDITY"])[b"UIDVALIDITY"]
+        assert after != before, "Dovecot kept the UIDVALIDITY of a re-created folder"
+        self.dirty = True
+
+    # -- the user's settings -----------------------------------------------------------------
+
+    @precondition(lambda self: any(not r.enabled and not r.gone for r in self.rows.values()))
+    @rule(data=st.data())
+    def enable_folder(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(n for n, r in self.rows.items()
+                                                if not r.enabled and not r.gone)), label="name")
+        self._cli(["mailbox", "folders", str(self.mailbox_id), "--enable", name, "--json"])
+        self.rows[name].enabled = True  # the next sync must include it
+        self.dirty = True
+
+    def teardown(self) -> None:
+        # After a failure, only report it; otherwise the example ends with one more sync.
+        if sys.exc_info()[0] is None and self.dirty:
+            self._sync_and_check()
+
+
+def assert_same_state(stored: State, expected: State) -> None:
+    if stored == expected:
+        return
+    lines = []
+    for key in sorted(set(stored) | set(expected)):
+        if stored.get(key) != expected.get(key):
+            lines.append(f"  {key}: store {_short(stored.get(key))}, "
+                         f"expected {_short(expected.get(key))}")
+    raise AssertionError("the store differs from the server (folder, uid):\n" + "\n".join(lines))
+
+
+def _short(value: tuple[str, tuple[str, ...]] | None) -> str:
+    return "missing" if value is None else f"{value[0][:10]} {list(value[1])}"
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=[(), ("CONDSTORE", "QRESYNC")], ids=["condstore", "no-condstore"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dovecot]:
+    with Dovecot(tmp_path / "dovecot", capabilities_hidden=request.param) as dovecot:
+        yield dovecot
+
+
+def _run(profile: str, env: dict[str, str], server: Dovecot, conn: db.Connection,
+         processes: services.ServiceProcesses) -> None:
+    processes.start("fetcher")
+    processes.start("persister")
+    ctx = Context(server=server, env=env, conn=conn, processes=processes)
+    run_state_machine_as_test(
+        lambda: SyncModel(ctx),
+        settings=settings(deadline=None, suppress_health_check=list(HealthCheck),
+                          print_blob=True, **PROFILES[profile]),
+    )
+
+
+@pytest.mark.timeout(3600 if PROFILE == "long" else 300)
+def test_the_store_converges_under_random_server_changes(
+    env: dict[str, str], server: Dovecot, conn: db.Connection,
+    processes: services.ServiceProcesses,
+) -> None:
+    _run(PROFILE, env, server, conn, processes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_the_store_converges_under_random_server_changes_long(
+    env: dict[str, str], server: Dovecot, conn: db.Connection,
+    processes: services.ServiceProcesses,
+) -> None:
+    _run("long", env, server, conn, processes)
