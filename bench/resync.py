@@ -263,7 +263,8 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
             db.migrate(database_url)
             env = {"MAILFERRY_DATABASE_URL": database_url, "MAILFERRY_BROKER_URL": broker_url,
                    "MAILFERRY_SECRET_KEY": Fernet.generate_key().decode(),
-                   "MAILFERRY_LOG_LEVEL": "info", "MAILFERRY_LOG_FORMAT": "json"}
+                   "MAILFERRY_LOG_LEVEL": "info", "MAILFERRY_LOG_FORMAT": "json",
+                   "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1"}  # Dovecot and the proxy: 127.0.0.1
             _cli(["user", "add", "--email", OWNER_EMAIL], env)
             mailbox_id = int(_cli(
                 ["mailbox", "add", "--owner", OWNER_EMAIL, "--host", "127.0.0.1", "--port",

@@ -141,6 +141,24 @@ def keys_generate() -> None:
     click.echo(generate_key())
 
 
+@keys_group.command("rotate")
+def keys_rotate() -> None:
+    """Re-encrypt every stored password with the first key of MAILFERRY_SECRET_KEY.
+
+    To rotate: put the new key first (NEW,OLD), restart the services, run this, then drop OLD.
+    """
+    settings = _settings()
+    box = PasswordBox(settings.secret_key)
+    conn = _conn(settings)
+    with conn.transaction():
+        rows = conn.execute(
+            "SELECT id, password_encrypted FROM mailboxes ORDER BY id FOR UPDATE").fetchall()
+        for row in rows:
+            conn.execute("UPDATE mailboxes SET password_encrypted = %s WHERE id = %s",
+                         (box.rotate(row["password_encrypted"]), row["id"]))
+    _json({"rotated": len(rows)})
+
+
 # --- users ------------------------------------------------------------------------------------
 
 
@@ -594,6 +612,103 @@ def notifications_pop(email: str, as_json: bool) -> None:
     from shared.notifications import pop_notifications
 
     _print_notifications(pop_notifications(_conn(_settings()), email), as_json)
+
+
+# --- dead letters -----------------------------------------------------------------------------
+
+
+@cli.group("dead-letters")
+def dead_letters_group() -> None:
+    """Messages that could not be processed, kept with their reason."""
+
+
+def _dead_letter_queues(name: str | None) -> list[Any]:
+    from shared import topology
+
+    works = [w for w in topology.WORK_QUEUES if name in (None, w.name, w.dead_letter_name)]
+    if not works:
+        known = ", ".join(w.name for w in topology.WORK_QUEUES)
+        raise click.BadParameter(f"unknown queue; one of: {known}", param_hint="--queue")
+    return works
+
+
+@dead_letters_group.command("list")
+@click.option("--queue", "queue_name", help="a work queue (default: all)")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True)
+def dead_letters_list(queue_name: str | None, limit: int, as_json: bool) -> None:
+    """Show dead-lettered messages and why; they stay where they are."""
+    from shared import broker
+
+    settings = _settings()
+    out: list[dict[str, Any]] = []
+    with broker.connect(settings.broker_url) as conn:
+        for work in _dead_letter_queues(queue_name):
+            channel = conn.channel()
+            for message in _drain(channel, work.dead_letter_name, limit):
+                out.append(_describe_dead_letter(work.name, message))
+            channel.close()  # unacknowledged: every message goes back to its queue
+    if as_json:
+        _json(out)
+    else:
+        _table(out, ["queue", "type", "mailbox_id", "failed_at", "attempts", "error"])
+
+
+@dead_letters_group.command("replay")
+@click.option("--queue", "queue_name", help="a work queue (default: all)")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000))
+def dead_letters_replay(queue_name: str | None, limit: int) -> None:
+    """Send dead-lettered messages back to their work queue, with a fresh retry budget."""
+    from shared import broker
+
+    settings = _settings()
+    publisher = broker.Publisher(settings.broker_url, settings.retry_delays)
+    replayed = 0
+    try:
+        with broker.connect(settings.broker_url) as conn:
+            for work in _dead_letter_queues(queue_name):
+                channel = conn.channel()
+                for message in _drain(channel, work.dead_letter_name, limit):
+                    headers = {k: v for k, v in (message.headers or {}).items()
+                               if not k.startswith("x-")}
+                    publisher.publish_raw(message.body, exchange="", routing_key=work.name,
+                                          type_=message.properties.get("type"), headers=headers)
+                    channel.basic_ack(message.delivery_tag)  # only after the broker confirmed
+                    replayed += 1
+                channel.close()
+    finally:
+        publisher.close()
+    _json({"replayed": replayed})
+
+
+def _drain(channel: Any, queue: str, limit: int) -> list[Any]:
+    out: list[Any] = []
+    channel.basic_qos(0, limit, False)
+    while len(out) < limit:
+        message = channel.basic_get(queue, no_ack=False)
+        if message is None:
+            break
+        out.append(message)
+    return out
+
+
+def _describe_dead_letter(queue: str, message: Any) -> dict[str, Any]:
+    headers = message.headers or {}
+    try:
+        body = json.loads(message.body)
+    except (ValueError, TypeError):
+        body = {}
+    death = (headers.get("x-death") or [{}])[0]
+    return {
+        "queue": queue,
+        "type": message.properties.get("type") or body.get("type"),
+        "mailbox_id": body.get("mailbox_id") if isinstance(body, dict) else None,
+        "run_id": body.get("run_id") if isinstance(body, dict) else None,
+        "error": headers.get("x-mailferry-error") or f"broker: {death.get('reason', '?')}",
+        "failed_at": headers.get("x-mailferry-failed-at"),
+        "attempts": headers.get("x-mailferry-attempt"),
+        "size": len(message.body),
+    }
 
 
 # --- status -----------------------------------------------------------------------------------
