@@ -423,10 +423,10 @@ def code_state() -> dict[str, Any]:
     """The commit, and the product files changed in the working tree: they are what ran."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=services.REPO, capture_output=True,
-                              text=True, check=False).stdout.strip()
+                              text=True, check=False).stdout
     changed = [line[3:] for line in git("status", "--porcelain", "--", "services",
                                         "shared").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD"), "changed": changed}
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "changed": changed}
 
 
 # --- report ----------------------------------------------------------------------------------

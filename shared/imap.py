@@ -126,6 +126,10 @@ def open_connection(config: ImapConfig) -> IMAPClient:
         ) from exc
     except OSError as exc:
         raise ImapConnectionError(f"{where}: {exc.strerror or exc}") from exc
+    # imaplib writes a command and its CRLF separately; without TCP_NODELAY a peer that delays
+    # its ACKs holds each such command back for up to 40 ms (Nagle's algorithm).
+    with contextlib.suppress(OSError, AttributeError):
+        client._imap.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client.normalise_times = False  # keep INTERNALDATE's zone
     client.folder_encode = False  # we keep raw (modified UTF-7) names and decode them ourselves
     if config.security == "starttls":

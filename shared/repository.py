@@ -71,12 +71,13 @@ def folder_states(conn: Connection, mailbox_id: int) -> dict[str, FolderState]:
     return {r["raw_name"]: FolderState(**r) for r in rows}
 
 
-def live_uids(conn: Connection, raw_name: str, state: FolderState, uidvalidity: int) -> set[int]:
-    """UIDs of a folder's stored, not expunged placements up to its checkpoint."""
+def live_flags(conn: Connection, raw_name: str, state: FolderState,
+               uidvalidity: int) -> dict[int, frozenset[str]]:
+    """Flags of a folder's stored, not expunged placements up to its checkpoint, by UID."""
     rows = conn.execute(
-        """SELECT mf.uid FROM message_folders mf JOIN folders f ON f.id = mf.folder_id
+        """SELECT mf.uid, mf.flags FROM message_folders mf JOIN folders f ON f.id = mf.folder_id
             WHERE f.mailbox_id = %s AND f.raw_name = %s AND mf.uidvalidity = %s
               AND mf.expunged_at IS NULL AND mf.uid <= %s""",
         (state.mailbox_id, raw_name, uidvalidity, state.last_uid),
     ).fetchall()
-    return {int(r["uid"]) for r in rows}
+    return {int(r["uid"]): frozenset(r["flags"]) for r in rows}

@@ -310,18 +310,19 @@ def _known_messages(client: IMAPClient, conn: Connection, folder: FolderInfo,
         imap.vanished(client)  # drop anything reported before this command
     items = ["FLAGS", "MODSEQ"] if extensions.condstore else ["FLAGS"]
     flags = imap.fetch(client, f"1:{state.last_uid}", items, where, modifiers)
+    stored = repository.live_flags(conn, folder.raw_name, state, status.uidvalidity)
+    # Only what differs from the store travels (a full pass without CONDSTORE sees every UID).
     changes = [
-        FlagChange(uid=uid, flags=_clean_flags(info.get(b"FLAGS", ())),
-                   modseq=imap.modseq(info.get(b"MODSEQ")))
+        FlagChange(uid=uid, flags=current, modseq=imap.modseq(info.get(b"MODSEQ")))
         for uid, info in sorted(flags.items())
+        if uid in stored and frozenset(current := _clean_flags(info.get(b"FLAGS", ()))) != stored[uid]
     ]
     for start in range(0, len(changes), META_CHUNK):
         publish(FlagsChanged, changes=tuple(changes[start:start + META_CHUNK]))
-    stored = repository.live_uids(conn, folder.raw_name, state, status.uidvalidity)
     if use_vanished:
-        gone = sorted(stored & imap.vanished(client))
+        gone = sorted(stored.keys() & imap.vanished(client))
     else:
-        gone = sorted(stored - imap.existing_uids(client, state.last_uid, where))
+        gone = sorted(stored.keys() - imap.existing_uids(client, state.last_uid, where))
     for start in range(0, len(gone), META_CHUNK):
         publish(MessagesExpunged, uids=tuple(gone[start:start + META_CHUNK]))
     return len(changes), len(gone)

@@ -76,6 +76,9 @@ FLAGS = ("\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$Label1")
 # Whether the product recognizes renamed folders (the lead is landing it): a rename then keeps
 # the folder's row; without it a rename is a deletion plus a new (disabled) folder.
 RENAMES_DETECTED = "rename" in inspect.getsource(persister_store.upsert_folders).lower()
+# Invariant 7 wants a renamed folder equal to the server right after the sync that sees the
+# rename; the product syncs it under its new name only from the next run on. True accepts that.
+RENAMED_FOLDER_WAITS_A_RUN = os.environ.get("MAILFERRY_MODEL_RENAME_WAITS") == "1"
 
 Snapshot = dict[int, tuple[str, tuple[str, ...]]]  # uid -> (sha256 of BODY[], sorted flags)
 State = dict[tuple[str, int], tuple[str, tuple[str, ...]]]  # (folder, uid) -> same
@@ -107,7 +110,6 @@ class Context:
     conn: db.Connection
     processes: services.ServiceProcesses
     counter: Iterator[int] = field(default_factory=itertools.count)
-    stored_hashes: set[str] = field(default_factory=set)  # every sha256 synced in this database
 
 
 @dataclass
@@ -147,6 +149,9 @@ class SyncModel(RuleBasedStateMachine):
         self.counts: dict[str, int] = {"INBOX": 0, "Work": 0}  # messages per server folder
         self.rows: dict[str, Row] = {}  # the store's folders, as the model expects them
         self.hashes: set[str] = set()  # every sha256 synced into this mailbox
+        # raw_messages is shared by all mailboxes: what earlier examples left in it
+        self.raw_before = {bytes(r["sha256"]).hex() for r in ctx.conn.execute(
+            "SELECT sha256 FROM raw_messages").fetchall()}
         self.synced = False
         self.dirty = True
 
@@ -183,7 +188,8 @@ class SyncModel(RuleBasedStateMachine):
                 if b"\\Noselect" in flags or b"\\NonExistent" in flags:
                     continue
                 info = imap.select_folder(name, readonly=True)
-                fetched = imap.fetch("1:*", ["BODY.PEEK[]", "FLAGS"]) if info[b"EXISTS"] else {}
+                uids = imap.search("ALL") if info[b"EXISTS"] else []
+                fetched = imap.fetch(uids, ["BODY.PEEK[]", "FLAGS"]) if uids else {}
                 out[name] = ServerFolder(
                     int(info[b"UIDVALIDITY"]),
                     {uid: (_sha(d[b"BODY[]"]), _flags(d[b"FLAGS"])) for uid, d in fetched.items()})
@@ -192,6 +198,7 @@ class SyncModel(RuleBasedStateMachine):
     def _expect(self, server: dict[str, ServerFolder]) -> None:
         """Apply one sync to the model: the product's folder rules, then the enabled folders."""
         listed = set(server)
+        renamed: set[str] = set()
         if RENAMES_DETECTED:  # a new name whose UIDVALIDITY is a vanished folder's: a rename
             vanished = {r.uidvalidity: name for name, r in self.rows.items()
                         if name not in listed and r.uidvalidity is not None}
@@ -199,6 +206,7 @@ class SyncModel(RuleBasedStateMachine):
                 old = vanished.pop(server[name].uidvalidity, None)
                 if old is not None:
                     self.rows[name] = self.rows.pop(old)
+                    renamed.add(name)
         initial = {f.casefold() for f in INITIAL_FOLDERS}
         for name in listed:
             if name in self.rows:
@@ -211,7 +219,8 @@ class SyncModel(RuleBasedStateMachine):
             else:
                 del self.rows[name]
         for name, row in self.rows.items():
-            if row.enabled and not row.gone:
+            if row.enabled and not row.gone and not (RENAMED_FOLDER_WAITS_A_RUN
+                                                     and name in renamed):
                 row.uidvalidity = server[name].uidvalidity
                 row.messages = dict(server[name].messages)
                 self.hashes |= {sha for sha, _ in row.messages.values()}
@@ -227,7 +236,6 @@ class SyncModel(RuleBasedStateMachine):
             f"sync exited {result.returncode}: {result.stderr.decode()}{result.stdout.decode()}"
             f"\n{self.ctx.processes.logs()}")
         self.ctx.processes.assert_running()
-        self.ctx.stored_hashes |= self.hashes
         self.synced, self.dirty = True, False
 
         folders = {f["name"]: f for f in self._cli(["mailbox", "folders", str(self.mailbox_id),
@@ -244,12 +252,16 @@ class SyncModel(RuleBasedStateMachine):
                            for uid, v in r.messages.items()}
         assert_same_state(stored, expected)
 
-        raw = self.ctx.conn.execute("SELECT count(*) AS n FROM raw_messages").fetchone()
-        assert raw is not None and raw["n"] == len(self.ctx.stored_hashes), \
-            "raw_messages must hold each distinct sha256 ever synced exactly once"
-        parsed = self.ctx.conn.execute("SELECT count(*) AS n FROM messages WHERE mailbox_id = %s",
-                                       (self.mailbox_id,)).fetchone()
-        assert parsed is not None and parsed["n"] == len(self.hashes), \
+        raw = {bytes(r["sha256"]).hex() for r in self.ctx.conn.execute(
+            "SELECT sha256 FROM raw_messages").fetchall()}
+        assert raw == self.raw_before | self.hashes, (
+            "raw_messages must hold each distinct sha256 synced once: "
+            f"unexpected {sorted(h[:10] for h in raw - self.raw_before - self.hashes)}, "
+            f"missing {sorted(h[:10] for h in (self.raw_before | self.hashes) - raw)}")
+        parsed = self.ctx.conn.execute(
+            "SELECT count(*) AS n, count(DISTINCT sha256) AS d FROM messages WHERE mailbox_id = %s",
+            (self.mailbox_id,)).fetchone()
+        assert parsed == {"n": len(self.hashes), "d": len(self.hashes)}, \
             "messages must hold each distinct sha256 synced into the mailbox exactly once"
 
     # -- syncs (three rules, so that about one step in four is a sync) ------------------------
@@ -363,8 +375,8 @@ class SyncModel(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(self._folders(inbox=False)), label="name")
         with self._imap() as imap:
             before = imap.select_folder(name, readonly=True)[b"UIDVALIDITY"]
-            kept = (imap.fetch("1:*", ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"])
-                    if self.counts[name] else {})
+            uids = imap.search("ALL")
+            kept = imap.fetch(uids, ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"]) if uids else {}
             imap.close_folder()
             imap.delete_folder(name)
             imap.create_folder(name)
