@@ -89,8 +89,7 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps,
         (cmd.run_id, mailbox.id, cmd.force, cmd.requested_by,
          "folders" if isinstance(cmd, SyncFolders) else "mailbox"),
     )
-    status = conn.execute("SELECT status FROM sync_runs WHERE id = %s",
-                               (cmd.run_id,)).fetchone()
+    status = conn.execute("SELECT status FROM sync_runs WHERE id = %s", (cmd.run_id,)).fetchone()
     if status is None:
         log.info("sync.skipped", reason="another run of this mailbox is queued or running")
         return
@@ -149,8 +148,9 @@ def command_dead_lettered(cmd: AnyMessage, reason: str, deps: FetcherDeps) -> No
     )
 
 
-def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, conn: Connection, client: IMAPClient,
-                  config: imap.ImapConfig, mailbox: repository.Mailbox, lease: leases.Lease,
+def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, conn: Connection,
+                  client: IMAPClient, config: imap.ImapConfig, mailbox: repository.Mailbox,
+                  lease: leases.Lease,
                   event: Callable[..., Any]) -> dict[str, int]:
     where = config.address
     extensions = imap.enable_extensions(client, where)
@@ -161,33 +161,38 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, conn: Conne
         return {"folders": 0, "failed_folders": 0, "messages": 0, "bytes": 0}
     days = mailbox.first_sync_days or deps.settings.first_sync_days
     totals = {"folders": 0, "failed_folders": 0, "messages": 0, "bytes": 0}
-    for folder in folders:
-        state = states.get(folder.raw_name)
-        wanted = state.sync_enabled if state else enabled_on_discovery(folder, mailbox.initial_folders)
-        if not wanted or not folder.selectable or folder.raw_name in renamed:
-            continue  # a renamed folder is synced under its new name from the next run on
+    # A renamed folder is synced under its new name from the next run on.
+    to_sync = [
+        f for f in folders
+        if f.selectable and f.raw_name not in renamed
+        and (states[f.raw_name].sync_enabled if f.raw_name in states
+             else enabled_on_discovery(f, mailbox.initial_folders))
+    ]
+    for index, folder in enumerate(to_sync):
         lease.check()
         totals["folders"] += 1
         structlog.contextvars.bind_contextvars(folder=folder.name)
         try:
-            n, size = _sync_folder(client, conn, folder, state, extensions, cmd, deps, lease,
-                                   event, since=first_sync_since(deps.today(), days),
-                                   where=where)
+            n, size = _sync_folder(client, conn, folder, states.get(folder.raw_name), extensions,
+                                   cmd, deps, lease, event,
+                                   since=first_sync_since(deps.today(), days), where=where)
             totals["messages"] += n
             totals["bytes"] += size
         except LeaseLost:
             raise
         except ImapError as exc:
             # One bad folder never stalls the mailbox (DESIGN invariant 5): close it with its
-            # error (its checkpoint stays) and go on, unless the connection itself is gone.
+            # error (its checkpoint stays) and go on, unless the connection itself is gone:
+            # then the folders not reached are closed with that error too.
             totals["failed_folders"] += 1
             deps.publish(event(FolderSynced, folder=folder.raw_name, uidvalidity=None,
-                               batches=getattr(exc, "batches", 0),
-                               messages=0, error=str(exc)))
+                               batches=getattr(exc, "batches", 0), messages=0, error=str(exc)))
             log.warning("folder.failed", error=str(exc))
             if isinstance(exc, ImapConnectionError):
-                totals["folders"] += _close_remaining(folders, folder, states, mailbox, deps,
-                                                      event, str(exc))
+                for rest in to_sync[index + 1:]:
+                    deps.publish(event(FolderSynced, folder=rest.raw_name, uidvalidity=None,
+                                       batches=0, messages=0, error=f"not reached: {exc}"))
+                    totals["folders"] += 1
                 break
         finally:
             structlog.contextvars.unbind_contextvars("folder")
@@ -214,21 +219,6 @@ def _detect_renames(client: IMAPClient, folders: list[FolderInfo],
     if renamed:
         log.info("folders.renamed", new_names=sorted(renamed))
     return out, renamed
-
-
-def _close_remaining(folders: list[FolderInfo], failed: FolderInfo,
-                     states: dict[str, repository.FolderState], mailbox: repository.Mailbox,
-                     deps: FetcherDeps, event: Callable[..., Any], error: str) -> int:
-    """After a dropped connection, the folders not reached are closed with that error."""
-    closed = 0
-    for folder in folders[folders.index(failed) + 1:]:
-        state = states.get(folder.raw_name)
-        wanted = state.sync_enabled if state else enabled_on_discovery(folder, mailbox.initial_folders)
-        if wanted and folder.selectable:
-            deps.publish(event(FolderSynced, folder=folder.raw_name, uidvalidity=None, batches=0,
-                               messages=0, error=f"not reached: {error}"))
-            closed += 1
-    return closed
 
 
 class _FolderFailed(ImapError):

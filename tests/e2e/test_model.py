@@ -43,8 +43,8 @@ import inspect
 import itertools
 import json
 import os
+import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +109,7 @@ class Context:
     env: dict[str, str]
     conn: db.Connection
     processes: services.ServiceProcesses
+    owner: str  # the user owning every example's mailbox
     counter: Iterator[int] = field(default_factory=itertools.count)
 
 
@@ -139,9 +140,7 @@ class SyncModel(RuleBasedStateMachine):
         ctx.server.add_user(self.user, "pw")
         with self._imap() as imap:
             imap.create_folder("Work")
-        email = f"{self.user}-{uuid.uuid4().hex[:8]}@example.com"
-        self._cli(["user", "add", "--email", email])
-        added = self._cli(["mailbox", "add", "--owner", email, "--host", ctx.server.host,
+        added = self._cli(["mailbox", "add", "--owner", ctx.owner, "--host", ctx.server.host,
                            "--port", str(ctx.server.port), "--security", "none",
                            "--username", self.user, "--password-stdin",
                            "--folders", ",".join(INITIAL_FOLDERS)], stdin=b"pw\n")
@@ -195,8 +194,9 @@ class SyncModel(RuleBasedStateMachine):
                     {uid: (_sha(d[b"BODY[]"]), _flags(d[b"FLAGS"])) for uid, d in fetched.items()})
         return out
 
-    def _expect(self, server: dict[str, ServerFolder]) -> None:
-        """Apply one sync to the model: the product's folder rules, then the enabled folders."""
+    def _expect_folders(self, server: dict[str, ServerFolder]) -> set[str]:
+        """Apply a listing of the server's folders to the model (what every run does first):
+        renames, new folders, the deletion rule. Returns the names recognized as renames."""
         listed = set(server)
         renamed: set[str] = set()
         if RENAMES_DETECTED:  # a new name whose UIDVALIDITY is a vanished folder's: a rename
@@ -218,6 +218,11 @@ class SyncModel(RuleBasedStateMachine):
                 self.rows[name].gone = True
             else:
                 del self.rows[name]
+        return renamed
+
+    def _expect(self, server: dict[str, ServerFolder]) -> None:
+        """Apply one sync to the model: the folder list, then the enabled folders' mail."""
+        renamed = self._expect_folders(server)
         for name, row in self.rows.items():
             if row.enabled and not row.gone and not (RENAMED_FOLDER_WAITS_A_RUN
                                                      and name in renamed):
@@ -238,16 +243,15 @@ class SyncModel(RuleBasedStateMachine):
         self.ctx.processes.assert_running()
         self.synced, self.dirty = True, False
 
-        folders = {f["name"]: f for f in self._cli(["mailbox", "folders", str(self.mailbox_id),
-                                                    "--json"])}
-        assert {name: (f["sync_enabled"], f["gone_at"] is not None, f["messages"])
-                for name, f in folders.items()} == \
+        listed, messages = _cli_parallel(self.ctx.env, [
+            ["mailbox", "folders", str(self.mailbox_id), "--json"],
+            ["messages", "list", "--mailbox", str(self.mailbox_id), "--json"]])
+        assert {f["name"]: (f["sync_enabled"], f["gone_at"] is not None, f["messages"])
+                for f in listed} == \
             {name: (r.enabled, r.gone, len(r.messages)) for name, r in self.rows.items()}, \
             "folders in the store: (sync_enabled, gone, messages)"
-
         stored: State = {(m["folder"], m["uid"]): (m["sha256"], tuple(sorted(m["flags"])))
-                         for m in self._cli(["messages", "list", "--mailbox",
-                                             str(self.mailbox_id), "--json"])}
+                         for m in messages}
         expected: State = {(name, uid): v for name, r in self.rows.items()
                            for uid, v in r.messages.items()}
         assert_same_state(stored, expected)
@@ -396,12 +400,54 @@ class SyncModel(RuleBasedStateMachine):
                                                 if not r.enabled and not r.gone)), label="name")
         self._cli(["mailbox", "folders", str(self.mailbox_id), "--enable", name, "--json"])
         self.rows[name].enabled = True  # the next sync must include it
+        # A changed selection lists the folders at once (a folder run, not the mail): wait for
+        # it, then the model applies the same listing.
+        self._wait_for_runs()
+        self._expect_folders(self._server())
         self.dirty = True
+
+    @precondition(lambda self: any(r.enabled and not r.gone for r in self.rows.values()))
+    @rule(data=st.data())
+    def disable_folder(self, data: st.DataObject) -> None:
+        """Its synced mail stays in the store as it was; enabled again, it catches up."""
+        name = data.draw(st.sampled_from(sorted(n for n, r in self.rows.items()
+                                                if r.enabled and not r.gone)), label="name")
+        self._cli(["mailbox", "folders", str(self.mailbox_id), "--disable", name, "--json"])
+        self.rows[name].enabled = False
+        self._wait_for_runs()
+        self._expect_folders(self._server())
+        self.dirty = True
+
+    def _wait_for_runs(self) -> None:
+        def idle() -> bool:
+            active = self.ctx.conn.execute(
+                """SELECT count(*) AS n FROM sync_runs
+                    WHERE mailbox_id = %s AND status IN ('queued', 'running')""",
+                (self.mailbox_id,)).fetchone()
+            return active is not None and active["n"] == 0
+        assert services.eventually(idle, timeout=60), "the folder run did not finish"
+        failed = self.ctx.conn.execute(
+            "SELECT kind, error FROM sync_runs WHERE mailbox_id = %s AND status <> 'done'",
+            (self.mailbox_id,)).fetchall()
+        assert not failed, f"runs failed: {failed}"
 
     def teardown(self) -> None:
         # After a failure, only report it; otherwise the example ends with one more sync.
         if sys.exc_info()[0] is None and self.dirty:
             self._sync_and_check()
+
+
+def _cli_parallel(env: dict[str, str], commands: list[list[str]]) -> list[Any]:
+    """Run read-only mailferry commands at once (each one starts a Python interpreter)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "services.cli.main", *args],
+                              env={**os.environ, **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, cwd=services.REPO) for args in commands]
+    out = []
+    for args, proc in zip(commands, procs, strict=True):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"mailferry {' '.join(args)}: {stderr.decode()}"
+        out.append(json.loads(stdout))
+    return out
 
 
 def assert_same_state(stored: State, expected: State) -> None:
@@ -432,7 +478,9 @@ def _run(profile: str, env: dict[str, str], server: Dovecot, conn: db.Connection
          processes: services.ServiceProcesses) -> None:
     processes.start("fetcher")
     processes.start("persister")
-    ctx = Context(server=server, env=env, conn=conn, processes=processes)
+    owner = "model@example.com"
+    assert services.run_cli(["user", "add", "--email", owner], env).returncode == 0
+    ctx = Context(server=server, env=env, conn=conn, processes=processes, owner=owner)
     run_state_machine_as_test(
         lambda: SyncModel(ctx),
         settings=settings(deadline=None, suppress_health_check=list(HealthCheck),
