@@ -83,6 +83,9 @@ class FoldersListed(FetcherEvent):
     routing_key: ClassVar[str] = "folders.listed"
     type: Literal["FoldersListed"] = "FoldersListed"
     folders: tuple[FolderInfo, ...]
+    # The store knew no folder of this mailbox when the fetcher started: the defaults for a
+    # mailbox's first listing apply (decided once, by the fetcher, so both sides agree).
+    first_listing: bool = False
 
 
 class FetchedMessage(BaseModel):

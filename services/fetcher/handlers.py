@@ -156,7 +156,7 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, conn: Conne
     extensions = imap.enable_extensions(client, where)
     states = repository.folder_states(conn, mailbox.id)
     folders, renamed = _detect_renames(client, imap.list_folders(client, where), states, where)
-    deps.publish(event(FoldersListed, folders=tuple(folders)))
+    deps.publish(event(FoldersListed, folders=tuple(folders), first_listing=not states))
     if isinstance(cmd, SyncFolders):
         return {"folders": 0, "failed_folders": 0, "messages": 0, "bytes": 0}
     days = mailbox.first_sync_days or deps.settings.first_sync_days
@@ -166,7 +166,7 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, conn: Conne
         f for f in folders
         if f.selectable and f.raw_name not in renamed
         and (states[f.raw_name].sync_enabled if f.raw_name in states
-             else enabled_on_discovery(f, mailbox.initial_folders))
+             else enabled_on_discovery(f, mailbox.initial_folders, first_listing=not states))
     ]
     for index, folder in enumerate(to_sync):
         lease.check()

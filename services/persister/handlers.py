@@ -103,7 +103,7 @@ def _on_started(conn: Connection, e: SyncStarted, _: Any) -> dict[str, Any]:
 
 def _on_folders(conn: Connection, e: FoldersListed, _: Any) -> dict[str, Any]:
     counts = store.upsert_folders(conn, e.mailbox_id, e.folders,
-                                  store.initial_folders(conn, e.mailbox_id))
+                                  store.initial_folders(conn, e.mailbox_id), e.first_listing)
     store.run_folders_listed(conn, e.run_id)
     status = store.try_complete(conn, e.run_id, e.lease_token)
     return {**counts, "run_status": status}

@@ -199,7 +199,7 @@ def folder_synced(conn: Connection, e: FolderSynced) -> None:
 
 
 def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderInfo],
-                   initial: list[str] | None) -> dict[str, int]:
+                   initial: list[str] | None, first_listing: bool) -> dict[str, int]:
     """Store the server's folder list; apply the deletion rule to folders no longer listed.
 
     A folder gone from the server is deleted only if it holds no synced mail; one that does is
@@ -235,7 +235,7 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
                       flags = EXCLUDED.flags, type = EXCLUDED.type,
                       selectable = EXCLUDED.selectable, gone_at = NULL""",
             (mailbox_id, clean_text(f.name), f.raw_name, f.delimiter, list(f.flags), f.type,
-             f.selectable, enabled_on_discovery(f, initial)),
+             f.selectable, enabled_on_discovery(f, initial, first_listing)),
         )
     conn.execute(
         """UPDATE folders f SET gone_at = now()

@@ -61,7 +61,7 @@ def _stream(mailbox_id: int, run_id: uuid.UUID, token: int = 1) -> list[FetcherE
     sent = FolderInfo(name="Sent", raw_name="Sent", delimiter="/", flags=("\\Sent",), type="sent")
     return [
         SyncStarted(**common, fetcher="test", started_at=NOW),
-        FoldersListed(**common, folders=(inbox, sent)),
+        FoldersListed(**common, folders=(inbox, sent), first_listing=True),
         MessagesFetched(**common, folder="INBOX", uidvalidity=7, batch_no=0,
                         messages=(_message(1, b"a", ("\\Seen",)), _message(2, b"b"))),
         MessagesFetched(**common, folder="INBOX", uidvalidity=7, batch_no=1,

@@ -67,6 +67,11 @@ def test_without_a_selection_only_the_inbox_and_sent_folders_are_enabled_on_disc
     assert not enabled_on_discovery(_folder("Trash", "trash"), None)
 
 
+def test_a_folder_appearing_after_the_first_listing_waits_to_be_enabled() -> None:
+    assert not enabled_on_discovery(_folder("Sent 2", "sent"), None, first_listing=False)
+    assert enabled_on_discovery(_folder("Projets"), ["Projets"], first_listing=False)
+
+
 def test_a_selection_names_folders_case_insensitively_and_never_unselectable_ones() -> None:
     assert enabled_on_discovery(_folder("Projets/Été"), ["projets/été"])
     assert not enabled_on_discovery(_folder("INBOX", "inbox"), ["Projets/Été"])
