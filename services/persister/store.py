@@ -202,8 +202,9 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
                    initial: list[str] | None, first_listing: bool) -> dict[str, int]:
     """Store the server's folder list; apply the deletion rule to folders no longer listed.
 
-    A folder gone from the server is deleted only if it holds no synced mail; one that does is
-    kept and marked gone (OroCRM's rule), so deleting a folder never deletes a user's synced mail.
+    A folder gone from the server is deleted only if it holds no synced mail (tombstones of
+    expunged mail do not count); one that does is kept and marked gone (OroCRM's rule), so
+    deleting a folder never deletes a user's synced mail.
     """
     rows = sorted(folders, key=lambda f: f.raw_name)
     listed = [f.raw_name for f in rows]
@@ -240,13 +241,15 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
     conn.execute(
         """UPDATE folders f SET gone_at = now()
             WHERE f.mailbox_id = %s AND f.gone_at IS NULL AND NOT (f.raw_name = ANY(%s))
-              AND EXISTS (SELECT 1 FROM message_folders mf WHERE mf.folder_id = f.id)""",
+              AND EXISTS (SELECT 1 FROM message_folders mf
+                           WHERE mf.folder_id = f.id AND mf.expunged_at IS NULL)""",
         (mailbox_id, listed),
     )
     deleted = conn.execute(
         """DELETE FROM folders f
             WHERE f.mailbox_id = %s AND NOT (f.raw_name = ANY(%s))
-              AND NOT EXISTS (SELECT 1 FROM message_folders mf WHERE mf.folder_id = f.id)
+              AND NOT EXISTS (SELECT 1 FROM message_folders mf
+                               WHERE mf.folder_id = f.id AND mf.expunged_at IS NULL)
         RETURNING id""",
         (mailbox_id, listed),
     ).fetchall()
