@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,9 +49,11 @@ def connect(url: str) -> Connection:
 
 
 class Publisher:
-    """Publishes mailferry messages with confirms; reconnects on its own."""
+    """Publishes mailferry messages with confirms; reconnects on its own. Thread-safe: one
+    publish at a time, so that two threads never read each other's confirms off the socket."""
 
     def __init__(self, url: str, retry_delays: Sequence[float]) -> None:
+        self._lock = threading.RLock()
         self._url = url
         self._retry_delays = tuple(retry_delays)
         self._conn: Connection | None = None
@@ -90,6 +93,11 @@ class Publisher:
         type_: str | None,
         headers: dict[str, Any] | None = None,
     ) -> None:
+        with self._lock:
+            self._publish_raw(body, exchange, routing_key, type_, headers)
+
+    def _publish_raw(self, body: bytes, exchange: str, routing_key: str, type_: str | None,
+                     headers: dict[str, Any] | None) -> None:
         for attempt in (1, 2):
             producer = self._ensure()
             assert self._conn is not None
@@ -114,11 +122,12 @@ class Publisher:
                     raise BrokerUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
 
     def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):  # already gone: nothing left to release
-                self._conn.release()
-        self._conn = None
-        self._producer = None
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):  # already gone: nothing left to release
+                    self._conn.release()
+            self._conn = None
+            self._producer = None
 
 
 @dataclass(frozen=True)
