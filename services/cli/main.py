@@ -805,7 +805,19 @@ def up(fetchers: int, persisters: int) -> None:
 
 
 def main() -> None:
-    cli(prog_name="mailferry")
+    """Every error, usage errors included, is one line on stderr with a stable exit code."""
+    try:
+        code = cli.main(prog_name="mailferry", standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "mailferry"
+        command = where.removeprefix("mailferry").strip()
+        _die(f"{command + ': ' if command else ''}{exc.format_message()} (see '{where} --help')",
+             EXIT_USAGE)
+    except click.Abort:
+        _die("interrupted", EXIT_FAILED)
+    except click.ClickException as exc:
+        _die(exc.format_message(), exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

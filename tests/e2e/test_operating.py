@@ -116,10 +116,18 @@ def test_a_second_sync_of_an_unchanged_mailbox_fetches_nothing_new(
     assert status["queues"]["mailferry.persister.events"] == 0
 
 
-def test_unknown_ids_and_missing_arguments_exit_with_usage_errors(env: dict[str, str]) -> None:
-    assert services.run_cli(["mailbox", "check", "999"], env).returncode == 2
-    assert services.run_cli(["messages", "raw", "999"], env).returncode == 2
-    assert services.run_cli(["sync"], env).returncode == 2
+def test_unknown_ids_and_missing_arguments_exit_with_usage_errors_in_one_line(
+    env: dict[str, str]
+) -> None:
+    for args in (["mailbox", "check", "999"], ["messages", "raw", "999"], ["sync"],
+                 ["mailbox", "check", "not-a-number"], ["no-such-command"]):
+        result = services.run_cli(args, env)
+        assert (result.returncode, result.stdout) == (2, b""), args
+        [line] = result.stderr.decode().splitlines()
+        assert line.startswith("mailferry: error: "), line
+    assert services.run_cli(["sync"], env).stderr.decode() == (
+        "mailferry: error: sync: give --all or at least one --mailbox ID "
+        "(see 'mailferry sync --help')\n")
     unreachable = {**env, "MAILFERRY_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}
     result = services.run_cli(["mailbox", "list"], unreachable)
     assert result.returncode == 4
