@@ -175,7 +175,9 @@ class SyncModel(RuleBasedStateMachine):
         # raw_messages is shared by all mailboxes: what earlier examples left in it
         self.raw_before = {bytes(r["sha256"]).hex() for r in ctx.conn.execute(
             "SELECT sha256 FROM raw_messages").fetchall()}
-        self.dirty = True
+        self.dirty = True  # changed since the last sync
+        self.changes = 0
+        self.sync_every = 1
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -192,6 +194,13 @@ class SyncModel(RuleBasedStateMachine):
     def _folders(self, nonempty: bool = False, inbox: bool = True) -> list[str]:
         return sorted(f for f, n in self.counts.items()
                       if (n or not nonempty) and (inbox or f != "INBOX"))
+
+    def _changed(self) -> None:
+        """Every ``sync_every``-th change of an example is followed by a sync at once."""
+        self.dirty = True
+        self.changes += 1
+        if self.changes % self.sync_every == 0:
+            self._sync_and_check()
 
     def _free_names(self) -> list[str]:
         return [f for f in FOLDER_NAMES if f not in self.counts]
@@ -257,19 +266,21 @@ class SyncModel(RuleBasedStateMachine):
                 self.hashes |= {sha for sha, _ in row.messages.values()}
         return deferred
 
-    def _sync_and_check(self) -> None:
+    def _sync_and_check(self, force: bool = False) -> None:
+        """``force``: ``sync --force`` re-reads the whole first-sync window, not only new UIDs."""
         server = self._server()
         assert {name: len(f.messages) for name, f in server.items()} == self.counts, \
             "the test's own bookkeeping of the server is wrong"
         deferred = self._expect(server)
         result = services.run_cli(["sync", "--mailbox", str(self.mailbox_id), "--wait",
-                                   "--timeout", "60", "--json"], self.ctx.env)
+                                   "--timeout", "60", "--json", *(["--force"] if force else [])],
+                                  self.ctx.env)
         assert result.returncode == 0, (
             f"sync exited {result.returncode}: {result.stderr.decode()}{result.stdout.decode()}"
             f"\n{self.ctx.processes.logs()}")
         self.ctx.processes.assert_running()
         run = json.loads(result.stdout)[0]
-        if not self.dirty:  # invariant 6: nothing changed, nothing is fetched again
+        if not self.dirty and not force:  # invariant 6: nothing changed, nothing is fetched again
             assert run["messages_stored"] == 0, f"an unchanged mailbox fetched again: {run}"
         self.dirty = deferred
 
@@ -302,28 +313,45 @@ class SyncModel(RuleBasedStateMachine):
         assert parsed == {"n": len(self.hashes), "d": len(self.hashes)}, \
             "messages must hold each distinct sha256 synced into the mailbox exactly once"
 
-    # -- syncs (two rules, so that about one step in eight is a sync) -------------------------
+    # -- syncs ------------------------------------------------------------------------------
 
     @initialize(seed=st.lists(st.tuples(st.sampled_from(("INBOX", "Work")), st.integers(0, 11),
                                         st.sets(st.sampled_from(FLAGS), max_size=3)),
-                              min_size=1, max_size=8))
-    def first_sync(self, seed: list[tuple[str, int, set[str]]]) -> None:
-        """Some mail, then the first sync: the rules then exercise the incremental paths."""
+                              min_size=1, max_size=8),
+                sync_every=st.integers(1, 4))
+    def first_sync(self, seed: list[tuple[str, int, set[str]]], sync_every: int) -> None:
+        """Some mail, then the first sync: the rules then exercise the incremental paths. Every
+        ``sync_every``-th change after it syncs at once (so that syncs are interleaved at every
+        density, whatever rules hypothesis favours); the ``sync`` rules add more."""
+        self.sync_every = sync_every
         with self._imap() as imap:
             for folder, k, flags in seed:
                 imap.append(folder, message(k), flags=sorted(flags))
                 self.counts[folder] += 1
         self._sync_and_check()
 
-    @rule()
-    def sync(self) -> None:
-        self._sync_and_check()
+    @rule(force=st.booleans())
+    def sync(self, force: bool) -> None:
+        self._sync_and_check(force)
 
-    @rule()
-    def sync_(self) -> None:
-        self._sync_and_check()
+    @rule(force=st.booleans())
+    def sync_(self, force: bool) -> None:
+        self._sync_and_check(force)
 
     # -- server-side changes -----------------------------------------------------------------
+
+    # Hypothesis draws its first rule (fewest arguments first) far more often than the others: a
+    # cheap flag change, rather than a sync.
+    @precondition(lambda self: self._folders(nonempty=True))
+    @rule()
+    def toggle_flagged(self) -> None:
+        """\\Flagged toggled on the oldest message of the first folder holding mail."""
+        folder = self._folders(nonempty=True)[0]
+        with self._imap() as imap:
+            uid = self._pick(imap, folder, [0])
+            flagged = b"\\Flagged" in imap.get_flags(uid)[uid[0]]
+            (imap.remove_flags if flagged else imap.add_flags)(uid, [b"\\Flagged"])
+        self._changed()
 
     @rule(data=st.data(), k=st.integers(0, 11),
           flags=st.sets(st.sampled_from(FLAGS), max_size=3))
@@ -332,7 +360,7 @@ class SyncModel(RuleBasedStateMachine):
         with self._imap() as imap:
             imap.append(folder, message(k), flags=sorted(flags))
         self.counts[folder] += 1
-        self.dirty = True
+        self._changed()
 
     @precondition(lambda self: self._folders(nonempty=True))
     @rule(data=st.data(), picks=st.lists(st.integers(0, 30), min_size=1, max_size=3),
@@ -343,7 +371,7 @@ class SyncModel(RuleBasedStateMachine):
         with self._imap() as imap:
             uids = self._pick(imap, folder, picks)
             (imap.add_flags if add else imap.remove_flags)(uids, sorted(flags))
-        self.dirty = True
+        self._changed()
 
     @precondition(lambda self: self._folders(nonempty=True))
     @rule(data=st.data(), picks=st.lists(st.integers(0, 30), min_size=1, max_size=3))
@@ -354,7 +382,7 @@ class SyncModel(RuleBasedStateMachine):
             imap.delete_messages(uids)
             imap.expunge()
         self.counts[folder] -= len(uids)
-        self.dirty = True
+        self._changed()
 
     @precondition(lambda self: self._folders(nonempty=True) and len(self.counts) > 1)
     @rule(data=st.data(), picks=st.lists(st.integers(0, 30), min_size=1, max_size=3))
@@ -372,7 +400,7 @@ class SyncModel(RuleBasedStateMachine):
                 imap.expunge()
         self.counts[source] -= len(uids)
         self.counts[target] += len(uids)
-        self.dirty = True
+        self._changed()
 
     @precondition(lambda self: self._folders(nonempty=True))
     @rule(data=st.data(), picks=st.lists(st.integers(0, 30), min_size=1, max_size=3))
@@ -383,7 +411,7 @@ class SyncModel(RuleBasedStateMachine):
             uids = self._pick(imap, source, picks)
             imap.copy(uids, target)
         self.counts[target] += len(uids)
-        self.dirty = True
+        self._changed()
 
     @precondition(lambda self: self._free_names())
     @rule(data=st.data())
@@ -392,7 +420,7 @@ class SyncModel(RuleBasedStateMachine):
         with self._imap() as imap:
             imap.create_folder(name)
         self.counts[name] = 0
-        self.dirty = True
+        self._changed()
 
     @precondition(lambda self: self._free_names() and self._folders(inbox=False))
     @rule(data=st.data())
@@ -402,7 +430,7 @@ class SyncModel(RuleBasedStateMachine):
         with self._imap() as imap:
             imap.rename_folder(old, new)
         self.counts[new] = self.counts.pop(old)
-        self.dirty = True
+        self._changed()
 
     @precondition(lambda self: self._folders(inbox=False))
     @rule(data=st.data())
@@ -411,7 +439,7 @@ class SyncModel(RuleBasedStateMachine):
         with self._imap() as imap:
             imap.delete_folder(name)
         del self.counts[name]
-        self.dirty = True
+        self._changed()
 
     @precondition(lambda self: self._folders(inbox=False))
     @rule(data=st.data())
@@ -430,7 +458,7 @@ class SyncModel(RuleBasedStateMachine):
                             msg_time=d[b"INTERNALDATE"])
             after = imap.folder_status(name, ["UIDVALIDITY"])[b"UIDVALIDITY"]
         assert after != before, "Dovecot kept the UIDVALIDITY of a re-created folder"
-        self.dirty = True
+        self._changed()
 
     # -- the user's settings -----------------------------------------------------------------
 
@@ -445,7 +473,7 @@ class SyncModel(RuleBasedStateMachine):
         # it, then the model applies the same listing.
         self._wait_for_runs()
         self._expect_folders(self._server())
-        self.dirty = True
+        self._changed()
 
     @precondition(lambda self: any(r.enabled and not r.gone for r in self.rows.values()))
     @rule(data=st.data())
@@ -457,7 +485,7 @@ class SyncModel(RuleBasedStateMachine):
         self.rows[name].enabled = False
         self._wait_for_runs()
         self._expect_folders(self._server())
-        self.dirty = True
+        self._changed()
 
     def _wait_for_runs(self) -> None:
         def idle() -> bool:
