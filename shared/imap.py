@@ -15,7 +15,6 @@ import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +25,7 @@ from imapclient.response_parser import parse_fetch_response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from shared.errors import (
+    ConfigError,
     ImapAddressRefused,
     ImapAuthError,
     ImapConnectionError,
@@ -43,7 +43,13 @@ _TRANSIENT_CODES = (b"[UNAVAILABLE]", b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]")
 
 
 class ImapConfig(BaseModel):
-    """Connection settings of one IMAP account; the password never appears in repr or logs."""
+    """Connection settings of one IMAP account; the password never appears in repr or logs.
+
+    Built with keywords, or positionally as in ImapBundle:
+    ``ImapConfig("imap.example.com", 993, "ssl", "user", "pwd")`` (then ``timeout``,
+    ``ca_file``, ``allow_private_networks`` in that order). ``timeout`` bounds every read, in
+    seconds; connecting waits at most 30 s of it.
+    """
 
     model_config = ConfigDict(frozen=True)
     host: str = Field(min_length=1, max_length=253)
@@ -54,6 +60,13 @@ class ImapConfig(BaseModel):
     timeout: float = Field(default=60.0, gt=0)
     ca_file: Path | None = None
     allow_private_networks: bool = False
+
+    def __init__(self, host: str, port: int, security: Security, username: str,
+                 password: str | SecretStr, timeout: float = 60.0, ca_file: Path | str | None = None,
+                 allow_private_networks: bool = False) -> None:
+        super().__init__(host=host, port=port, security=security, username=username,
+                         password=password, timeout=timeout, ca_file=ca_file,
+                         allow_private_networks=allow_private_networks)
 
     @property
     def address(self) -> str:
@@ -159,8 +172,14 @@ def _starttls(client: IMAPClient, config: ImapConfig) -> None:
 
 
 def login(client: IMAPClient, config: ImapConfig) -> None:
+    # imaplib sends the user name of LOGIN as it is, unquoted: a space would split it and a
+    # CRLF would end the command and start another one (a second LOGIN, as anyone). It is sent
+    # as a quoted string here (RFC 3501 section 4.3), which cannot hold CR, LF or NUL, and
+    # LOGIN strings are 7-bit (imaplib would raise UnicodeEncodeError on anything else).
+    _check_login_string(config.username, "user name", config, show=True)
+    _check_login_string(config.password.get_secret_value(), "password", config, show=False)
     try:
-        client.login(config.username, config.password.get_secret_value())
+        client.login(_quote(config.username), config.password.get_secret_value())
     except LoginError as exc:
         raw = _text(exc).encode()
         if any(code in raw.upper() for code in _TRANSIENT_CODES):
@@ -174,6 +193,21 @@ def login(client: IMAPClient, config: ImapConfig) -> None:
         raise ImapConnectionError(f"{config.address}: connection lost during login") from exc
     except IMAPClientError as exc:
         raise ImapProtocolError(f"{config.address}: login failed: {_text(exc)}") from exc
+
+
+def _check_login_string(value: str, what: str, config: ImapConfig, *, show: bool) -> None:
+    shown = f" {value!r}" if show else ""
+    if any(c in value for c in "\r\n\0"):
+        raise ConfigError(f"{config.address}: the {what}{shown} contains a line break or NUL "
+                          "character, which IMAP LOGIN cannot carry")
+    if not value.isascii():
+        raise ConfigError(f"{config.address}: the {what}{shown} is not ASCII, which IMAP LOGIN "
+                          "cannot carry")
+
+
+def _quote(value: str) -> str:
+    """An IMAP quoted string (RFC 3501 section 9, quoted-specials escaped)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _close(client: IMAPClient) -> None:
@@ -290,17 +324,6 @@ def folder_uidvalidity(client: IMAPClient, raw_name: str, where: str) -> int | N
     return _int(status.get(b"UIDVALIDITY"))
 
 
-def examine(client: IMAPClient, raw_name: str, where: str) -> FolderStatus:
-    with imap_errors(f"{where} {raw_name}"):
-        info = client.select_folder(raw_name, readonly=True)
-    return FolderStatus(
-        uidvalidity=int(info[b"UIDVALIDITY"]),
-        uidnext=_int(info.get(b"UIDNEXT")),
-        highest_modseq=_int(info.get(b"HIGHESTMODSEQ")),
-        exists=int(info.get(b"EXISTS", 0)),
-    )
-
-
 def existing_uids(client: IMAPClient, up_to: int, where: str) -> set[int]:
     """The UIDs at or below ``up_to`` still in the selected folder: what an expunge diff needs
     when the server has no QRESYNC (RFC 7162 section 3.2)."""
@@ -309,24 +332,6 @@ def existing_uids(client: IMAPClient, up_to: int, where: str) -> set[int]:
     with imap_errors(where):
         found = client.search(["UID", f"1:{up_to}"])
     return {uid for uid in found if uid <= up_to}
-
-
-def search_uids(client: IMAPClient, *, above: int, since: date | None, where: str) -> list[int]:
-    """UIDs greater than ``above`` (and, when given, with an INTERNALDATE on or after ``since``).
-
-    ``n:*`` always matches the highest UID even when it is below n (RFC 3501 section 6.4.8), so
-    the result is filtered again here.
-    """
-    criteria: list[Any] = []
-    if above > 0:
-        criteria += ["UID", f"{above + 1}:*"]
-    if since is not None:
-        criteria += ["SINCE", since]
-    if not criteria:
-        criteria = ["ALL"]
-    with imap_errors(where):
-        found = client.search(criteria)
-    return sorted(uid for uid in found if uid > above)
 
 
 def uid_set(uids: Sequence[int]) -> str:

@@ -34,7 +34,7 @@ class Mailbox:
             port=self.port,
             security=self.security,
             username=self.username,
-            password=box.decrypt(self.password_encrypted),  # type: ignore[arg-type]
+            password=box.decrypt(self.password_encrypted),
             timeout=timeout,
             ca_file=ca_file,
             allow_private_networks=allow_private_networks,

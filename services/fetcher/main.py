@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from services.fetcher.handlers import FetcherDeps, command_dead_lettered, sync_mailbox
-from shared import db, imap, topology
+from shared import db, topology
 from shared.broker import Delivery, Publisher
 from shared.config import Settings
 from shared.crypto import PasswordBox
+from shared.imap_library import connector_factory
 from shared.messages import AnyMessage, SyncFolders, SyncMailbox
 from shared.service import run_worker, start, worker_id
 
@@ -18,7 +19,7 @@ def main(settings: Settings) -> None:
         settings=settings,
         connection=db.Reconnecting(settings.database_url),
         publish=publisher.publish,
-        imap_connect=imap.connect,
+        connectors=connector_factory,
         passwords=PasswordBox(settings.secret_key),
         fetcher_id=worker_id("fetcher"),
     )

@@ -1,0 +1,61 @@
+"""How ``shared.imap.login`` puts the user name on the LOGIN line (no I/O: a recording client).
+
+imaplib sends LOGIN's user name as it is, unquoted; ``login`` must hand it a quoted string and
+refuse what no quoted string can carry (tests/integration/test_injection.py shows the attack on a
+real Dovecot)."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+from imapclient import IMAPClient
+
+from shared import imap
+from shared.errors import ConfigError
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def login(self, username: str, password: str) -> None:
+        self.calls.append((username, password))
+
+
+def _login(username: str, password: str = "pw") -> list[tuple[str, str]]:
+    client = _Recorder()
+    config = imap.ImapConfig(host="imap.example.com", port=993, security="ssl",
+                             username=username, password=password)
+    imap.login(cast(IMAPClient, client), config)
+    return client.calls
+
+
+@pytest.mark.parametrize(("username", "sent"), [
+    ("alice", '"alice"'),
+    ("John Smith", '"John Smith"'),
+    ('a"b', '"a\\"b"'),
+    ("dom\\user", '"dom\\\\user"'),
+    ("{5}", '"{5}"'),
+])
+def test_the_user_name_is_sent_as_one_quoted_string(username: str, sent: str) -> None:
+    assert _login(username) == [(sent, "pw")]
+
+
+@pytest.mark.parametrize("username", ["a\r\nZ1 LOGOUT", "a\nb", "a\rb", "a\x00b"])
+def test_a_user_name_with_a_line_break_or_nul_is_refused_before_anything_is_sent(
+    username: str,
+) -> None:
+    with pytest.raises(ConfigError, match="line break or NUL"):
+        _login(username)
+
+
+def test_a_non_ascii_user_name_is_a_clear_configuration_error_not_a_crash() -> None:
+    with pytest.raises(ConfigError, match="not ASCII"):
+        _login("café")
+
+
+def test_a_refused_password_is_never_shown_in_the_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        _login("alice", "sécret\r\n")
+    assert "sécret" not in str(caught.value)
