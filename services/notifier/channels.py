@@ -42,7 +42,9 @@ class SmtpSender:
         message = EmailMessage(policy=email.policy.SMTP.clone(max_line_length=998))
         message["From"] = self.sender
         message["To"] = to
-        message["Subject"] = subject
+        # A header value may not hold a line break (the policy raises, so the email would never
+        # go out); titles quote mailbox names, which are free text: flatten them to one line.
+        message["Subject"] = " ".join(subject.split())
         message.set_content(body)
         smtp: smtplib.SMTP
         if self.scheme == "smtps":
