@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from shared import db, imap, repository
+from shared import db, repository
 from shared.config import Settings, load_settings
 from shared.crypto import PasswordBox, generate_key
 from shared.errors import (
@@ -30,6 +30,7 @@ from shared.errors import (
     NotFound,
     TransientError,
 )
+from shared.imap_library import Folder, ImapEmailFolderManager, connector_factory
 from shared.logging import configure_logging
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
@@ -83,9 +84,17 @@ def _cell(value: Any) -> str:
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M")
     if isinstance(value, list | tuple):
-        return ",".join(map(str, value))
-    text = str(value)
+        return ",".join(map(_cell, value))
+    text = _visible(str(value))
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _visible(text: str) -> str:
+    """Control characters shown escaped: names and subjects come from mail servers and users,
+    and must not move the cursor or forge lines in an operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class _Group(click.Group):
@@ -176,6 +185,7 @@ def user_add(email: str, name: str | None, capabilities: tuple[str, ...]) -> Non
     """Create a user; prints {"id": ...}."""
     if "@" not in email:
         raise click.BadParameter("must be an email address", param_hint="--email")
+    _printable(email, "--email")  # it becomes the To: header of notification emails
     conn = _conn(_settings())
     row = conn.execute(
         """INSERT INTO users (email, name, capabilities) VALUES (%s, %s, %s)
@@ -226,6 +236,8 @@ def mailbox_add(owner: str | None, system: bool, host: str, port: int, security:
     """Register a mailbox; prints {"id": ...}. Its first sync happens at the next schedule tick."""
     if bool(owner) == system:
         raise click.UsageError("give exactly one of --owner EMAIL or --system")
+    _printable(host, "--host")
+    _printable(username, "--username")
     password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         raise click.UsageError("no password on standard input")
@@ -271,6 +283,8 @@ def mailbox_update(mailbox_id: int, host: str | None, port: int | None, security
     from shared.broker import Publisher
     from shared.sync_requests import request_syncs
 
+    _printable(host, "--host")
+    _printable(username, "--username")
     settings = _settings()
     conn = _conn(settings)
     _mailbox(conn, mailbox_id)
@@ -303,6 +317,14 @@ def mailbox_update(mailbox_id: int, host: str | None, port: int | None, security
         finally:
             publisher.close()
     _json({"id": mailbox_id, "run_id": run_id})
+
+
+def _printable(value: str | None, hint: str) -> None:
+    """Host, user name and email reach protocol lines (DNS, TLS, IMAP LOGIN, an email's To:): a
+    control character there (CR/LF most of all) could end a line and start another command."""
+    if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise click.BadParameter("must not contain control characters (CR, LF, NUL...)",
+                                 param_hint=hint)
 
 
 _MAILBOX_LIST = """
@@ -339,7 +361,10 @@ def _mailbox(conn: db.Connection, mailbox_id: int) -> repository.Mailbox:
 @click.argument("mailbox_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
 def mailbox_check(mailbox_id: int, as_json: bool) -> None:
-    """Log in now and list the folders: the "check connection" button."""
+    """Log in now and show the folder tree: the "check connection" button.
+
+    ``--json`` keeps the flat ``folders`` list and adds ``tree``: the same folders nested
+    (``name`` the last part, ``path`` the full name, ``children``)."""
     settings = _settings()
     mailbox = _mailbox(_conn(settings), mailbox_id)
     config = mailbox.imap_config(PasswordBox(settings.secret_key), timeout=settings.imap_timeout,
@@ -347,34 +372,42 @@ def mailbox_check(mailbox_id: int, as_json: bool) -> None:
                                  allow_private_networks=settings.allow_private_networks)
     started = time.monotonic()
     try:
-        with imap.connect(config) as client:
-            folders = imap.list_folders(client, config.address)
-            capabilities = sorted(c.decode() for c in client.capabilities())
+        with connector_factory.create_imap_connector(config) as connector:
+            tree = ImapEmailFolderManager(connector).get_folders(None, recursive=True)
+            capabilities = sorted(connector.capabilities())
     except ImapError as exc:
         if as_json:
             _json({"ok": False, "error_kind": exc.kind, "error": str(exc)})
             sys.exit(EXIT_FAILED)
         _die(str(exc), EXIT_FAILED)
+    folders = [f for root in tree for f in root.walk()]
     result = {
         "ok": True,
         "server": config.address,
         "security": config.security,
         "seconds": round(time.monotonic() - started, 3),
         "capabilities": capabilities,
-        "folders": [f.model_dump() for f in folders],
+        "folders": [{"name": f.path, "raw_name": f.raw_name, "delimiter": f.delimiter,
+                     "flags": list(f.flags), "type": f.type, "selectable": f.selectable,
+                     "uidvalidity": None} for f in folders],
+        "tree": [root.to_dict() for root in tree],
     }
     if as_json:
         _json(result)
         return
     click.echo(f"ok: logged in to {config.address} ({config.security}) as {config.username} "
                f"in {result['seconds']}s")
-    for f in sorted(folders, key=lambda f: (f.type != "inbox", f.name.casefold())):
-        depth = f.name.count(f.delimiter) if f.delimiter else 0
-        leaf = f.name.rsplit(f.delimiter, 1)[-1] if f.delimiter else f.name
-        notes: list[str] = [f.type] if f.type != "other" else []
-        if not f.selectable:
-            notes.append("not selectable")
-        click.echo(f"  {'  ' * depth}{leaf}" + (f"  ({', '.join(notes)})" if notes else ""))
+    for root in tree:
+        _echo_folder(root, depth=0)
+
+
+def _echo_folder(folder: Folder, depth: int) -> None:
+    """One line per folder, indented by depth: name (type[, not selectable])  flags."""
+    notes = [folder.type] + ([] if folder.selectable else ["not selectable"])
+    flags = " ".join(folder.flags)
+    click.echo(f"  {'  ' * depth}{folder.name}  ({', '.join(notes)})" + (f"  {flags}" if flags else ""))
+    for child in folder.children:
+        _echo_folder(child, depth + 1)
 
 
 @mailbox_group.command("folders")
@@ -500,26 +533,57 @@ def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, time
 def _wait_for_runs(conn: db.Connection, run_ids: list[uuid.UUID], timeout: float,
                    progress: bool) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
+    bar = progress and sys.stderr.isatty()
     shown = ""
     while True:
         rows = conn.execute(
-            """SELECT id AS run_id, mailbox_id, status, messages_stored, error_kind, error,
-                      started_at, finished_at
-                 FROM sync_runs WHERE id = ANY(%s) ORDER BY mailbox_id""",
+            """SELECT r.id AS run_id, r.mailbox_id, r.status, r.messages_stored, r.error_kind,
+                      r.error, r.started_at, r.finished_at,
+                      -- progress of the current attempt (its fencing token)
+                      r.folders_total, r.messages_found,
+                      (SELECT count(*) FROM sync_folders f WHERE f.run_id = r.id
+                          AND f.lease_token = r.progress_token AND f.completed) AS folders_done,
+                      (SELECT coalesce(sum(b.messages), 0) FROM sync_batches b
+                        WHERE b.run_id = r.id AND b.lease_token = r.progress_token
+                      ) AS messages_done
+                 FROM sync_runs r WHERE r.id = ANY(%s) ORDER BY r.mailbox_id""",
             (run_ids,),
         ).fetchall()
         active = [r for r in rows if r["status"] in ("queued", "running")]
-        if progress and sys.stderr.isatty():
-            line = (f"\r{len(rows) - len(active)}/{len(rows)} mailboxes done, "
-                    f"{sum(r['messages_stored'] for r in rows)} messages stored")
+        if bar:
+            line = "\r" + _progress_line(rows)
             if line != shown:
-                click.echo(line, nl=False, err=True)
+                click.echo(line.ljust(len(shown)), nl=False, err=True)
                 shown = line
         if not active or time.monotonic() > deadline:
             if shown:
                 click.echo("", err=True)
-            return rows
+            progress_keys = ("folders_total", "messages_found", "folders_done", "messages_done")
+            return [{k: v for k, v in r.items() if k not in progress_keys} for r in rows]
         time.sleep(0.25)
+
+
+def _progress_line(rows: Sequence[dict[str, Any]], width: int = 30) -> str:
+    """``[#########---------] 1200/3000 messages  2/5 folders  0/1 mailboxes``: the messages
+    found so far are the total (it grows while folders are searched); a finished run counts
+    whole."""
+    finished = [r for r in rows if r["status"] not in ("queued", "running")]
+    found = done = folders = folders_done = 0
+    for r in rows:
+        if r in finished:
+            n = max(r["messages_found"], r["messages_done"])
+            found, done = found + n, done + n
+            folders_done += r["folders_total"] or 0
+        else:
+            found += max(r["messages_found"], r["messages_done"])
+            done += r["messages_done"]
+            folders_done += min(r["folders_done"], r["folders_total"] or 0)
+        folders += r["folders_total"] or 0
+    if not folders and len(finished) < len(rows):
+        return f"waiting for a fetcher ({len(finished)}/{len(rows)} mailboxes done)"
+    filled = width * done // found if found else (width if len(finished) == len(rows) else 0)
+    return (f"[{'#' * filled}{'-' * (width - filled)}] {done}/{found} messages  "
+            f"{folders_done}/{folders} folders  {len(finished)}/{len(rows)} mailboxes")
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -556,6 +620,35 @@ def messages_list(mailbox_id: int, folder: str | None, as_json: bool) -> None:
         _json(rows)
     else:
         _table(rows, ["id", "folder", "uid", "date", "from", "subject", "seen", "size"])
+
+
+@messages_group.command("search")
+@click.option("--mailbox", "mailbox_id", required=True, type=int)
+@click.argument("query")
+@click.option("--folder", help="only messages in this folder (name as shown, or raw name)")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True)
+def messages_search(mailbox_id: int, query: str, folder: str | None, limit: int,
+                    as_json: bool) -> None:
+    """Find the mailbox's messages by words of their subject, addresses and body; best first.
+
+    QUERY: words (all must match), "a phrase", OR between alternatives, -word to exclude, and
+    subject:, from:, to: (to, cc or bcc) or body: before a word or phrase to look only there.
+    Case and accents do not matter. Expunged messages are left out, as in `messages list`.
+    """
+    from shared.search import search_messages
+
+    conn = _conn(_settings())
+    _mailbox(conn, mailbox_id)
+    hits = search_messages(conn, mailbox_id, query, limit=limit, folder=folder)
+    rows = [{"id": h.id, "mailbox_id": h.mailbox_id, "sent_at": h.sent_at, "from": h.from_,
+             "to": h.to, "subject": h.subject, "folders": h.folders, "snippet": h.snippet,
+             "rank": round(h.rank, 6)} for h in hits]
+    if as_json:
+        _json(rows)
+    else:
+        _table([{**r, "date": r["sent_at"]} for r in rows],
+               ["id", "date", "from", "subject", "folders"])
 
 
 @messages_group.command("raw")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -32,6 +31,12 @@ from shared.errors import (
     ImapError,
     LeaseLost,
     TransientError,
+)
+from shared.imap_library import (
+    ImapConnectorFactory,
+    ImapEmailFolderManager,
+    ImapEmailManager,
+    connector_factory,
 )
 from shared.messages import (
     AnyMessage,
@@ -63,9 +68,9 @@ class FetcherDeps:
     settings: Settings
     connection: Callable[[], Connection]  # autocommit; reads, the run row and the lease
     publish: Callable[[AnyMessage], None]
-    imap_connect: Callable[[imap.ImapConfig], AbstractContextManager[IMAPClient]]
     passwords: PasswordBox
     fetcher_id: str
+    connectors: ImapConnectorFactory = connector_factory  # IMAP sessions, per mailbox config
     today: Callable[[], date] = lambda: datetime.now(UTC).date()
 
 
@@ -108,10 +113,14 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps,
             config = mailbox.imap_config(deps.passwords, timeout=s.imap_timeout,
                                          ca_file=s.imap_ca_file,
                                          allow_private_networks=s.allow_private_networks)
-            with deps.imap_connect(config) as client:
+            with deps.connectors.create_imap_connector(config) as connector:
+                connector.connect()  # a refused login fails here, before anything is published
                 if mailbox.credentials_invalid_at is not None or mailbox.last_error_kind == "auth":
                     deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=_now()))
-                totals = _sync_folders(cmd, deps, conn, client, config, mailbox, lease, event)
+                totals = _sync_folders(cmd, deps, conn, ImapEmailManager(connector), mailbox,
+                                       lease, event,
+                                       retry_lost_connection=delivery is not None
+                                       and not delivery.last)
         except (ImapError, ConfigError) as exc:
             kind = exc.kind if isinstance(exc, ImapError) else "config"
             if isinstance(exc, TransientError) and delivery is not None and not delivery.last:
@@ -149,13 +158,15 @@ def command_dead_lettered(cmd: AnyMessage, reason: str, deps: FetcherDeps) -> No
 
 
 def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, conn: Connection,
-                  client: IMAPClient, config: imap.ImapConfig, mailbox: repository.Mailbox,
+                  manager: ImapEmailManager, mailbox: repository.Mailbox,
                   lease: leases.Lease,
-                  event: Callable[..., Any]) -> dict[str, int]:
-    where = config.address
+                  event: Callable[..., Any], *,
+                  retry_lost_connection: bool = False) -> dict[str, int]:
+    client, where = manager.connector.client, manager.connector.where
     extensions = imap.enable_extensions(client, where)
     states = repository.folder_states(conn, mailbox.id)
-    folders, renamed = _detect_renames(client, imap.list_folders(client, where), states, where)
+    listed = ImapEmailFolderManager(manager.connector).list_folders()
+    folders, renamed = _detect_renames(client, listed, states, where)
     deps.publish(event(FoldersListed, folders=tuple(folders), first_listing=not states))
     if isinstance(cmd, SyncFolders):
         return {"folders": 0, "failed_folders": 0, "messages": 0, "bytes": 0}
@@ -168,12 +179,15 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, conn: Conne
         and (states[f.raw_name].sync_enabled if f.raw_name in states
              else enabled_on_discovery(f, mailbox.initial_folders, first_listing=not states))
     ]
+    conn.execute(
+        """UPDATE sync_runs SET progress_token = %s, folders_total = %s, messages_found = 0
+            WHERE id = %s""", (lease.token, len(to_sync), cmd.run_id))
     for index, folder in enumerate(to_sync):
         lease.check()
         totals["folders"] += 1
         structlog.contextvars.bind_contextvars(folder=folder.name)
         try:
-            n, size = _sync_folder(client, conn, folder, states.get(folder.raw_name), extensions,
+            n, size = _sync_folder(manager, conn, folder, states.get(folder.raw_name), extensions,
                                    cmd, deps, lease, event,
                                    since=first_sync_since(deps.today(), days), where=where)
             totals["messages"] += n
@@ -181,6 +195,11 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, conn: Conne
         except LeaseLost:
             raise
         except ImapError as exc:
+            if exc.kind == "connection" and retry_lost_connection:
+                # The connection dropped mid-folder (reset, timeout): a transient fault, so the
+                # attempt is retried after a delay like one before any folder work, rather than
+                # the run failed. On the last delivery the folders are closed with the error.
+                raise ImapConnectionError(str(exc)) from exc
             # One bad folder never stalls the mailbox (DESIGN invariant 5): close it with its
             # error (its checkpoint stays) and go on, unless the connection itself is gone:
             # then the folders not reached are closed with that error too.
@@ -230,7 +249,7 @@ class _FolderFailed(ImapError):
         self.batches = batches
 
 
-def _sync_folder(client: IMAPClient, conn: Connection, folder: FolderInfo,
+def _sync_folder(manager: ImapEmailManager, conn: Connection, folder: FolderInfo,
                  state: repository.FolderState | None, extensions: imap.Extensions,
                  cmd: SyncMailbox | SyncFolders,
                  deps: FetcherDeps, lease: leases.Lease, event: Callable[..., Any], *,
@@ -239,7 +258,8 @@ def _sync_folder(client: IMAPClient, conn: Connection, folder: FolderInfo,
     expunges), then new UIDs. Every event is numbered; FolderSynced says how many there were."""
     s = deps.settings
     where = f"{where} {folder.raw_name}"
-    status = imap.examine(client, folder.raw_name, where)
+    client = manager.connector.client
+    status = manager.select_folder(folder)  # EXAMINE: read-only, by its raw name
     same_generation = state is not None and state.uidvalidity == status.uidvalidity
     above = state.last_uid if (same_generation and state and not cmd.force) else 0
     batch_no = 0
@@ -259,8 +279,13 @@ def _sync_folder(client: IMAPClient, conn: Connection, folder: FolderInfo,
         if above and status.uidnext is not None and status.uidnext <= above + 1:
             uids: list[int] = []  # UIDNEXT says nothing arrived: no SEARCH, no FETCH
         else:
-            uids = imap.search_uids(client, above=above, since=None if above else since,
-                                    where=where)
+            # Everything above the checkpoint, whatever its date; on a first sync, the window.
+            query = manager.get_search_query_builder()
+            query = query.uid(f"{above + 1}:*") if above else query.since(since)
+            uids = manager.search_uids(query.get())
+            conn.execute(  # progress for `sync --wait`; this attempt's only
+                """UPDATE sync_runs SET messages_found = messages_found + %s
+                    WHERE id = %s AND progress_token = %s""", (len(uids), cmd.run_id, lease.token))
         count = size_total = 0
         for batch in _batches(client, uids, s.batch_max_bytes, s.batch_max_messages,
                               s.max_message_bytes, where):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import pty
 import random
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,6 +119,40 @@ def test_a_second_sync_of_an_unchanged_mailbox_fetches_nothing_new(
     status = _cli(env, "status", "--json")
     assert (status["messages"], status["runs"]) == (2, {"done": 3})
     assert status["queues"]["mailferry.persister.events"] == 0
+
+
+def test_sync_wait_on_a_terminal_draws_a_progress_bar_of_messages_and_folders(
+    env: dict[str, str], server: Dovecot, processes: services.ServiceProcesses,
+) -> None:
+    mailbox_id = _mailbox(env, server)
+    with server.session("bob") as imap:
+        for n in range(40):
+            imap.append("INBOX", f"Subject: n{n}\r\n\r\nbody {n}\r\n".encode())
+    processes.start("fetcher")
+    processes.start("persister")
+    leader, follower = pty.openpty()  # stderr is a terminal: the bar is for people
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "sync", "--mailbox", str(mailbox_id),
+         "--wait", "--timeout", "120"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=follower, timeout=180,
+        cwd=services.REPO)
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal's other end is closed: all read
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+    assert result.returncode == 0, drawn
+    assert result.stdout.decode() == f"mailbox {mailbox_id}: done, 41 messages stored\n"
+    frames = [f.strip() for f in re.split(r"[\r\n]+", drawn.decode()) if f.strip()]
+    bar = re.compile(r"\[[#-]{30}\] (\d+)/(\d+) messages  (\d+)/(\d+) folders  (\d+)/1 mailboxes")
+    assert all(bar.fullmatch(f) or f.startswith("waiting for a fetcher") for f in frames), frames
+    assert frames[-1] == "[" + "#" * 30 + "] 41/41 messages  1/1 folders  1/1 mailboxes"
 
 
 def test_unknown_ids_and_missing_arguments_exit_with_usage_errors_in_one_line(

@@ -9,6 +9,7 @@ import pytest
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
+from services.cli.main import _progress_line
 from shared import messages
 from shared.config import Settings
 from shared.crypto import PasswordBox
@@ -139,3 +140,24 @@ def test_internal_addresses_are_refused_as_mailbox_hosts(host: str) -> None:
 @pytest.mark.parametrize("host", ["8.8.8.8", "2606:4700:4700::1111"])
 def test_public_addresses_are_allowed_as_mailbox_hosts(host: str) -> None:
     check_address(host, 993)
+
+
+def _run(status: str, folders_total: int | None = None, found: int = 0, done: int = 0,
+         folders_done: int = 0) -> dict[str, object]:
+    return {"status": status, "folders_total": folders_total, "messages_found": found,
+            "messages_done": done, "folders_done": folders_done}
+
+
+def test_the_progress_bar_waits_for_a_fetcher_before_anything_is_known() -> None:
+    assert _progress_line([_run("queued")]) == "waiting for a fetcher (0/1 mailboxes done)"
+
+
+def test_the_progress_bar_fills_with_stored_messages_of_all_runs() -> None:
+    line = _progress_line([_run("running", 4, found=300, done=100, folders_done=1),
+                           _run("done", 2, found=100, done=100, folders_done=2)], width=10)
+    assert line == "[#####-----] 200/400 messages  3/6 folders  1/2 mailboxes"
+
+
+def test_a_finished_run_counts_whole_even_when_it_failed_half_way() -> None:
+    line = _progress_line([_run("failed", 3, found=50, done=20, folders_done=1)], width=4)
+    assert line == "[####] 50/50 messages  3/3 folders  1/1 mailboxes"
