@@ -108,4 +108,10 @@ def held(database_url: str, conn: db.Connection, mailbox_id: int, owner: str,
         yield lease
     finally:
         lease.stop()
-        release(conn, mailbox_id, token)
+        try:
+            release(conn, mailbox_id, token)
+        except Exception as exc:
+            # Releasing only lets the next fetcher start sooner; the lease expires anyway. A
+            # connection lost here (PostgreSQL restarted, the backend terminated) must not turn
+            # an attempt whose events are all published into a failure that is redone.
+            log.warning("lease.release_failed", mailbox_id=mailbox_id, error=str(exc))

@@ -296,7 +296,12 @@ def known_hashes(conn: Connection, mailbox_id: int, hashes: list[bytes]) -> set[
 def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: int,
                    batch: Sequence[Incoming], token: int) -> int:
     """Insert the batch's raw bytes (once per hash), parsed messages (once per mailbox and hash)
-    and folder placements (once per UIDVALIDITY and UID; an expunged UID's tombstone wins)."""
+    and folder placements (once per UIDVALIDITY and UID; an expunged UID's tombstone wins).
+
+    A placement already stored by an older attempt (a fetcher that crashed or stalled after
+    some of its batches were stored) takes this attempt's flags: they were read from the server
+    later. Without that, the newer attempt's insert was a no-op and the older flags stayed
+    until the next run's flag pass."""
     with_raw = sorted({m.sha256: m for m in batch if m.sha256 is not None and m.parsed is not None}.values(),
                       key=lambda m: m.sha256 or b"")
     with conn.cursor() as cur:
@@ -328,7 +333,12 @@ def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: 
                                             modseq, internal_date, size, skipped_reason,
                                             flags_token)
                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-               ON CONFLICT (folder_id, uidvalidity, uid) DO NOTHING""",
+               ON CONFLICT (folder_id, uidvalidity, uid) DO UPDATE
+                  SET flags = EXCLUDED.flags, seen = EXCLUDED.seen,
+                      modseq = COALESCE(EXCLUDED.modseq, message_folders.modseq),
+                      flags_token = EXCLUDED.flags_token
+                WHERE message_folders.expunged_at IS NULL
+                  AND COALESCE(message_folders.flags_token, 0) < EXCLUDED.flags_token""",
             [
                 (folder, uidvalidity, m.fetched.uid,
                  ids.get(m.sha256) if m.sha256 else None,
