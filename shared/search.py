@@ -63,6 +63,45 @@ class SearchHit:
     rank: float
 
 
+# --- indexing ----------------------------------------------------------------------------------
+
+#: at most this many of its waiting messages a search indexes before it looks (about 1 ms each)
+INDEX_ON_SEARCH = 5_000
+
+_INDEX = """
+WITH todo AS (
+    SELECT id FROM messages
+     WHERE search_vector IS NULL AND (%(mailbox)s::bigint IS NULL OR mailbox_id = %(mailbox)s)
+     ORDER BY mailbox_id, id LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE messages m
+   SET search_vector = mailferry_search_vector(m.subject, m.from_addr, m.to_addrs, m.cc_addrs,
+                                               m.bcc_addrs, m.body_text, m.body_html),
+       search_head = mailferry_search_head(m.subject, m.from_addr, m.to_addrs, m.cc_addrs,
+                                           m.bcc_addrs)
+  FROM todo WHERE m.id = todo.id
+"""
+
+
+def index_pending(conn: Connection, *, mailbox_id: int | None = None, limit: int = 200) -> int:
+    """Build the search vectors of up to ``limit`` messages that have none yet (of one mailbox,
+    or of any); returns how many. Rows another indexer holds are skipped, not waited for."""
+    with conn.transaction():
+        cur = conn.execute(_INDEX, {"mailbox": mailbox_id, "limit": limit})
+        return cur.rowcount
+
+
+def unindexed(conn: Connection, mailbox_id: int) -> int:
+    """How many of the mailbox's messages a search cannot find yet."""
+    row = conn.execute("SELECT count(*) AS n FROM messages WHERE mailbox_id = %s "
+                       "AND search_vector IS NULL", (mailbox_id,)).fetchone()
+    return int(row["n"]) if row else 0
+
+
+# --- searching ---------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class _Term:
     text: str
@@ -230,6 +269,9 @@ def search_messages(conn: Connection, mailbox_id: int, query: str, *, limit: int
     """The mailbox's messages matching ``query``, best first: by rank, then newest. When more
     than RANK_WINDOW messages match, the newest RANK_WINDOW of them are the ones ranked.
 
+    The mailbox's messages still waiting for the background indexer are indexed first (up to
+    INDEX_ON_SEARCH of them: ``unindexed`` tells whether some are left out).
+
     Always scoped to one mailbox: its id is in the WHERE clause, so no other mailbox's mail can
     appear. Only messages still in a folder (not expunged everywhere) are returned, like
     ``messages list``; ``folders`` lists where they are now. An unknown folder finds nothing.
@@ -237,6 +279,13 @@ def search_messages(conn: Connection, mailbox_id: int, query: str, *, limit: int
     if not 1 <= limit <= MAX_LIMIT:
         raise BadQuery(f"the limit must be between 1 and {MAX_LIMIT}")
     compiled = compile_query(conn, query)
+    # What the background indexer has not reached yet (just synced mail), searchable now.
+    budget = INDEX_ON_SEARCH
+    while budget > 0:
+        batch = min(500, budget)
+        budget -= batch
+        if index_pending(conn, mailbox_id=mailbox_id, limit=batch) < batch:
+            break
     folders: list[int] | None = None
     if folder is not None:
         folder = clean_text(folder)

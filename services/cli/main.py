@@ -636,11 +636,15 @@ def messages_search(mailbox_id: int, query: str, folder: str | None, limit: int,
     subject:, from:, to: (to, cc or bcc) or body: before a word or phrase to look only there.
     Case and accents do not matter. Expunged messages are left out, as in `messages list`.
     """
-    from shared.search import search_messages
+    from shared.search import search_messages, unindexed
 
     conn = _conn(_settings())
     _mailbox(conn, mailbox_id)
     hits = search_messages(conn, mailbox_id, query, limit=limit, folder=folder)
+    if waiting := unindexed(conn, mailbox_id):  # more than a search indexes on its own
+        click.echo(f"mailferry: note: {waiting} messages of mailbox {mailbox_id} are not "
+                   "indexed yet (the persisters are catching up); they are not searched",
+                   err=True)
     rows = [{"id": h.id, "mailbox_id": h.mailbox_id, "sent_at": h.sent_at, "from": h.from_,
              "to": h.to, "subject": h.subject, "folders": h.folders, "snippet": h.snippet,
              "rank": round(h.rank, 6)} for h in hits]

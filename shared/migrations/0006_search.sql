@@ -5,11 +5,17 @@
 -- "Grüße" finds "GRÜSSE" and "grusse", and "cafe" finds "Café". The same configuration reads
 -- the documents and the queries, so both sides fold alike.
 --
--- Each message's vectors are stored (generated columns: PostgreSQL rewrites the table once to
--- fill them) rather than only indexed as expressions, because ranking and phrase checks read
--- them for every match; recomputing them from the bodies then would cost more than the search.
--- Weights say where a word was found, and `subject:`, `from:`, `to:` and `body:` in a query
--- select them: A subject, B from, C to/cc/bcc, D body. Ranking follows (A counts most).
+-- Each message's vectors are stored rather than only indexed as expressions, because ranking
+-- and phrase checks read them for every match; recomputing them from the bodies then would cost
+-- more than the search. Weights say where a word was found, and `subject:`, `from:`, `to:` and
+-- `body:` in a query select them: A subject, B from, C to/cc/bcc, D body. Ranking follows.
+--
+-- The vectors are filled after the insert, not by it: building them costs about 1 ms of
+-- PostgreSQL time per message (mostly parsing the body), as much again as storing it, and an
+-- initial sync must not wait for that. A new message's vectors are NULL until the persister's
+-- background indexer (services/persister/indexer.py) fills them, which it does when its queue
+-- is quiet or the oldest waiting message has waited a minute; a search first indexes what its
+-- mailbox still has waiting (shared/search.py). The partial index finds the waiting rows.
 --
 -- Bounded inputs: a tsvector holds at most 1 MB, so only a prefix of each field is indexed (the
 -- first 100,000 characters of the body; words beyond it are not found). Words of more than
@@ -18,9 +24,9 @@
 -- The GIN indexes lead with the mailbox (btree_gin), because every search is scoped to one
 -- mailbox: a common word costs what it costs in that mailbox, not in the whole store.
 --
--- Cost: about 1 ms of PostgreSQL time per stored message, mostly parsing the body, and about
--- 5 KB of vectors per message (bench/search.py, bench/README.md). unaccent and btree_gin ship
--- with PostgreSQL (contrib) and are trusted extensions: the database's owner may create them.
+-- About 5 KB of vectors per message (bench/search.py, bench/README.md). unaccent and btree_gin
+-- ship with PostgreSQL (contrib) and are trusted extensions: the database's owner may create
+-- them.
 -- depends: 0005_run_kinds
 
 CREATE EXTENSION IF NOT EXISTS unaccent;
@@ -62,17 +68,15 @@ RETURN
                              left(coalesce(body_text, body_html, ''), 100000)), 'D');
 
 -- Everything, for plain words, phrases and ranking.
-ALTER TABLE messages ADD COLUMN search_vector tsvector
-    GENERATED ALWAYS AS (mailferry_search_vector(subject, from_addr, to_addrs, cc_addrs,
-                                                 bcc_addrs, body_text, body_html)) STORED;
+ALTER TABLE messages ADD COLUMN search_vector tsvector;
 ALTER TABLE messages ALTER COLUMN search_vector SET COMPRESSION lz4;  -- as the bodies (0002)
 
 -- The headers alone, for `subject:`, `from:` and `to:`. GIN keeps no weights, so a weighted
 -- term is rechecked against each candidate's vector: a few hundred bytes here, stored inline,
 -- rather than the whole message's few TOASTed kilobytes.
-ALTER TABLE messages ADD COLUMN search_head tsvector
-    GENERATED ALWAYS AS (mailferry_search_head(subject, from_addr, to_addrs, cc_addrs,
-                                               bcc_addrs)) STORED;
+ALTER TABLE messages ADD COLUMN search_head tsvector;
 
 CREATE INDEX messages_search_idx ON messages USING gin (mailbox_id, search_vector);
 CREATE INDEX messages_search_head_idx ON messages USING gin (mailbox_id, search_head);
+-- the messages waiting for their vectors (existing ones included: all of them, at first)
+CREATE INDEX messages_unindexed_idx ON messages (mailbox_id, id) WHERE search_vector IS NULL;

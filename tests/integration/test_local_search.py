@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -12,7 +13,8 @@ from email.message import EmailMessage
 import pytest
 
 from services.persister import store
-from shared import db
+from services.persister.indexer import Indexer
+from shared import db, search
 from shared.messages import FetchedMessage
 from shared.mime import parse_message
 from shared.search import BadQuery, compile_query, search_messages
@@ -257,6 +259,58 @@ def test_a_five_megabyte_body_is_stored_and_its_beginning_is_searchable(
     assert _ids(conn, mb, "w0000100") == [message]
     # only the first 100,000 characters of a body are indexed (the tsvector limit is 1 MB)
     assert _ids(conn, mb, "haystackend") == []
+
+
+# --- deferred indexing -------------------------------------------------------------------------
+
+
+def _waiting(conn: db.Connection, mailbox_id: int) -> int:
+    return search.unindexed(conn, mailbox_id)
+
+
+def test_storing_a_message_leaves_its_indexing_for_later_yet_a_search_finds_it_at_once(
+    conn: db.Connection
+) -> None:
+    mb = _mailbox(conn)
+    message = _store(conn, mb, _raw("Quarterly figures", "the numbers"))
+    assert _waiting(conn, mb) == 1  # the insert did not pay for the vectors
+    assert _ids(conn, mb, "quarterly") == [message]
+    assert _waiting(conn, mb) == 0
+
+
+def test_a_search_indexes_only_its_own_mailbox_and_at_most_its_budget(
+    conn: db.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine, other = _mailbox(conn, "mine"), _mailbox(conn, "other")
+    for n in range(5):
+        _store(conn, mine, _raw(f"report {n}", "weekly report"))
+    _store(conn, other, _raw("report", "weekly report"))
+    monkeypatch.setattr(search, "INDEX_ON_SEARCH", 3)
+    assert len(_ids(conn, mine, "report")) == 3  # the two not reached yet are not found...
+    assert (_waiting(conn, mine), _waiting(conn, other)) == (2, 1)  # ...and are counted
+    assert len(_ids(conn, mine, "report")) == 5
+
+
+def test_the_background_indexer_waits_while_events_flow_then_catches_up(
+    conn: db.Connection, database_url: str
+) -> None:
+    mb = _mailbox(conn)
+    for n in range(3):
+        _store(conn, mb, _raw(f"note {n}", "text"))
+    last_event = [time.monotonic() + 3600.0]  # an event "just now", for the next hour
+    indexer = Indexer(database_url, lambda: last_event[0])
+    indexer.start()
+    try:
+        time.sleep(2.5)
+        assert _waiting(conn, mb) == 3, "indexed while the persister was busy with events"
+        last_event[0] = 0.0  # the queue has gone quiet
+        assert services.eventually(lambda: _waiting(conn, mb) == 0, timeout=30)
+    finally:
+        indexer.stop()
+    vectors = conn.execute("SELECT count(*) AS n FROM messages WHERE mailbox_id = %s "
+                           "AND search_vector IS NOT NULL AND search_head IS NOT NULL",
+                           (mb,)).fetchone()
+    assert vectors == {"n": 3}
 
 
 # --- hostile queries ---------------------------------------------------------------------------
