@@ -47,18 +47,7 @@ def secret_key() -> str:
 @pytest.fixture
 def env(database_url: str, vhost: tuple[str, str], secret_key: str) -> dict[str, str]:
     """The MAILFERRY_* environment of one isolated deployment."""
-    return {
-        "MAILFERRY_DATABASE_URL": database_url,
-        "MAILFERRY_BROKER_URL": vhost[1],
-        "MAILFERRY_SECRET_KEY": secret_key,
-        "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1",
-        "MAILFERRY_LOG_FORMAT": "json",
-        "MAILFERRY_SCHEDULER_TICK": "1",
-        "MAILFERRY_RETRY_DELAYS": "1,2,4",
-        "MAILFERRY_LEASE_SECONDS": "10",
-        "MAILFERRY_NOTIFIER_TICK": "0.5",
-        "MAILFERRY_NOTIFY_RETRY_BASE": "1",
-    }
+    return services.deployment_env(database_url, vhost[1], secret_key)
 
 
 @pytest.fixture

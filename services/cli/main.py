@@ -35,6 +35,8 @@ from shared.logging import configure_logging
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
 F = TypeVar("F", bound=Callable[..., Any])
+_JSON = click.option("--json", "as_json", is_flag=True,
+                     help="print JSON with stable keys (for scripts) instead of a table")
 
 
 def _die(message: str, code: int) -> NoReturn:
@@ -118,6 +120,21 @@ def cli() -> None:
     """mailferry keeps IMAP mailboxes synchronized into PostgreSQL through RabbitMQ.
 
     Configuration comes from MAILFERRY_* environment variables (see the README).
+
+    \b
+    A first session:
+      mailferry keys generate                # then export MAILFERRY_SECRET_KEY=...
+      mailferry up &                         # the four services on this machine
+      mailferry user add --email ann@example.com
+      printf '%s\\n' "$PW" | mailferry mailbox add --owner ann@example.com \\
+          --host imap.example.com --port 993 --security ssl --username ann --password-stdin
+      mailferry mailbox check 1              # log in now, print the folder tree
+      mailferry sync --mailbox 1 --wait      # sync now, with a progress bar
+      mailferry messages search --mailbox 1 'from:bob invoice'
+
+    \b
+    Exit codes: 0 done; 1 what was asked failed (a refused login, a failed sync);
+    2 bad usage or an unknown id; 3 timed out; 4 PostgreSQL or RabbitMQ unavailable.
     """
 
 
@@ -177,8 +194,8 @@ def user_group() -> None:
 
 
 @user_group.command("add")
-@click.option("--email", required=True)
-@click.option("--name")
+@click.option("--email", required=True, help="their address: notification emails go there")
+@click.option("--name", help="a display name")
 @click.option("--capability", "capabilities", multiple=True,
               help="e.g. imap_sync_origin_credential_notifications (repeatable)")
 def user_add(email: str, name: str | None, capabilities: tuple[str, ...]) -> None:
@@ -198,7 +215,7 @@ def user_add(email: str, name: str | None, capabilities: tuple[str, ...]) -> Non
 
 
 @user_group.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@_JSON
 def user_list(as_json: bool) -> None:
     """List users."""
     rows = _conn(_settings()).execute(
@@ -220,10 +237,12 @@ def mailbox_group() -> None:
 @mailbox_group.command("add")
 @click.option("--owner", help="email of the owning user")
 @click.option("--system", is_flag=True, help="a system mailbox, owned by no one")
-@click.option("--host", required=True)
-@click.option("--port", required=True, type=click.IntRange(1, 65535))
-@click.option("--security", required=True, type=click.Choice(["ssl", "starttls", "none"]))
-@click.option("--username", required=True)
+@click.option("--host", required=True, help="the IMAP server's host name")
+@click.option("--port", required=True, type=click.IntRange(1, 65535),
+              help="993 for ssl, 143 for starttls or none")
+@click.option("--security", required=True, type=click.Choice(["ssl", "starttls", "none"]),
+              help="ssl: TLS from the start; starttls: upgraded, never downgraded; none: clear text")
+@click.option("--username", required=True, help="the IMAP login")
 @click.option("--password-stdin", is_flag=True, required=True,
               help="read the password from standard input (never from the command line)")
 @click.option("--folders", help="comma-separated folders to sync (default: inbox and sent)")
@@ -265,14 +284,16 @@ def mailbox_add(owner: str | None, system: bool, host: str, port: int, security:
 
 @mailbox_group.command("update")
 @click.argument("mailbox_id", type=int)
-@click.option("--host")
-@click.option("--port", type=click.IntRange(1, 65535))
-@click.option("--security", type=click.Choice(["ssl", "starttls", "none"]))
-@click.option("--username")
+@click.option("--host", help="a new IMAP host name")
+@click.option("--port", type=click.IntRange(1, 65535), help="a new port")
+@click.option("--security", type=click.Choice(["ssl", "starttls", "none"]),
+              help="a new security mode")
+@click.option("--username", help="a new IMAP login")
 @click.option("--password-stdin", is_flag=True, help="read the new password from standard input")
-@click.option("--name")
+@click.option("--name", help="a new display name")
 @click.option("--sync/--no-sync", "sync_enabled", default=None, help="enable or disable its sync")
-@click.option("--first-sync-days", type=click.IntRange(min=1))
+@click.option("--first-sync-days", type=click.IntRange(min=1),
+              help="days of mail a folder's first sync loads")
 def mailbox_update(mailbox_id: int, host: str | None, port: int | None, security: str | None,
                    username: str | None, password_stdin: bool, name: str | None,
                    sync_enabled: bool | None, first_sync_days: int | None) -> None:
@@ -339,7 +360,7 @@ SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m
 
 
 @mailbox_group.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@_JSON
 def mailbox_list(as_json: bool) -> None:
     """List mailboxes with their sync state (never their passwords)."""
     rows = _conn(_settings()).execute(_MAILBOX_LIST).fetchall()
@@ -359,7 +380,7 @@ def _mailbox(conn: db.Connection, mailbox_id: int) -> repository.Mailbox:
 
 @mailbox_group.command("check")
 @click.argument("mailbox_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@_JSON
 def mailbox_check(mailbox_id: int, as_json: bool) -> None:
     """Log in now and show the folder tree: the "check connection" button.
 
@@ -395,7 +416,7 @@ def mailbox_check(mailbox_id: int, as_json: bool) -> None:
     if as_json:
         _json(result)
         return
-    click.echo(f"ok: logged in to {config.address} ({config.security}) as {config.username} "
+    click.echo(f"ok: logged in to {config.address} ({config.security}) as {_visible(config.username)} "
                f"in {result['seconds']}s")
     for root in tree:
         _echo_folder(root, depth=0)
@@ -405,7 +426,8 @@ def _echo_folder(folder: Folder, depth: int) -> None:
     """One line per folder, indented by depth: name (type[, not selectable])  flags."""
     notes = [folder.type] + ([] if folder.selectable else ["not selectable"])
     flags = " ".join(folder.flags)
-    click.echo(f"  {'  ' * depth}{folder.name}  ({', '.join(notes)})" + (f"  {flags}" if flags else ""))
+    click.echo(f"  {'  ' * depth}{_visible(folder.name)}  ({', '.join(notes)})"
+               + (f"  {_visible(flags)}" if flags else ""))
     for child in folder.children:
         _echo_folder(child, depth + 1)
 
@@ -414,7 +436,7 @@ def _echo_folder(folder: Folder, depth: int) -> None:
 @click.argument("mailbox_id", type=int)
 @click.option("--enable", "enable", multiple=True, help="folder to sync (repeatable)")
 @click.option("--disable", "disable", multiple=True, help="folder to stop syncing (repeatable)")
-@click.option("--json", "as_json", is_flag=True)
+@_JSON
 def mailbox_folders(mailbox_id: int, enable: tuple[str, ...], disable: tuple[str, ...],
                     as_json: bool) -> None:
     """Show the mailbox's folders, and enable or disable their sync.
@@ -482,7 +504,7 @@ def mailbox_folders(mailbox_id: int, enable: tuple[str, ...], disable: tuple[str
 @click.option("--wait", is_flag=True, help="return when the syncs are stored")
 @click.option("--timeout", type=float, default=3600.0, show_default=True,
               help="seconds to wait with --wait")
-@click.option("--json", "as_json", is_flag=True)
+@_JSON
 def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, timeout: float,
          as_json: bool) -> None:
     """Publish SyncMailbox commands now: the manual counterpart of the schedule."""
@@ -595,9 +617,9 @@ def messages_group() -> None:
 
 
 @messages_group.command("list")
-@click.option("--mailbox", "mailbox_id", required=True, type=int)
+@click.option("--mailbox", "mailbox_id", required=True, type=int, help="the mailbox id (mailbox list)")
 @click.option("--folder", help="only this folder (name as shown, or raw name)")
-@click.option("--json", "as_json", is_flag=True)
+@_JSON
 def messages_list(mailbox_id: int, folder: str | None, as_json: bool) -> None:
     """One entry per message and folder it is in (expunged ones left out)."""
     conn = _conn(_settings())
@@ -623,11 +645,12 @@ def messages_list(mailbox_id: int, folder: str | None, as_json: bool) -> None:
 
 
 @messages_group.command("search")
-@click.option("--mailbox", "mailbox_id", required=True, type=int)
+@click.option("--mailbox", "mailbox_id", required=True, type=int, help="the mailbox id (mailbox list)")
 @click.argument("query")
 @click.option("--folder", help="only messages in this folder (name as shown, or raw name)")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000),
+              help="at most this many results")
+@_JSON
 def messages_search(mailbox_id: int, query: str, folder: str | None, limit: int,
                     as_json: bool) -> None:
     """Find the mailbox's messages by words of their subject, addresses and body; best first.
@@ -691,7 +714,7 @@ def _print_notifications(items: list[Any], as_json: bool) -> None:
 @notifications_group.command("list")
 @click.option("--user", "email", required=True, help="the person's email")
 @click.option("--all", "all_", is_flag=True, help="read ones too")
-@click.option("--json", "as_json", is_flag=True)
+@_JSON
 def notifications_list(email: str, all_: bool, as_json: bool) -> None:
     """Show the person's unread notifications (without marking them read)."""
     from shared.notifications import list_notifications
@@ -702,7 +725,7 @@ def notifications_list(email: str, all_: bool, as_json: bool) -> None:
 
 @notifications_group.command("pop")
 @click.option("--user", "email", required=True, help="the person's email")
-@click.option("--json", "as_json", is_flag=True)
+@_JSON
 def notifications_pop(email: str, as_json: bool) -> None:
     """Return the unread notifications and mark them read: what a host application calls when
     the person logs in."""
@@ -731,8 +754,9 @@ def _dead_letter_queues(name: str | None) -> list[Any]:
 
 @dead_letters_group.command("list")
 @click.option("--queue", "queue_name", help="a work queue (default: all)")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000),
+              help="at most this many messages")
+@_JSON
 def dead_letters_list(queue_name: str | None, limit: int, as_json: bool) -> None:
     """Show dead-lettered messages and why; they stay where they are."""
     from shared import broker
@@ -753,7 +777,8 @@ def dead_letters_list(queue_name: str | None, limit: int, as_json: bool) -> None
 
 @dead_letters_group.command("replay")
 @click.option("--queue", "queue_name", help="a work queue (default: all)")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000),
+              help="at most this many messages")
 def dead_letters_replay(queue_name: str | None, limit: int) -> None:
     """Send dead-lettered messages back to their work queue, with a fresh retry budget."""
     from shared import broker
@@ -812,7 +837,7 @@ def _describe_dead_letter(queue: str, message: Any) -> dict[str, Any]:
 
 
 @cli.command("status")
-@click.option("--json", "as_json", is_flag=True)
+@_JSON
 def status(as_json: bool) -> None:
     """Counts and recent runs from PostgreSQL, queue depths from RabbitMQ."""
     settings = _settings()
@@ -889,8 +914,10 @@ for _name in ("scheduler", "fetcher", "persister", "notifier"):
 
 
 @cli.command("up")
-@click.option("--fetchers", default=1, type=click.IntRange(1, 64), show_default=True)
-@click.option("--persisters", default=1, type=click.IntRange(1, 64), show_default=True)
+@click.option("--fetchers", default=1, type=click.IntRange(1, 64), show_default=True,
+              help="fetcher workers (IMAP -> events)")
+@click.option("--persisters", default=1, type=click.IntRange(1, 64), show_default=True,
+              help="persister workers (events -> PostgreSQL)")
 def up(fetchers: int, persisters: int) -> None:
     """All four services under one supervisor, for a single machine; Ctrl-C stops them."""
     from services.cli.supervisor import supervise

@@ -76,9 +76,9 @@ class FetcherDeps:
 
 def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps,
                  delivery: Delivery | None = None) -> None:
-    """One attempt at one run. A transient fault before any folder work (refused, timed out,
-    [UNAVAILABLE]) is recorded on the run and raised, so the worker retries it after a delay;
-    on the last delivery it is recorded as the run's failure instead."""
+    """One attempt at one run. A transient fault (refused, timed out, [UNAVAILABLE], or the
+    connection lost in the middle of a folder) is recorded on the run and raised, so the worker
+    retries it after a delay; on the last delivery it is recorded as the run's failure instead."""
     structlog.contextvars.bind_contextvars(mailbox_id=cmd.mailbox_id, run_id=str(cmd.run_id))
     started = time.monotonic()
     conn = deps.connection()

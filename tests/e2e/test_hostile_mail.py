@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from cryptography.fernet import Fernet
 
 from shared import db
 from shared.topology import WORK_QUEUES
@@ -192,14 +191,7 @@ def synced(migrated_template: str, tmp_path_factory: pytest.TempPathFactory) -> 
             services.private_vhost() as (vhost, broker_url), \
             Dovecot(tmp / "dovecot") as server, \
             db.connect(database_url, autocommit=True) as conn:
-        env = {
-            "MAILFERRY_DATABASE_URL": database_url,
-            "MAILFERRY_BROKER_URL": broker_url,
-            "MAILFERRY_SECRET_KEY": Fernet.generate_key().decode(),
-            "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1",
-            "MAILFERRY_LOG_FORMAT": "json",
-            "MAILFERRY_RETRY_DELAYS": "1,2",
-        }
+        env = services.deployment_env(database_url, broker_url, MAILFERRY_RETRY_DELAYS="1,2")
         server.add_user("eve", "pw")
         _fill(server)
         server_bytes, server_uids = _read_back(server)

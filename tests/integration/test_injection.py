@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from cryptography.fernet import Fernet
 
 from services.notifier.channels import SmtpSender
 from services.notifier.handlers import NotifierDeps
@@ -99,14 +98,7 @@ def deployment(migrated_template: str,
             services.private_vhost() as (_, broker_url), \
             Dovecot(tmp / "dovecot") as server, \
             db.connect(database_url, autocommit=True) as conn:
-        env = {
-            "MAILFERRY_DATABASE_URL": database_url,
-            "MAILFERRY_BROKER_URL": broker_url,
-            "MAILFERRY_SECRET_KEY": Fernet.generate_key().decode(),
-            "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1",
-            "MAILFERRY_LOG_FORMAT": "json",
-            "MAILFERRY_RETRY_DELAYS": "1,2",
-        }
+        env = services.deployment_env(database_url, broker_url, MAILFERRY_RETRY_DELAYS="1,2")
         server.add_user("mallory", "pw")
         server.add_user("alice", "secret")  # the target of an injected second LOGIN
         _fill(server)

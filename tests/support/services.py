@@ -22,6 +22,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 import psycopg
+from cryptography.fernet import Fernet
 
 PG_ADMIN_URL = os.environ.get("MAILFERRY_TEST_PG_ADMIN_URL",
                               "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -52,6 +53,25 @@ def private_database(template: str | None = None) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def deployment_env(database_url: str, broker_url: str, secret_key: str | None = None,
+                   **overrides: str) -> dict[str, str]:
+    """The MAILFERRY_* environment of one isolated deployment: short ticks, delays and leases,
+    so that tests wait seconds, not minutes; ``overrides`` by variable name."""
+    return {
+        "MAILFERRY_DATABASE_URL": database_url,
+        "MAILFERRY_BROKER_URL": broker_url,
+        "MAILFERRY_SECRET_KEY": secret_key or Fernet.generate_key().decode(),
+        "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1",
+        "MAILFERRY_LOG_FORMAT": "json",
+        "MAILFERRY_SCHEDULER_TICK": "1",
+        "MAILFERRY_RETRY_DELAYS": "1,2,4",
+        "MAILFERRY_LEASE_SECONDS": "10",
+        "MAILFERRY_NOTIFIER_TICK": "0.5",
+        "MAILFERRY_NOTIFY_RETRY_BASE": "1",
+        **overrides,
+    }
 
 
 def rabbit_api(method: str, path: str, body: Mapping[str, object] | None = None) -> object:
