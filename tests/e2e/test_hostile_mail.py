@@ -248,6 +248,17 @@ def test_no_event_failed_even_once_and_nothing_was_dead_lettered(synced: Synced)
         assert info.get("messages", 0) == 0, work.dead_letter_name
 
 
+def test_the_persisters_index_every_hostile_message_for_search(synced: Synced) -> None:
+    def waiting() -> int:
+        row = synced.conn.execute("SELECT count(*) AS n FROM messages "
+                                  "WHERE search_vector IS NULL OR search_head IS NULL").fetchone()
+        return int(row["n"]) if row else -1
+
+    assert services.eventually(lambda: waiting() == 0, timeout=60), synced.processes.logs()
+    for log in synced.processes.log_dir.glob("*.log"):
+        assert "search.index_failed" not in log.read_text(errors="replace")
+
+
 @pytest.mark.parametrize("name", [c.name for c in CASES])
 def test_each_hostile_message_is_stored_with_exactly_the_bytes_the_server_returned(
     synced: Synced, name: str,
