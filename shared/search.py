@@ -28,10 +28,13 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+import structlog
 
 from shared.db import Connection
 from shared.errors import ConfigError
 from shared.mime import clean_text
+
+log = structlog.get_logger(__name__)
 
 CONFIG = "mailferry_search"
 #: where a word was found, as weighted in ``mailferry_search_vector`` (0006_search.sql)
@@ -72,6 +75,7 @@ _INDEX = """
 WITH todo AS (
     SELECT id FROM messages
      WHERE search_vector IS NULL AND (%(mailbox)s::bigint IS NULL OR mailbox_id = %(mailbox)s)
+       AND (%(only)s::bigint IS NULL OR id = %(only)s)
      ORDER BY mailbox_id, id LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
 )
@@ -84,12 +88,38 @@ UPDATE messages m
 """
 
 
+# what PostgreSQL says of text it cannot index ("string is too long for tsvector": 54000)
+_NOT_INDEXABLE = (psycopg.errors.DataException, psycopg.errors.ProgramLimitExceeded)
+
+
 def index_pending(conn: Connection, *, mailbox_id: int | None = None, limit: int = 200) -> int:
     """Build the search vectors of up to ``limit`` messages that have none yet (of one mailbox,
-    or of any); returns how many. Rows another indexer holds are skipped, not waited for."""
-    with conn.transaction():
-        cur = conn.execute(_INDEX, {"mailbox": mailbox_id, "limit": limit})
-        return cur.rowcount
+    or of any); returns how many. Rows another indexer holds are skipped, not waited for.
+
+    A message whose text PostgreSQL refuses to index (none is known: every field's prefix is
+    bounded below the 1 MB tsvector limit) must not stop the others behind it forever: the
+    batch is then indexed message by message, and such a message gets empty vectors (it is
+    found by no search) and a warning in the log."""
+    params = {"mailbox": mailbox_id, "limit": limit, "only": None}
+    try:
+        with conn.transaction():
+            return conn.execute(_INDEX, params).rowcount
+    except _NOT_INDEXABLE:
+        pass
+    ids = [r["id"] for r in conn.execute(
+        """SELECT id FROM messages WHERE search_vector IS NULL
+              AND (%(mailbox)s::bigint IS NULL OR mailbox_id = %(mailbox)s)
+            ORDER BY mailbox_id, id LIMIT %(limit)s""", params).fetchall()]
+    for message_id in ids:
+        try:
+            with conn.transaction():
+                conn.execute(_INDEX, {**params, "only": message_id})
+        except _NOT_INDEXABLE as exc:
+            log.warning("search.message_not_indexable", message_id=message_id,
+                        error=exc.diag.message_primary)
+            conn.execute("UPDATE messages SET search_vector = ''::tsvector, "
+                         "search_head = ''::tsvector WHERE id = %s", (message_id,))
+    return len(ids)
 
 
 def unindexed(conn: Connection, mailbox_id: int) -> int:

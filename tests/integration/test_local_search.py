@@ -291,6 +291,30 @@ def test_a_search_indexes_only_its_own_mailbox_and_at_most_its_budget(
     assert len(_ids(conn, mine, "report")) == 5
 
 
+def test_a_message_postgresql_cannot_index_does_not_stop_the_others(conn: db.Connection) -> None:
+    mb = _mailbox(conn)
+    before = _store(conn, mb, _raw("alpha report", "text"))
+    poison = _store(conn, mb, _raw("poison report", "text"))
+    after = _store(conn, mb, _raw("omega report", "text"))
+    # What PostgreSQL answers for text beyond the tsvector limit (SQLSTATE 54000), for one message
+    conn.execute("""
+        CREATE OR REPLACE FUNCTION mailferry_search_head(subject text, from_addr text,
+            to_addrs text[], cc_addrs text[], bcc_addrs text[]) RETURNS tsvector
+        LANGUAGE plpgsql IMMUTABLE AS $$
+        BEGIN
+            IF subject LIKE 'poison%' THEN
+                RAISE EXCEPTION 'string is too long for tsvector' USING ERRCODE = '54000';
+            END IF;
+            RETURN to_tsvector('mailferry_search', coalesce(subject, ''));
+        END $$""")
+    assert search.index_pending(conn, mailbox_id=mb) == 3
+    assert _waiting(conn, mb) == 0  # nothing left to retry forever
+    assert sorted(_ids(conn, mb, "report")) == sorted([before, after])
+    empty = conn.execute("SELECT search_vector::text AS v FROM messages WHERE id = %s",
+                         (poison,)).fetchone()
+    assert empty == {"v": ""}
+
+
 def test_the_background_indexer_waits_while_events_flow_then_catches_up(
     conn: db.Connection, database_url: str
 ) -> None:
