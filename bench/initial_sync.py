@@ -644,6 +644,9 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
                 result["cpu_during_sync"] = account.stop()
             if profiler:
                 result["profile_seconds"] = profiler.stop()
+            if synced.returncode == 0:  # the persisters index the mail for search once idle
+                result["search_indexed_after_seconds"] = _wait_for_search_index(
+                    database_url, mailbox_id, args.timeout)
             result["memory_mb"], result["cpu_seconds"] = {}, {}
             for key, pid in _service_pids(processes).items():
                 result["memory_mb"][key] = peak_memory_mb(pid)
@@ -694,6 +697,19 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
         result["ok"] = (run["status"] == "done" and counts[0] == expected.count
                         and counts[1] == expected.count and counts[2] == expected.total_bytes)
     return result
+
+
+def _wait_for_search_index(database_url: str, mailbox_id: int, timeout: float) -> float | None:
+    """Seconds from the end of the sync until every message of the mailbox is searchable."""
+    started = time.monotonic()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while time.monotonic() - started < timeout:
+            row = conn.execute("SELECT count(*) FROM messages WHERE mailbox_id = %s "
+                               "AND search_vector IS NULL", (mailbox_id,)).fetchone()
+            if row is not None and row[0] == 0:
+                return round(time.monotonic() - started, 1)
+            time.sleep(0.5)
+    return None
 
 
 def run_mbsync(server: Dovecot, work: Path, expected: int, *, fsync: bool,
@@ -845,6 +861,7 @@ def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: Corpus, fi
         "pipeline_seconds": seconds,
         "pipeline_seconds_cli": pipeline["seconds_cli"],
         "queue_wait_seconds": pipeline["queue_wait_seconds"],
+        "search_indexed_after_seconds": pipeline.get("search_indexed_after_seconds"),
         "messages_per_second": round(corpus.count / seconds, 1) if seconds else None,
         "mb_per_second": round(corpus.total_bytes / 1e6 / seconds, 2) if seconds else None,
         "stored_messages": pipeline["messages_rows"],
@@ -902,6 +919,8 @@ def print_report(s: dict[str, Any], timeline: list[tuple[float, int, int]]) -> N
           f"({s['pipeline_seconds_cli']} s for the whole `mailferry sync --wait` command; "
           f"command queued {s['queue_wait_seconds']} s)")
     print(f"throughput     {s['messages_per_second']} messages/s, {s['mb_per_second']} MB/s")
+    print(f"searchable     every message {s['search_indexed_after_seconds']} s after the sync "
+          "(the persisters' background indexer)")
     print(f"stored         {s['stored_messages']} messages, {s['stored_placements']} placements, "
           f"{s['stored_raw_mb']} MB raw, {s['with_parse_errors']} with parse errors; "
           f"database {s['database_mb']} MB -> {'OK' if s['pipeline_ok'] else 'WRONG'}")
