@@ -23,6 +23,12 @@ from shared.errors import ConfigError, DatabaseUnavailable
 MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x6D61696C66  # "mailf"
 
+
+def mailbox_lock_key(mailbox_id: int) -> int:
+    """The advisory lock of one mailbox's fencing token (shared by writers, exclusive for a
+    takeover); far from the migration lock's key."""
+    return (1 << 62) | mailbox_id
+
 Connection = psycopg.Connection[dict[str, Any]]
 
 

@@ -60,14 +60,18 @@ class Lease:
 
 
 def acquire(conn: db.Connection, mailbox_id: int, owner: str, seconds: float) -> int:
-    row = conn.execute(
-        """UPDATE mailboxes
-              SET lease_token = lease_token + 1, lease_owner = %s,
-                  lease_expires_at = now() + make_interval(secs => %s)
-            WHERE id = %s AND (lease_expires_at IS NULL OR lease_expires_at < now())
-        RETURNING lease_token""",
-        (owner, seconds, mailbox_id),
-    ).fetchone()
+    with conn.transaction():
+        # Exclusive: waits for the persisters' transactions that read the old token (they hold
+        # it shared), so none of the old attempt's writes can commit after this one starts.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (db.mailbox_lock_key(mailbox_id),))
+        row = conn.execute(
+            """UPDATE mailboxes
+                  SET lease_token = lease_token + 1, lease_owner = %s,
+                      lease_expires_at = now() + make_interval(secs => %s)
+                WHERE id = %s AND (lease_expires_at IS NULL OR lease_expires_at < now())
+            RETURNING lease_token""",
+            (owner, seconds, mailbox_id),
+        ).fetchone()
     if row is None:
         held = conn.execute(
             """SELECT lease_owner, extract(epoch FROM lease_expires_at - now()) AS remaining

@@ -15,7 +15,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from shared.db import Connection
+from shared.db import Connection, mailbox_lock_key
 from shared.domain import enabled_on_discovery
 from shared.imap import decode_folder_name
 from shared.messages import FetchedMessage, FlagChange, FolderInfo, FolderSynced
@@ -25,6 +25,10 @@ ACTIVE = ("queued", "running")
 
 
 def current_token(conn: Connection, mailbox_id: int) -> int | None:
+    """The mailbox's fencing token, read under a shared lock held until the transaction ends:
+    a fetcher taking the lease over waits for the writes in flight (``lease.acquire`` takes the
+    lock exclusively), so no write of an older attempt can land after the newer one began."""
+    conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (mailbox_lock_key(mailbox_id),))
     row = conn.execute("SELECT lease_token FROM mailboxes WHERE id = %s", (mailbox_id,)).fetchone()
     return None if row is None else int(row["lease_token"])
 

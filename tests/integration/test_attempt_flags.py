@@ -6,12 +6,15 @@ kept the older flags until the next run's flag pass."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from services.fetcher import lease as leases
+from services.persister import store
 from services.persister.handlers import PersisterDeps, handle
 from shared import db
 from shared.messages import FetchedMessage, MessagesExpunged, MessagesFetched, SyncStarted
@@ -87,3 +90,29 @@ def test_an_older_attempt_insert_never_replaces_newer_flags_nor_revives_a_tombst
     rows = _flags(conn)
     assert rows[0] == {"uid": 1, "flags": ["\\Flagged"], "flags_token": token, "gone": False}
     assert rows[1]["gone"] is True and rows[1]["flags"] == []
+
+
+def test_a_takeover_waits_for_the_write_in_flight_so_no_older_write_lands_after_it(
+    database_url: str, conn: db.Connection
+) -> None:
+    mailbox_id, _ = _mailbox_and_run(conn)
+    old = _take_lease(conn, mailbox_id)
+    writer = db.connect(database_url)  # a persister in the middle of an event's transaction
+    taken: list[int] = []
+    taker = db.connect(database_url, autocommit=True)
+    thread = threading.Thread(
+        target=lambda: taken.append(leases.acquire(taker, mailbox_id, "fetcher-b", 30)))
+    try:
+        with writer.transaction():
+            assert store.current_token(writer, mailbox_id) == old  # its events pass the fence
+            thread.start()
+            thread.join(1.0)
+            assert taken == [], "the lease was taken over while an older write was in flight"
+        thread.join(10)
+        assert taken == [old + 1]
+        with writer.transaction():  # a write that starts after the takeover is fenced
+            assert store.current_token(writer, mailbox_id) == old + 1
+    finally:
+        thread.join(10)
+        writer.close()
+        taker.close()
