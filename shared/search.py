@@ -89,7 +89,7 @@ UPDATE messages m
 
 
 # what PostgreSQL says of text it cannot index ("string is too long for tsvector": 54000)
-_NOT_INDEXABLE = (psycopg.errors.DataException, psycopg.errors.ProgramLimitExceeded)
+_NOT_INDEXABLE = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
 
 
 def index_pending(conn: Connection, *, mailbox_id: int | None = None, limit: int = 200) -> int:
@@ -334,7 +334,7 @@ def search_messages(conn: Connection, mailbox_id: int, query: str, *, limit: int
             # the mailbox rather than ask the index (1 s instead of 0.1 s at 100,000 messages).
             conn.execute("SET LOCAL enable_seqscan = off")
             rows = conn.execute(search_sql(compiled), params).fetchall()
-    except (psycopg.errors.SyntaxError, psycopg.errors.DataException) as exc:
+    except (psycopg.errors.SyntaxError, psycopg.DataError) as exc:
         # should not happen (the terms come back from PostgreSQL itself); say it in one line
         raise BadQuery(f"cannot search for {query!r}: {exc.diag.message_primary}") from exc
     return [

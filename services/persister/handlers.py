@@ -18,6 +18,7 @@ import structlog
 
 from services.persister import store
 from shared.db import Connection
+from shared.errors import PermanentError
 from shared.messages import (
     AnyMessage,
     FetcherEvent,
@@ -49,6 +50,17 @@ def handle(event: AnyMessage, deps: PersisterDeps) -> None:
         return
     structlog.contextvars.bind_contextvars(type=event.type, mailbox_id=event.mailbox_id,
                                            run_id=str(event.run_id))
+    try:
+        _apply(event, handler, deps)
+    except psycopg.DataError as exc:
+        # a value the schema cannot hold: the same event fails the same way every time, so it
+        # goes to the dead letters at once rather than after the whole retry budget
+        raise PermanentError(
+            f"the database refuses this event: {exc.diag.message_primary}") from exc
+
+
+def _apply(event: FetcherEvent, handler: Callable[[Connection, Any, Any], dict[str, Any]],
+           deps: PersisterDeps) -> None:
     started = time.monotonic()
     prepared = _prepare(event, deps.connection())
     for attempt in range(5):
@@ -79,7 +91,7 @@ def event_dead_lettered(event: AnyMessage, reason: str, deps: PersisterDeps) -> 
         store.run_gave_up(deps.connection(), run_id, f"{event.type} not stored: {reason}")
 
 
-def _prepare(event: AnyMessage, conn: Connection) -> Any:
+def _prepare(event: FetcherEvent, conn: Connection) -> Any:
     """CPU work done outside the transaction: hashing, and MIME parsing of the messages this
     mailbox does not hold yet (a copy or a redelivery is not parsed twice)."""
     if not isinstance(event, MessagesFetched):
