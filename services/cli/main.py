@@ -40,7 +40,7 @@ _JSON = click.option("--json", "as_json", is_flag=True,
 
 
 def _die(message: str, code: int) -> NoReturn:
-    click.echo(f"mailferry: error: {message}", err=True)
+    click.echo(f"mailferry: error: {_visible(message)}", err=True)
     sys.exit(code)
 
 
@@ -545,7 +545,7 @@ def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, time
     else:
         for r in final:
             line = f"mailbox {r['mailbox_id']}: {r['status']}, {r['messages_stored']} messages stored"
-            click.echo(line + (f" ({r['error']})" if r["error"] else ""))
+            click.echo(line + (f" ({_visible(r['error'])})" if r["error"] else ""))
     if any(r["status"] in ("queued", "running") for r in final):
         sys.exit(EXIT_TIMEOUT)
     if any(r["status"] != "done" for r in final):
@@ -708,7 +708,8 @@ def _print_notifications(items: list[Any], as_json: bool) -> None:
     if not items:
         click.echo("(none)")
     for n in items:
-        click.echo(f"[{n.created_at:%Y-%m-%d %H:%M}] {n.title}\n  {n.body}")
+        body = "\n  ".join(_visible(line) for line in n.body.splitlines())
+        click.echo(f"[{n.created_at:%Y-%m-%d %H:%M}] {_visible(n.title)}\n  {body}")
 
 
 @notifications_group.command("list")

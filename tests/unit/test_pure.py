@@ -9,7 +9,7 @@ import pytest
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
-from services.cli.main import _progress_line
+from services.cli.main import _progress_line, _visible
 from shared import messages
 from shared.config import Settings
 from shared.crypto import PasswordBox
@@ -161,3 +161,8 @@ def test_the_progress_bar_fills_with_stored_messages_of_all_runs() -> None:
 def test_a_finished_run_counts_whole_even_when_it_failed_half_way() -> None:
     line = _progress_line([_run("failed", 3, found=50, done=20, folders_done=1)], width=4)
     assert line == "[####] 50/50 messages  3/3 folders  1/1 mailboxes"
+
+
+def test_text_from_servers_and_users_cannot_drive_an_operators_terminal() -> None:
+    assert _visible("Inbox\r\nFAKE LINE\x1b[2J") == "Inbox\\r\\nFAKE LINE\\x1b[2J"
+    assert _visible("Données/Été 日本") == "Données/Été 日本"
