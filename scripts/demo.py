@@ -689,6 +689,7 @@ def what_next(mailbox_id: str, env: dict[str, str], message_id: str, imap_addres
         "MAILFERRY_DATABASE_URL", "MAILFERRY_BROKER_URL", "MAILFERRY_SECRET_KEY",
         "MAILFERRY_ALLOW_PRIVATE_NETWORKS"))
     queues = ", ".join(w.name for w in WORK_QUEUES)
+    example_args = f"{imap_address.replace(':', ' ')} {IMAP_USER} {IMAP_PASSWORD}"
     print(f"""
 ==> what to try next{' (after `make demo`: with --no-wait everything stops now)' if no_wait else ''}
 In another terminal, to use the CLI against the demo:
@@ -698,6 +699,8 @@ In another terminal, to use the CLI against the demo:
   mailferry messages list --mailbox {mailbox_id} --json | python -m json.tool | head -40
   mailferry messages list --mailbox {mailbox_id} --folder 'Projets/Été'
   mailferry messages raw {message_id} | less        # the exact bytes the server sent
+  mailferry messages search --mailbox {mailbox_id} 'subject:facture OR helios'   # accents ignored
+  mailferry mailbox check {mailbox_id}                # log in now, print the folder tree
   mailferry mailbox folders {mailbox_id} --enable Archive && mailferry sync --mailbox {mailbox_id} --wait
   mailferry sync --mailbox {mailbox_id} --wait       # again: only new UIDs are fetched
   mailferry mailbox list
@@ -710,7 +713,9 @@ RabbitMQ management UI: {MANAGEMENT_UI} (guest / guest), vhost {VHOST}
 Logs: services {SERVICES_LOG}  (tail -f)
       Dovecot  {DOVECOT_DIR / 'dovecot.log'}
 IMAP: {imap_address}, user {IMAP_USER!r} / password {IMAP_PASSWORD!r}, no TLS: point a mail
-      client at it, move or add mail, then `mailferry sync --mailbox {mailbox_id} --wait`.""")
+      client at it, move or add mail, then `mailferry sync --mailbox {mailbox_id} --wait`;
+      or run the README's library example (`Using it as a library`):
+      .venv/bin/python example.py {example_args}""")
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
