@@ -74,6 +74,11 @@ def _apply(event: FetcherEvent, handler: Callable[[Connection, Any, Any], dict[s
                 if event.lease_token < token:
                     log.warning("event.fenced", lease_token=event.lease_token, current=token)
                     return
+                owner = store.run_mailbox(conn, event.run_id)
+                if owner is not None and owner != event.mailbox_id:
+                    # the run-level writes (batches, checkpoints, status) are keyed by run
+                    raise PermanentError(f"run {event.run_id} belongs to mailbox {owner}, "
+                                         f"not to mailbox {event.mailbox_id}")
                 summary = handler(conn, event, prepared)
             break
         except _RETRYABLE:
@@ -87,8 +92,10 @@ def event_dead_lettered(event: AnyMessage, reason: str, deps: PersisterDeps) -> 
     """An event that will not be stored makes its run incomplete for good: close it as failed
     (the next run fetches what is missing, since checkpoints did not move past it)."""
     run_id = getattr(event, "run_id", None)
-    if run_id is not None:
-        store.run_gave_up(deps.connection(), run_id, f"{event.type} not stored: {reason}")
+    mailbox_id = getattr(event, "mailbox_id", None)
+    if run_id is not None and mailbox_id is not None:  # never another mailbox's run
+        store.run_gave_up(deps.connection(), run_id, mailbox_id,
+                          f"{event.type} not stored: {reason}")
 
 
 def _prepare(event: FetcherEvent, conn: Connection) -> Any:

@@ -52,13 +52,19 @@ def run_started(conn: Connection, run_id: uuid.UUID, token: int, started_at: dat
     )
 
 
-def run_gave_up(conn: Connection, run_id: uuid.UUID, reason: str) -> None:
+def run_gave_up(conn: Connection, run_id: uuid.UUID, mailbox_id: int, reason: str) -> None:
     conn.execute(
         """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'internal',
                   error = %s
-            WHERE id = %s AND status IN ('queued', 'running')""",
-        (clean_text(reason)[:2000], run_id),
+            WHERE id = %s AND mailbox_id = %s AND status IN ('queued', 'running')""",
+        (clean_text(reason)[:2000], run_id, mailbox_id),
     )
+
+
+def run_mailbox(conn: Connection, run_id: uuid.UUID) -> int | None:
+    """The mailbox a run belongs to (None: no such run)."""
+    row = conn.execute("SELECT mailbox_id FROM sync_runs WHERE id = %s", (run_id,)).fetchone()
+    return None if row is None else int(row["mailbox_id"])
 
 
 def run_folders_listed(conn: Connection, run_id: uuid.UUID) -> None:

@@ -26,10 +26,11 @@ from cryptography.fernet import Fernet
 from services.notifier.handlers import NotifierDeps
 from services.notifier.handlers import handle as notify
 from services.persister import store
-from services.persister.handlers import PersisterDeps
+from services.persister.handlers import PersisterDeps, event_dead_lettered
 from services.persister.handlers import handle as persist
 from shared import db, repository
 from shared.domain import CREDENTIAL_CAPABILITY
+from shared.errors import PermanentError
 from shared.messages import (
     AnyMessage,
     CredentialsInvalid,
@@ -308,3 +309,28 @@ def test_an_email_is_matched_whole_ignoring_case_never_as_a_pattern(own_world: W
         assert list_notifications(own_world.conn, pattern, unread_only=False) == [], pattern
         assert pop_notifications(own_world.conn, pattern) == [], pattern
     assert _kinds(own_world, "bob@example.com") == [own_world.mailboxes["bob"]]
+
+
+def test_an_event_naming_another_mailboxs_run_touches_neither_run_nor_store(
+    own_world: World,
+) -> None:
+    w = own_world
+    conn = w.conn
+    alice, bob = w.mailboxes["alice"], w.mailboxes["bob"]
+    bob_run = uuid.uuid4()
+    conn.execute("INSERT INTO sync_runs (id, mailbox_id, status, requested_by) "
+                 "VALUES (%s, %s, 'queued', 'test')", (bob_run, bob))
+    token = conn.execute("SELECT lease_token FROM mailboxes WHERE id = %s", (alice,)).fetchone()
+    assert token is not None
+    forged = MessagesFetched(
+        run_id=bob_run, mailbox_id=alice, lease_token=token["lease_token"], folder="INBOX",
+        uidvalidity=1, batch_no=0,
+        messages=(FetchedMessage(uid=999, internal_date=NOW, size=len(SAME), raw=SAME),))
+    stored_before = conn.execute("SELECT count(*) AS n FROM message_folders").fetchone()
+    with pytest.raises(PermanentError, match="belongs to mailbox"):
+        persist(forged, w.deps)
+    event_dead_lettered(forged, "PermanentError: run belongs to another mailbox", w.deps)
+    run = conn.execute("SELECT status, messages_stored, error FROM sync_runs WHERE id = %s",
+                       (bob_run,)).fetchone()
+    assert run == {"status": "queued", "messages_stored": 0, "error": None}
+    assert conn.execute("SELECT count(*) AS n FROM message_folders").fetchone() == stored_before
