@@ -78,17 +78,6 @@ def tls_context(ca_file: Path | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
 
-@contextmanager
-def connect(config: ImapConfig) -> Iterator[IMAPClient]:
-    """A logged-in client, logged out (or dropped) on exit."""
-    client = open_connection(config)
-    try:
-        login(client, config)
-        yield client
-    finally:
-        _close(client)
-
-
 def check_address(host: str, port: int) -> None:
     """Refuse a host any of whose addresses is loopback, private, link-local or otherwise not
     public (after DNS resolution), so user-supplied settings cannot reach internal services.

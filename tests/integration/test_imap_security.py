@@ -10,6 +10,7 @@ import pytest
 
 from shared import imap
 from shared.errors import ImapAddressRefused, ImapAuthError, ImapConnectionError, ImapTlsError
+from shared.imap_library import connector_factory
 from tests.support.dovecot import Dovecot
 
 
@@ -35,8 +36,8 @@ def _config(server: Dovecot, security: imap.Security, *, port: int | None = None
 
 
 def _logs_in(config: imap.ImapConfig) -> bool:
-    with imap.connect(config) as client:
-        return bool(client.list_folders())
+    with connector_factory.create_imap_connector(config) as connector:
+        return bool(connector.client.list_folders())
 
 
 def test_implicit_tls_with_the_servers_ca_logs_in(tls_server: Dovecot) -> None:
