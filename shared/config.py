@@ -13,6 +13,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.imap.wire import Limits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAILFERRY_", frozen=True, extra="ignore")
@@ -30,7 +32,13 @@ class Settings(BaseSettings):
     run_timeout: float = Field(default=6 * 3600.0, gt=0)
 
     lease_seconds: float = Field(default=60.0, gt=1)
+    # A server is untrusted input (DESIGN invariant 9): silence between two reads, one command
+    # from send to answer, and one whole sync attempt are each bounded, however slowly bytes come.
     imap_timeout: float = Field(default=60.0, gt=0)
+    imap_command_timeout: float = Field(default=300.0, gt=0)
+    sync_deadline: float = Field(default=3600.0, gt=0, description="seconds per sync attempt")
+    # One response line (a SEARCH answer, a LIST line) held at most; larger ends the connection.
+    imap_max_line_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     imap_ca_file: Path | None = None
     # Mailbox hosts are user input: loopback, private and link-local addresses are refused so a
     # user cannot point the fetcher at internal services. 1 allows them (tests, a LAN server).
@@ -40,6 +48,15 @@ class Settings(BaseSettings):
     batch_max_messages: int = Field(default=500, ge=1)
     # The largest message carried whole; larger ones are recorded without their bytes.
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    def imap_limits(self) -> Limits:
+        """What one command may cost, counted on the bytes received: a literal above the
+        message limit is read and dropped; one answer holds at most a batch and a message."""
+        return Limits(read_timeout=self.imap_timeout, command_timeout=self.imap_command_timeout,
+                      max_line_bytes=self.imap_max_line_bytes,
+                      max_response_bytes=self.batch_max_bytes + self.max_message_bytes
+                      + self.imap_max_line_bytes,
+                      max_literal_bytes=self.max_message_bytes)
 
     persister_prefetch: int = Field(default=4, ge=1)
     retry_delays: Annotated[tuple[float, ...], NoDecode] = (5.0, 30.0, 120.0, 600.0)

@@ -72,6 +72,20 @@ class ImapProtocolError(ImapError, TransientError):
     kind = "protocol"
 
 
+class ImapTimeout(ImapError, TransientError):
+    """A command's answer, or the whole sync attempt, did not complete within its deadline
+    (however often bytes trickled in). The connection is closed: its state is unknown."""
+
+    kind = "timeout"
+
+
+class ImapLimitExceeded(ImapError, PermanentError):
+    """The server sent more than mailferry accepts for one line or one command (counted on the
+    bytes received, not on what the server declared). The connection is closed."""
+
+    kind = "protocol"
+
+
 class LeaseLost(TransientError):
     """Another fetcher took over the mailbox's lease: stop writing, the newer one owns it."""
 

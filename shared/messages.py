@@ -15,7 +15,8 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 FolderType = Literal["inbox", "sent", "drafts", "trash", "spam", "archive", "other"]
-ErrorKind = Literal["auth", "connection", "tls", "protocol", "config", "internal"]
+ErrorKind = Literal["auth", "connection", "tls", "protocol", "timeout", "config", "broker", "folder",
+                    "internal"]
 
 
 class _Message(BaseModel):

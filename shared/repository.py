@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shared.crypto import PasswordBox
 from shared.db import Connection
-from shared.imap import ImapConfig, Security
+from shared.imap import ImapConfig, Limits, Security
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class Mailbox:
     last_error_kind: str | None
 
     def imap_config(self, box: PasswordBox, *, timeout: float, ca_file: Path | None,
-                    allow_private_networks: bool = False) -> ImapConfig:
+                    allow_private_networks: bool = False,
+                    limits: Limits | None = None) -> ImapConfig:
         return ImapConfig(
             host=self.host,
             port=self.port,
@@ -38,6 +39,7 @@ class Mailbox:
             timeout=timeout,
             ca_file=ca_file,
             allow_private_networks=allow_private_networks,
+            limits=limits,
         )
 
 
@@ -71,13 +73,15 @@ def folder_states(conn: Connection, mailbox_id: int) -> dict[str, FolderState]:
     return {r["raw_name"]: FolderState(**r) for r in rows}
 
 
-def live_flags(conn: Connection, raw_name: str, state: FolderState,
-               uidvalidity: int) -> dict[int, frozenset[str]]:
-    """Flags of a folder's stored, not expunged placements up to its checkpoint, by UID."""
+def live_flags(conn: Connection, state: FolderState, uidvalidity: int, low: int = 1,
+               high: int | None = None) -> dict[int, frozenset[str]]:
+    """Flags of a folder's stored, not expunged placements in ``low..high`` (at most up to its
+    checkpoint), by UID: one window at a time, so memory does not grow with the folder."""
+    top = state.last_uid if high is None else min(high, state.last_uid)
     rows = conn.execute(
         """SELECT mf.uid, mf.flags FROM message_folders mf JOIN folders f ON f.id = mf.folder_id
             WHERE f.mailbox_id = %s AND f.raw_name = %s AND mf.uidvalidity = %s
-              AND mf.expunged_at IS NULL AND mf.uid <= %s""",
-        (state.mailbox_id, raw_name, uidvalidity, state.last_uid),
+              AND mf.expunged_at IS NULL AND mf.uid BETWEEN %s AND %s""",
+        (state.mailbox_id, state.raw_name, uidvalidity, low, top),
     ).fetchall()
     return {int(r["uid"]): frozenset(r["flags"]) for r in rows}

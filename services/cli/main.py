@@ -30,7 +30,7 @@ from shared.errors import (
     NotFound,
     TransientError,
 )
-from shared.imap_library import Folder, ImapEmailFolderManager, connector_factory
+from shared.imap import Folder, ImapEmailFolderManager, connector_factory
 from shared.logging import configure_logging
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
@@ -390,7 +390,8 @@ def mailbox_check(mailbox_id: int, as_json: bool) -> None:
     mailbox = _mailbox(_conn(settings), mailbox_id)
     config = mailbox.imap_config(PasswordBox(settings.secret_key), timeout=settings.imap_timeout,
                                  ca_file=settings.imap_ca_file,
-                                 allow_private_networks=settings.allow_private_networks)
+                                 allow_private_networks=settings.allow_private_networks,
+                                 limits=settings.imap_limits())
     started = time.monotonic()
     try:
         with connector_factory.create_imap_connector(config) as connector:

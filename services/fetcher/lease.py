@@ -9,6 +9,7 @@ A background thread renews the lease while the sync runs; when a renewal finds t
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,8 +22,12 @@ log = structlog.get_logger(__name__)
 
 
 class Lease:
-    def __init__(self, database_url: str, mailbox_id: int, token: int, seconds: float) -> None:
+    def __init__(self, database_url: str, mailbox_id: int, token: int, seconds: float,
+                 deadline: float | None = None) -> None:
         self.database_url = database_url
+        # Renewed only until the attempt's deadline (time.monotonic()): an attempt stuck past it
+        # lets its lease lapse, so another fetcher can take the mailbox over.
+        self.deadline = deadline
         self.mailbox_id = mailbox_id
         self.token = token
         self.seconds = seconds
@@ -38,6 +43,10 @@ class Lease:
     def _renew_loop(self) -> None:
         conn: db.Connection | None = None
         while not self._stop.wait(self.seconds / 3):
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                log.warning("lease.not_renewed", mailbox_id=self.mailbox_id,
+                            reason="the attempt is past its deadline")
+                break
             try:
                 if conn is None or conn.closed:
                     conn = db.connect(self.database_url, autocommit=True)
@@ -104,9 +113,9 @@ def release(conn: db.Connection, mailbox_id: int, token: int) -> None:
 
 @contextmanager
 def held(database_url: str, conn: db.Connection, mailbox_id: int, owner: str,
-         seconds: float) -> Iterator[Lease]:
+         seconds: float, deadline: float | None = None) -> Iterator[Lease]:
     token = acquire(conn, mailbox_id, owner, seconds)
-    lease = Lease(database_url, mailbox_id, token, seconds)
+    lease = Lease(database_url, mailbox_id, token, seconds, deadline)
     lease.start()
     try:
         yield lease

@@ -7,7 +7,7 @@ from shared import db, topology
 from shared.broker import Delivery, Publisher
 from shared.config import Settings
 from shared.crypto import PasswordBox
-from shared.imap_library import connector_factory
+from shared.imap import connector_factory
 from shared.messages import AnyMessage, SyncFolders, SyncMailbox
 from shared.service import run_worker, start, worker_id
 

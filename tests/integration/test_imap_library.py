@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ImapAuthError, ImapConnectionError, ImapProtocolError, NotFound
-from shared.imap_library import (
+from shared.imap import (
     ImapConfig,
     ImapConnector,
     ImapEmailFolderManager,

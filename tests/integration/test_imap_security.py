@@ -10,7 +10,7 @@ import pytest
 
 from shared import imap
 from shared.errors import ImapAddressRefused, ImapAuthError, ImapConnectionError, ImapTlsError
-from shared.imap_library import connector_factory
+from shared.imap import connector_factory
 from tests.support.dovecot import Dovecot
 
 
@@ -79,5 +79,5 @@ def test_without_the_private_network_setting_a_loopback_server_is_refused(
     plain_server: Dovecot,
 ) -> None:
     config = _config(plain_server, "none").model_copy(update={"allow_private_networks": False})
-    with pytest.raises(ImapAddressRefused, match=r"127\.0\.0\.1 is not a public address"):
+    with pytest.raises(ImapAddressRefused, match=r"127\.0\.0\.1 is loopback, not a public address"):
         _logs_in(config)

@@ -247,9 +247,9 @@ def test_folder_states_and_live_flags_read_only_the_mailbox_asked_for(world: Wor
     states = repository.folder_states(world.conn, alice)
     assert set(states) == {"INBOX", SHARED_FOLDER}
     assert {s.mailbox_id for s in states.values()} == {alice}
-    flags = repository.live_flags(world.conn, "INBOX", states["INBOX"], 7)
+    flags = repository.live_flags(world.conn, states["INBOX"], 7)
     assert flags == {1: frozenset(), 2: frozenset({"\\Seen"})}
-    bob_flags = repository.live_flags(world.conn, "INBOX",
+    bob_flags = repository.live_flags(world.conn,
                                       repository.folder_states(world.conn, bob)["INBOX"], 7)
     assert bob_flags == {1: frozenset({"\\Flagged"}), 2: frozenset()}
 

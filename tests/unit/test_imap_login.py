@@ -1,8 +1,7 @@
-"""How ``shared.imap.login`` puts the user name on the LOGIN line (no I/O: a recording client).
-
-imaplib sends LOGIN's user name as it is, unquoted; ``login`` must hand it a quoted string and
-refuse what no quoted string can carry (tests/integration/test_injection.py shows the attack on a
-real Dovecot)."""
+"""How a password logs in (no I/O: a recording client): LOGIN carries a quoted user name and
+refuses what no quoted string can carry; AUTHENTICATE PLAIN (RFC 4616) is preferred when offered,
+and is the only way for UTF-8 credentials (tests/integration/test_imap_security.py shows both on a
+real Dovecot, tests/integration/test_injection.py the LOGIN attack)."""
 
 from __future__ import annotations
 
@@ -11,13 +10,18 @@ from typing import cast
 import pytest
 from imapclient import IMAPClient
 
-from shared import imap
 from shared.errors import ConfigError
+from shared.imap import ImapConfig, PasswordAuth
 
 
 class _Recorder:
+    """A server that offers no AUTH=PLAIN: the password goes by LOGIN."""
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+
+    def has_capability(self, name: str) -> bool:
+        return False
 
     def login(self, username: str, password: str) -> None:
         self.calls.append((username, password))
@@ -25,9 +29,9 @@ class _Recorder:
 
 def _login(username: str, password: str = "pw") -> list[tuple[str, str]]:
     client = _Recorder()
-    config = imap.ImapConfig(host="imap.example.com", port=993, security="ssl",
-                             username=username, password=password)
-    imap.login(cast(IMAPClient, client), config)
+    config = ImapConfig(host="imap.example.com", port=993, security="ssl",
+                        username=username, password=password)
+    PasswordAuth().authenticate(cast(IMAPClient, client), config)
     return client.calls
 
 
@@ -50,8 +54,8 @@ def test_a_user_name_with_a_line_break_or_nul_is_refused_before_anything_is_sent
         _login(username)
 
 
-def test_a_non_ascii_user_name_is_a_clear_configuration_error_not_a_crash() -> None:
-    with pytest.raises(ConfigError, match="not ASCII"):
+def test_a_non_ascii_user_name_without_authenticate_plain_is_a_clear_configuration_error() -> None:
+    with pytest.raises(ConfigError, match=r"not ASCII.*does not offer AUTHENTICATE PLAIN"):
         _login("café")
 
 

@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.imap import ImapConfig
-from shared.imap_library import encode_folder_name
-from shared.imap_search import ImapLiteral, SearchQueryBuilder, lowest_open_uid
+from shared.imap import ImapConfig, encode_folder_name
+from shared.imap.search import ImapLiteral, SearchQueryBuilder, lowest_open_uid
 
 b = SearchQueryBuilder()
 

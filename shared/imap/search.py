@@ -10,7 +10,7 @@ builder can be used as a factory for the parts::
     # UID SEARCH FROM "alice@example.org" OR SUBJECT "invoice" FLAGGED NOT SEEN
 
 ``get()`` returns a ``SearchQuery``, a frozen value that says how it goes on the wire
-(``SearchQuery.encode()``); ``shared.imap_library.ImapEmailManager`` sends it.
+(``SearchQuery.encode()``); ``shared.imap.ImapEmailManager`` sends it.
 
 Encoding (RFC 3501 section 9, RFC 9051 section 9, the ``search-key`` and ``astring`` rules):
 
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import TypeAlias
 
+from shared.imap.wire import ImapLiteral, uid_set
+
 __all__ = ["ImapLiteral", "SearchQuery", "SearchQueryBuilder", "WireQuery"]
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -43,13 +45,6 @@ _MAX_NUMBER = 2**32 - 1  # number and nz-number are 32-bit unsigned (RFC 3501 se
 _FIELD_NAME = re.compile(r"[!#$&'+,\-./0-9;<=>?@A-Z\[^_`a-z|}~]+\Z")
 # A flag keyword is an atom too; "\" would make it a system flag, which has its own search keys.
 _KEYWORD = _FIELD_NAME
-
-
-@dataclass(frozen=True)
-class ImapLiteral:
-    """Bytes that must go as an IMAP literal: the server reads them by count, not by syntax."""
-
-    data: bytes
 
 
 WireQuery = tuple[str | None, tuple[bytes | ImapLiteral, ...]]
@@ -255,13 +250,7 @@ def uid_set_text(uids: str | int | range | Iterable[int]) -> str:
     for n in numbers:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _MAX_NUMBER:
             raise ValueError(f"a UID is a number from 1 to {_MAX_NUMBER}, not {n!r}")
-    runs: list[list[int]] = []
-    for n in numbers:
-        if runs and n == runs[-1][1] + 1:
-            runs[-1][1] = n
-        else:
-            runs.append([n, n])
-    return ",".join(f"{a}:{b}" if a != b else str(a) for a, b in runs)
+    return uid_set(numbers)
 
 
 Part: TypeAlias = "SearchQueryBuilder | SearchQuery"

@@ -1,0 +1,90 @@
+"""One fetcher attempt at one run: the lease it holds, the events it stamps, the run it moves."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from services.fetcher import lease as leases
+from services.fetcher.planning import Stamp
+from shared import repository
+from shared.db import Connection
+from shared.messages import (
+    AnyMessage,
+    ErrorKind,
+    FolderInfo,
+    FoldersListed,
+    FolderSynced,
+    SyncFailed,
+    SyncFinished,
+    SyncStarted,
+)
+
+
+class Attempt:
+    """Every event goes out stamped with the run, the mailbox and this attempt's fencing token,
+    and only while the lease is ours (``LeaseLost`` otherwise)."""
+
+    def __init__(self, run_id: uuid.UUID, mailbox_id: int, lease: leases.Lease, conn: Connection,
+                 publish: Callable[[AnyMessage], None]) -> None:
+        self.stamp = Stamp(run_id=run_id, mailbox_id=mailbox_id, lease_token=lease.token)
+        self.lease = lease
+        self._conn = conn
+        self._publish = publish
+
+    def publish(self, message: AnyMessage) -> None:
+        self.lease.check()
+        self._publish(message)
+
+    def started(self, fetcher: str) -> None:
+        s = self.stamp
+        self.publish(SyncStarted(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                 lease_token=s.lease_token, fetcher=fetcher, started_at=now()))
+
+    def folders_listed(self, folders: list[FolderInfo], first_listing: bool) -> None:
+        s = self.stamp
+        self.publish(FoldersListed(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                   lease_token=s.lease_token, folders=tuple(folders),
+                                   first_listing=first_listing))
+
+    def folder_failed(self, raw_name: str, events: int, error: str) -> None:
+        s = self.stamp
+        self.publish(FolderSynced(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                  lease_token=s.lease_token, folder=raw_name, uidvalidity=None,
+                                  batches=events, messages=0, error=error))
+
+    def finished(self, folders: int) -> None:
+        s = self.stamp
+        self.publish(SyncFinished(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                  lease_token=s.lease_token, folders=folders, finished_at=now()))
+
+    def failed(self, kind: ErrorKind, error: str) -> None:
+        s = self.stamp
+        self.publish(SyncFailed(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                lease_token=s.lease_token, error_kind=kind, error=error,
+                                finished_at=now()))
+
+    # --- the run's progress, for `sync --wait` (this attempt's only) ---------------------------
+
+    def planned(self, folders: int) -> None:
+        self._conn.execute(
+            """UPDATE sync_runs SET progress_token = %s, folders_total = %s, messages_found = 0
+                WHERE id = %s""", (self.stamp.lease_token, folders, self.stamp.run_id))
+
+    def found(self, count: int) -> None:
+        if count:
+            self._conn.execute(
+                """UPDATE sync_runs SET messages_found = messages_found + %s
+                    WHERE id = %s AND progress_token = %s""",
+                (count, self.stamp.run_id, self.stamp.lease_token))
+
+    def stored_flags(self, state: repository.FolderState) -> Callable[[int, int, int],
+                                                                       dict[int, frozenset[str]]]:
+        def read(uidvalidity: int, low: int, high: int) -> dict[int, frozenset[str]]:
+            return repository.live_flags(self._conn, state, uidvalidity, low, high)
+        return read
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,262 @@
+"""How one mailbox is brought up to its server: which folders, which UID windows, which batches.
+
+Plain functions over a :class:`Session` (``shared.imap.sync.SyncSession`` in production, a fake in
+unit tests) and a ``publish`` callable; they hold no connection, lease or database themselves.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Protocol
+
+import structlog
+
+from shared.domain import enabled_on_discovery
+from shared.errors import ImapError
+from shared.imap.manager import FolderStatus
+from shared.imap.sync import Body, Extensions, FlagState, MessageMeta, Ranges, uid_windows
+from shared.messages import (
+    AnyMessage,
+    FetchedMessage,
+    FlagChange,
+    FlagsChanged,
+    FolderInfo,
+    FolderSynced,
+    MessagesExpunged,
+    MessagesFetched,
+)
+from shared.repository import FolderState
+
+log = structlog.get_logger(__name__)
+
+META_CHUNK = 5000  # UIDs per metadata FETCH and per flag or expunge event
+
+
+class Session(Protocol):
+    """What planning needs of an IMAP session (``shared.imap.sync.SyncSession``)."""
+
+    window: int
+
+    def extensions(self) -> Extensions: ...
+    def uidvalidity(self, raw_name: str) -> int | None: ...
+    def select(self, folder: FolderInfo) -> FolderStatus: ...
+    def iter_windows(self, low: int, status: FolderStatus) -> Iterator[tuple[int, int]]: ...
+    def search(self, low: int, high: int | None, since: date | None = None) -> list[int]: ...
+    def flags(self, low: int, high: int, *, changed_since: int | None,
+              vanished: bool) -> tuple[list[FlagState], Ranges]: ...
+    def metadata(self, uids: list[int]) -> dict[int, MessageMeta]: ...
+    def bodies(self, uids: list[int]) -> dict[int, Body]: ...
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What every event of one attempt carries: its run, its mailbox, its fencing token."""
+
+    run_id: uuid.UUID
+    mailbox_id: int
+    lease_token: int
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_bytes: int  # one MessagesFetched event
+    max_count: int
+    max_message: int  # a larger message is recorded without its bytes
+
+
+@dataclass
+class FolderJob:
+    """One folder's work and the adapters it reports through."""
+
+    stamp: Stamp
+    publish: Callable[[AnyMessage], None]
+    stored_flags: Callable[[int, int, int], dict[int, frozenset[str]]]  # uidvalidity, low, high
+    found: Callable[[int], None]  # new UIDs found (progress)
+    limits: BatchLimits
+    since: date  # a first sync's window: mail received since then
+    force: bool = False
+
+
+@dataclass
+class FolderTotals:
+    messages: int = 0
+    bytes: int = 0
+    flag_changes: int = 0
+    expunged: int = 0
+    events: int = 0
+
+
+def detect_renames(session: Session, folders: list[FolderInfo],
+                   states: dict[str, FolderState]) -> tuple[list[FolderInfo], set[str]]:
+    """IMAP has no rename notification, but a renamed folder keeps its UIDVALIDITY (RFC 3501
+    6.3.5): when known folders vanished and new ones appeared, the new ones' UIDVALIDITY (one
+    STATUS each) tells renames from deletions. Returns the folders, with UIDVALIDITY set on new
+    ones, and the raw names that are renames of known folders."""
+    listed = {f.raw_name for f in folders}
+    gone = {s.uidvalidity for name, s in states.items() if name not in listed and s.uidvalidity}
+    if not gone:
+        return folders, set()
+    out = [
+        f.model_copy(update={"uidvalidity": session.uidvalidity(f.raw_name)})
+        if f.raw_name not in states and f.selectable else f
+        for f in folders
+    ]
+    renamed = {f.raw_name for f in out if f.uidvalidity is not None and f.uidvalidity in gone}
+    if renamed:
+        log.info("folders.renamed", new_names=sorted(renamed))
+    return out, renamed
+
+
+def folders_to_sync(folders: Sequence[FolderInfo], renamed: set[str],
+                    states: dict[str, FolderState],
+                    initial_folders: Sequence[str] | None) -> list[FolderInfo]:
+    """The enabled, selectable folders; a renamed one is synced under its new name from the next
+    run on, and a folder new to the store follows the mailbox's selection."""
+    return [
+        f for f in folders
+        if f.selectable and f.raw_name not in renamed
+        and (states[f.raw_name].sync_enabled if f.raw_name in states
+             else enabled_on_discovery(f, initial_folders, first_listing=not states))
+    ]
+
+
+def batches(metas: Sequence[MessageMeta], max_bytes: int,
+            max_count: int) -> Iterator[list[MessageMeta]]:
+    """Groups bounded by declared bytes and by count (a message larger than ``max_bytes`` alone).
+    Declared sizes only shape batches: what is held is bounded by the wire's own limits."""
+    group: list[MessageMeta] = []
+    size = 0
+    for meta in metas:
+        if group and (size + meta.size > max_bytes or len(group) >= max_count):
+            yield group
+            group, size = [], 0
+        group.append(meta)
+        size += meta.size
+    if group:
+        yield group
+
+
+def fetched(metas: Sequence[MessageMeta], bodies: dict[int, Body],
+            max_message: int) -> list[FetchedMessage]:
+    """The messages of one batch; one expunged between the two FETCHes is left out, and one
+    whose bytes exceeded the limit is recorded without them (``skipped_reason``)."""
+    out: list[FetchedMessage] = []
+    for meta in metas:
+        body = bodies.get(meta.uid)
+        if body is None:
+            continue
+        if body.raw is None or body.size > max_message:
+            out.append(FetchedMessage(uid=meta.uid, flags=meta.flags,
+                                      internal_date=meta.internal_date, size=body.size, raw=None,
+                                      skipped_reason=f"larger than {max_message} bytes"))
+            continue
+        out.append(FetchedMessage(uid=meta.uid, flags=meta.flags, internal_date=meta.internal_date,
+                                  size=len(body.raw), raw=body.raw))
+    return out
+
+
+class FolderFailed(ImapError):
+    """An IMAP error after some events of the folder were already published."""
+
+    def __init__(self, cause: ImapError, events: int) -> None:
+        super().__init__(str(cause))
+        self.kind = cause.kind
+        self.cause = cause
+        self.events = events
+
+
+def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
+                job: FolderJob) -> FolderTotals:
+    """Bring one folder's store up to the server: changes to known messages first (flags,
+    expunges), then new UIDs, window by window. Every event is numbered; FolderSynced says how
+    many there were. Raises ``FolderFailed`` when the server fails mid-folder."""
+    totals = FolderTotals()
+    status = session.select(folder)
+
+    def publish(message: FlagsChanged | MessagesExpunged | MessagesFetched) -> None:
+        job.publish(message)
+        totals.events += 1
+
+    same_generation = state is not None and state.uidvalidity == status.uidvalidity
+    above = state.last_uid if (state is not None and same_generation and not job.force) else 0
+    s = job.stamp
+    highest_found = 0
+    try:
+        if state is not None and same_generation and state.last_uid:
+            _known_messages(session, state, status, job, totals, publish)
+        if above and status.uidnext is not None and status.uidnext <= above + 1:
+            windows: list[tuple[int, int]] = []  # UIDNEXT says nothing arrived: no SEARCH
+        else:
+            windows = list(session.iter_windows(above + 1, status))
+        for low, high in windows:
+            # Everything above the checkpoint, whatever its date; on a first sync, the window.
+            uids = session.search(low, high, None if above else job.since)
+            job.found(len(uids))
+            highest_found = max([highest_found, *uids])
+            for start in range(0, len(uids), META_CHUNK):
+                metas = session.metadata(uids[start:start + META_CHUNK])
+                ordered = [metas[u] for u in uids[start:start + META_CHUNK] if u in metas]
+                for group in batches(ordered, job.limits.max_bytes, job.limits.max_count):
+                    messages = fetched(group, session.bodies([m.uid for m in group]),
+                                       job.limits.max_message)
+                    publish(MessagesFetched(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                            lease_token=s.lease_token, folder=folder.raw_name,
+                                            uidvalidity=status.uidvalidity,
+                                            batch_no=totals.events, messages=tuple(messages)))
+                    totals.messages += len(messages)
+                    totals.bytes += sum(m.size for m in messages)
+    except ImapError as exc:
+        raise FolderFailed(exc, totals.events) from exc
+    last_uid = max(above, highest_found, (status.uidnext or 1) - 1)
+    job.publish(FolderSynced(run_id=s.run_id, mailbox_id=s.mailbox_id, lease_token=s.lease_token,
+                             folder=folder.raw_name, uidvalidity=status.uidvalidity,
+                             uidnext=status.uidnext, highest_modseq=status.highest_modseq,
+                             last_uid=last_uid, batches=totals.events, messages=totals.messages))
+    return totals
+
+
+def _known_messages(session: Session, state: FolderState, status: FolderStatus, job: FolderJob,
+                    totals: FolderTotals,
+                    publish: Callable[[FlagsChanged | MessagesExpunged], None]) -> None:
+    """Flag changes and expunges among the UIDs already synced (1..last_uid), window by window.
+
+    With CONDSTORE, an unchanged HIGHESTMODSEQ proves nothing changed (expunges raise it too,
+    RFC 7162 section 3.1.2): no command is sent. Otherwise flags come from CHANGEDSINCE, or from a
+    full FLAGS pass without CONDSTORE; expunges from VANISHED with QRESYNC, otherwise from
+    comparing the server's UIDs with ours.
+    """
+    extensions = session.extensions()
+    incremental = extensions.condstore and state.highest_modseq is not None
+    if incremental and status.highest_modseq == state.highest_modseq:
+        return
+    use_vanished = incremental and extensions.qresync
+    s = job.stamp
+    exists = max(status.exists, 1)
+    for low, high in uid_windows(1, state.last_uid, exists, session.window):
+        current, vanished = session.flags(
+            low, high, changed_since=state.highest_modseq if incremental else None,
+            vanished=use_vanished)
+        stored = job.stored_flags(status.uidvalidity, low, high)
+        # Only what differs from the store travels (a full pass without CONDSTORE sees every UID).
+        changes = [FlagChange(uid=f.uid, flags=f.flags, modseq=f.modseq) for f in current
+                   if f.uid in stored and frozenset(f.flags) != stored[f.uid]]
+        for start in range(0, len(changes), META_CHUNK):
+            publish(FlagsChanged(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                 lease_token=s.lease_token, folder=state.raw_name,
+                                 uidvalidity=status.uidvalidity, batch_no=totals.events,
+                                 changes=tuple(changes[start:start + META_CHUNK])))
+        if use_vanished:
+            gone = sorted(uid for uid in stored if uid in vanished)
+        else:
+            present = set(session.search(low, high))
+            gone = sorted(uid for uid in stored if uid not in present)
+        for start in range(0, len(gone), META_CHUNK):
+            publish(MessagesExpunged(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                     lease_token=s.lease_token, folder=state.raw_name,
+                                     uidvalidity=status.uidvalidity, batch_no=totals.events,
+                                     uids=tuple(gone[start:start + META_CHUNK])))
+        totals.flag_changes += len(changes)
+        totals.expunged += len(gone)

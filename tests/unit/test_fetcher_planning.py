@@ -1,0 +1,185 @@
+"""The fetcher's planning, over a fake session (no I/O): folders, UID windows, batches, renames."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date
+
+import pytest
+
+from services.fetcher import planning
+from shared.errors import ImapConnectionError
+from shared.imap.manager import FolderStatus
+from shared.imap.sync import Body, Extensions, FlagState, MessageMeta, Ranges, uid_windows
+from shared.messages import (
+    AnyMessage,
+    FlagsChanged,
+    FolderInfo,
+    FolderSynced,
+    MessagesExpunged,
+    MessagesFetched,
+)
+from shared.repository import FolderState
+
+INBOX = FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/", type="inbox")
+
+
+@dataclass
+class FakeSession:
+    """A folder of ``uids`` (sizes by UID), recording every call."""
+
+    uids: dict[int, int]
+    generation: int = 7  # the folder's UIDVALIDITY
+    uidnext: int | None = None
+    highest_modseq: int | None = None
+    flags_of: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    oversized: set[int] = field(default_factory=set)
+    extensions_: Extensions = field(default_factory=lambda: Extensions(False, False))
+    window: int = 3
+    calls: list[str] = field(default_factory=list)
+    fail_on: str | None = None
+
+    def extensions(self) -> Extensions:
+        return self.extensions_
+
+    def uidvalidity(self, raw_name: str) -> int | None:
+        return self.generation
+
+    def select(self, folder: FolderInfo) -> FolderStatus:
+        self.calls.append("select")
+        top = max(self.uids, default=0)
+        return FolderStatus(uidvalidity=self.generation,
+                            uidnext=self.uidnext if self.uidnext is not None else top + 1,
+                            highest_modseq=self.highest_modseq, exists=len(self.uids))
+
+    def iter_windows(self, low: int, status: FolderStatus) -> Iterator[tuple[int, int]]:
+        if not status.exists:
+            return iter(())
+        return iter(uid_windows(low, (status.uidnext or 1) - 1, status.exists, self.window))
+
+    def search(self, low: int, high: int | None, since: date | None = None) -> list[int]:
+        self.calls.append(f"search {low}:{high}")
+        if self.fail_on == "search":
+            raise ImapConnectionError("imap.example.com:993: connection lost")
+        return sorted(u for u in self.uids if low <= u <= (high or 2**32))
+
+    def flags(self, low: int, high: int, *, changed_since: int | None,
+              vanished: bool) -> tuple[list[FlagState], Ranges]:
+        self.calls.append(f"flags {low}:{high}")
+        return ([FlagState(u, self.flags_of.get(u, ()), None)
+                 for u in sorted(self.uids) if low <= u <= high], Ranges([]))
+
+    def metadata(self, uids: list[int]) -> dict[int, MessageMeta]:
+        self.calls.append(f"metadata {len(uids)}")
+        return {u: MessageMeta(u, self.flags_of.get(u, ()), None, self.uids[u])
+                for u in uids if u in self.uids}
+
+    def bodies(self, uids: list[int]) -> dict[int, Body]:
+        self.calls.append(f"bodies {len(uids)}")
+        return {u: (Body(None, self.uids[u]) if u in self.oversized
+                    else Body(b"x" * self.uids[u], self.uids[u])) for u in uids}
+
+
+def _job(published: list[AnyMessage], *, max_bytes: int = 100, max_count: int = 10,
+         max_message: int = 1000, stored: dict[int, frozenset[str]] | None = None,
+         found: list[int] | None = None) -> planning.FolderJob:
+    return planning.FolderJob(
+        stamp=planning.Stamp(run_id=uuid.uuid4(), mailbox_id=1, lease_token=3),
+        publish=published.append,
+        stored_flags=lambda _v, low, high: {u: f for u, f in (stored or {}).items()
+                                           if low <= u <= high},
+        found=(found if found is not None else []).append,
+        limits=planning.BatchLimits(max_bytes, max_count, max_message),
+        since=date(2026, 1, 1))
+
+
+def _state(last_uid: int, highest_modseq: int | None = None) -> FolderState:
+    return FolderState(mailbox_id=1, raw_name="INBOX", sync_enabled=True, uidvalidity=7,
+                       last_uid=last_uid, highest_modseq=highest_modseq)
+
+
+def test_a_first_sync_publishes_every_message_in_byte_bounded_batches_then_the_folder() -> None:
+    session = FakeSession(uids={1: 60, 2: 60, 3: 30, 4: 200})
+    published: list[AnyMessage] = []
+    totals = planning.sync_folder(session, INBOX, None, _job(published))
+    batches = [m for m in published if isinstance(m, MessagesFetched)]
+    assert [[msg.uid for msg in b.messages] for b in batches] == [[1], [2, 3], [4]]
+    assert [b.batch_no for b in batches] == [0, 1, 2]
+    done = published[-1]
+    assert isinstance(done, FolderSynced)
+    assert (done.batches, done.messages, done.last_uid) == (3, 4, 4)
+    assert totals.messages == 4
+
+
+def test_a_large_folder_is_searched_in_uid_windows_never_whole() -> None:
+    session = FakeSession(uids={u: 1 for u in range(1, 11)}, window=3)
+    found: list[int] = []
+    planning.sync_folder(session, INBOX, None, _job([], found=found))
+    searches = [c for c in session.calls if c.startswith("search")]
+    assert searches == ["search 1:3", "search 4:6", "search 7:9", "search 10:10"]
+    assert sum(found) == 10
+
+
+def test_a_message_whose_bytes_exceeded_the_limit_is_recorded_without_them() -> None:
+    session = FakeSession(uids={1: 10, 2: 10}, oversized={2})
+    published: list[AnyMessage] = []
+    planning.sync_folder(session, INBOX, None, _job(published))
+    fetched = [m for b in published if isinstance(b, MessagesFetched) for m in b.messages]
+    assert [(m.uid, m.raw is None, m.skipped_reason) for m in fetched] == [
+        (1, False, None), (2, True, "larger than 1000 bytes")]
+
+
+def test_an_unchanged_condstore_folder_sends_no_flag_fetch_and_no_search() -> None:
+    session = FakeSession(uids={1: 5, 2: 5}, highest_modseq=9,
+                          extensions_=Extensions(condstore=True, qresync=True))
+    published: list[AnyMessage] = []
+    planning.sync_folder(session, INBOX, _state(2, highest_modseq=9), _job(published))
+    assert session.calls == ["select"]
+    assert [type(m) for m in published] == [FolderSynced]
+
+
+def test_without_condstore_only_changed_flags_and_expunged_uids_travel() -> None:
+    session = FakeSession(uids={1: 5, 3: 5}, flags_of={1: ("\\Seen",), 3: ()}, uidnext=4)
+    stored = {1: frozenset(), 2: frozenset(), 3: frozenset()}
+    published: list[AnyMessage] = []
+    planning.sync_folder(session, INBOX, _state(3), _job(published, stored=stored))
+    changed = [m for m in published if isinstance(m, FlagsChanged)]
+    expunged = [m for m in published if isinstance(m, MessagesExpunged)]
+    assert [(c.uid, c.flags) for m in changed for c in m.changes] == [(1, ("\\Seen",))]
+    assert [m.uids for m in expunged] == [(2,)]
+
+
+def test_a_server_failure_mid_folder_says_how_many_events_went_out() -> None:
+    session = FakeSession(uids={1: 5}, fail_on="search")
+    with pytest.raises(planning.FolderFailed) as failure:
+        planning.sync_folder(session, INBOX, None, _job([]))
+    assert (failure.value.kind, failure.value.events) == ("connection", 0)
+
+
+def test_a_new_folder_with_a_vanished_folders_uidvalidity_is_a_rename() -> None:
+    session = FakeSession(uids={})
+    states = {"Old": FolderState(1, "Old", True, 7, 10, None)}
+    listed = [INBOX.model_copy(update={"raw_name": "New", "name": "New", "type": "other"})]
+    folders, renamed = planning.detect_renames(session, listed, states)
+    assert renamed == {"New"}
+    assert folders[0].uidvalidity == 7
+    assert planning.folders_to_sync(folders, renamed, states, None) == []
+
+
+@pytest.mark.parametrize(("low", "high", "exists", "window", "expected"), [
+    (1, 10, 10, 20, [(1, 10)]),
+    (1, 10, 10, 4, [(1, 4), (5, 8), (9, 10)]),
+    (1, 1000, 10, 5, [(1, 500), (501, 1000)]),  # sparse UIDs: wider windows, same yield
+    (5, 4, 3, 10, []),
+])
+def test_uid_windows_cover_the_range_and_aim_at_the_window_size(
+    low: int, high: int, exists: int, window: int, expected: list[tuple[int, int]],
+) -> None:
+    assert uid_windows(low, high, exists, window) == expected
+
+
+def test_vanished_ranges_answer_membership_without_being_expanded() -> None:
+    gone = Ranges([(5, 9), (1, 2), (10, 1_000_000_000)])
+    assert [u in gone for u in (1, 3, 7, 999_999_999)] == [True, False, True, True]
