@@ -136,7 +136,10 @@ class SyncSession:
             query = query.since(since)
         charset, pieces = query.get().encode()
         with imap_errors(self.where):
-            found = wire.uid_search(self.connector.client, pieces, charset, self.where)
+            # ESEARCH (RFC 4731) answers with ranges: "1:20000" instead of 20,000 numbers.
+            esearch = self.connector.client.has_capability("ESEARCH")
+            found = wire.uid_search(self.connector.client, pieces, charset, self.where,
+                                    esearch=esearch)
         # "n:*" matches the highest UID even when it is below n (RFC 3501 6.4.8).
         top = high if high is not None else math.inf
         return sorted(uid for uid in found if low <= uid <= top)
