@@ -25,17 +25,14 @@ Run it with ``.venv/bin/python bench/resync.py`` (about 4 minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -62,145 +59,28 @@ from initial_sync import (
 from shared import db, topology
 from tests.support import services
 from tests.support.dovecot import Dovecot, dovecot_version
+from tests.support.tcp_proxy import Command, TcpProxy
 
 TARGET_FETCHER_SECONDS = 0.100  # the issue: an unchanged folder costs the fetcher < 100 ms
 # "Barely differ" between N = 1,000 and N = 20,000, made concrete here: within 20 ms or 25%.
 SAME_ABSOLUTE, SAME_RELATIVE = 0.020, 0.25
 MODES = {"condstore": (), "no-condstore": ("CONDSTORE", "QRESYNC")}
-_COMMAND = re.compile(rb"^([A-Za-z0-9]+) ([A-Z][A-Za-z0-9.-]*)(?: ([A-Za-z]+))?")
-_LITERAL = re.compile(rb"\{(\d+)\+?\}$")
 
 
-# --- the counting proxy ----------------------------------------------------------------------
-
-
-class CountingProxy:
-    """A loopback TCP proxy in front of Dovecot that records every IMAP command a client sends.
-
-    Client lines that start like a tagged command (``tag COMMAND``) are counted; literals
-    (``{n}`` / ``{n+}`` at the end of a line) are skipped byte for byte, and the line that
-    follows a literal continues the same command. LOGIN arguments are not recorded.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self._lock = threading.Lock()
-        self._reset()
-        threading.Thread(target=self._accept, name="proxy", daemon=True).start()
-
-    def _reset(self) -> None:
-        self.commands: list[tuple[float, str]] = []  # (sent at, "UID FETCH 1:9 (FLAGS)")
-        self.sessions: list[tuple[float, float]] = []  # (accepted, closed), finished connections
-        self.bytes_up = self.bytes_down = 0
-        self.open = 0
-
-    def take(self, settle: float = 5.0) -> dict[str, Any]:
-        """What was recorded since the last take (after open connections closed), and reset."""
-        deadline = time.monotonic() + settle
-        while self.open and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with self._lock:
-            out = {"commands": self.commands, "sessions": self.sessions,
-                   "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
-            open_now = self.open
-            self._reset()
-            self.open = open_now
-        return out
-
-    def close(self) -> None:
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.open += 1
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        started = time.monotonic()
-        server = socket.create_connection(self.upstream)
-        for sock in (client, server):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        down = threading.Thread(target=self._pump, args=(server, client), daemon=True)
-        down.start()
-        buffer, literal, continuation = b"", 0, False
-        try:
-            while data := client.recv(1 << 16):
-                # ACK at once, as Dovecot's end does: imapclient sends a command and its CRLF
-                # in two writes, and without this the CRLF waits for our delayed ACK (Nagle),
-                # adding 40 ms to ENABLE and UID SEARCH that a direct connection does not pay.
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                server.sendall(data)
-                with self._lock:
-                    self.bytes_up += len(data)
-                buffer += data
-                while buffer:
-                    if literal:
-                        skipped = min(literal, len(buffer))
-                        buffer, literal = buffer[skipped:], literal - skipped
-                        continue
-                    end = buffer.find(b"\n")
-                    if end < 0:
-                        break
-                    line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1:]
-                    if not continuation:
-                        self._record(line)
-                    found = _LITERAL.search(line)
-                    literal, continuation = (int(found.group(1)), True) if found else (0, False)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                server.shutdown(socket.SHUT_WR)
-            down.join(timeout=10)
-            client.close()
-            server.close()
-            with self._lock:
-                self.open -= 1
-                self.sessions.append((started, time.monotonic()))
-
-    def _record(self, line: bytes) -> None:
-        match = _COMMAND.match(line)
-        if not match:
-            return
-        name = match.group(2).decode().upper()
-        if name == "LOGIN":
-            text = "LOGIN ***"
-        else:
-            text = line[len(match.group(1)) + 1:].decode(errors="replace")
-            text = text if len(text) <= 60 else text[:57] + "..."
-        with self._lock:
-            self.commands.append((time.monotonic(), text))
-
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        try:
-            while data := source.recv(1 << 20):
-                target.sendall(data)
-                with self._lock:
-                    self.bytes_down += len(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                target.shutdown(socket.SHUT_WR)
-
-
-def _name(text: str) -> str:
-    words = text.split()
-    return " ".join(words[:2]) if words[0].upper() == "UID" else words[0]
-
-
-def command_names(commands: list[tuple[float, str]]) -> str:
-    """[(t, "LOGIN ***"), (t, "UID FETCH 1:5 (FLAGS)")] -> "LOGIN, UID FETCH" (in order)."""
-    names = [_name(text) for _, text in commands]
+def command_names(commands: list[Command]) -> str:
+    """[LOGIN ***, UID FETCH 1:5 (FLAGS)] -> "LOGIN, UID FETCH" (in order, repeats counted)."""
+    names = [command.verb for command in commands]
     counted = Counter(names)
     return ", ".join(f"{n} x{counted[n]}" if counted[n] > 1 else n for n in dict.fromkeys(names))
+
+
+def traffic(proxy: TcpProxy) -> dict[str, Any]:
+    """What the proxy recorded since the last call (commands, sessions, bytes), and reset."""
+    return dataclasses.asdict(proxy.take())
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def round_trip_ms(port: int, rounds: int = 200) -> float:
@@ -256,7 +136,8 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
             client.select_folder("INBOX", readonly=True)
             if len(client.search(["ALL"])) != n:
                 raise RuntimeError("Dovecot does not see the messages written")
-        proxy = CountingProxy(server.host, server.port)
+        proxy = TcpProxy(server.host, server.port)
+        proxy.start()
         with services.private_database() as database_url, \
                 services.private_vhost() as (_, broker_url), \
                 psycopg.connect(database_url, autocommit=True) as conn:
@@ -284,11 +165,11 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
 
                 def synced() -> dict[str, Any]:
                     """One ``sync --wait`` through the pipeline, with its figures."""
-                    proxy.take()
+                    proxy.take()  # what came before (sessions still closing) is not this run's
                     out = _cli(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout",
                                 str(args.timeout), "--json"], env, timeout=args.timeout + 60)
                     run_id = out[0]["run_id"]
-                    imap = proxy.take()
+                    imap = traffic(proxy)
                     return {**run_times(conn, run_id), **imap,
                             "fetcher": fetcher_seconds(fetcher_log, run_id)}
 
@@ -331,7 +212,7 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
                 ok = ok and not dead
             finally:
                 processes.stop()
-                proxy.close()
+                proxy.stop()
             if not ok:
                 print(processes.logs(), file=sys.stderr)
         case["ok"] = ok
@@ -339,7 +220,7 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
 
 
 def new_message(server: Dovecot, factory: MessageFactory, index: int, env: dict[str, str],
-                conn: psycopg.Connection[Any], mailbox_id: int, proxy: CountingProxy,
+                conn: psycopg.Connection[Any], mailbox_id: int, proxy: TcpProxy,
                 fetcher_log: Path, args: argparse.Namespace) -> dict[str, Any]:
     """APPEND one message, start ``mailferry sync``, poll until its placement row is there."""
     raw = factory.message(index)[0]
@@ -369,7 +250,7 @@ def new_message(server: Dovecot, factory: MessageFactory, index: int, env: dict[
         if time.monotonic() > deadline:
             break
         time.sleep(0.02)
-    return {**times, **proxy.take(), "fetcher": fetcher_seconds(fetcher_log, run_id),
+    return {**times, **traffic(proxy), "fetcher": fetcher_seconds(fetcher_log, run_id),
             "publish_to_row": visible - times["requested_at"] if visible else None,
             "command_to_row": visible - started if visible else None}
 
@@ -390,7 +271,7 @@ def timeline(run: dict[str, Any]) -> list[tuple[str, float]]:
     start, end = run["sessions"][0]
     times = [t for t, _ in run["commands"]]
     steps = [("connect", times[0] - start)]
-    steps += [(_name(text), after - t) for (t, text), after in
+    steps += [(command.verb, after - command.at) for command, after in
               zip(run["commands"], [*times[1:], end], strict=True)]
     return [(name, round(seconds * 1000, 1)) for name, seconds in steps]
 
@@ -413,7 +294,7 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "imap_timeline_ms": median_timeline(runs),
         "commands_count": sorted({len(r["commands"]) for r in runs}),
         "commands": dict(sets),  # command list -> how many runs sent exactly that
-        "example": [text for _, text in runs[-1]["commands"]],
+        "example": [_short(command.text) for command in runs[-1]["commands"]],
         "bytes_up": statistics.median(r["bytes_up"] for r in runs),
         "bytes_down": statistics.median(r["bytes_down"] for r in runs),
     }

@@ -300,3 +300,106 @@ def test_a_maildir_can_be_filled_before_the_server_starts(tmp_path: Path) -> Non
         client.select_folder("Archive/2022", readonly=True)
         fetched = client.fetch(client.search(), ["INTERNALDATE", "FLAGS"])
     assert [data[b"INTERNALDATE"] for data in fetched.values()] == [when]
+
+
+# -- a Courier-like server ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def courier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    """Folders under ``INBOX.`` with ``.`` as separator, no SPECIAL-USE: what Courier shows."""
+    with Dovecot(tmp_path_factory.mktemp("courier"), courier_namespace=True) as instance:
+        yield instance
+
+
+@pytest.fixture
+def courier_user(courier: Dovecot, request: pytest.FixtureRequest) -> str:
+    name: str = request.node.name.removeprefix("test_")[:40]
+    courier.add_user(name, "correct horse")
+    return name
+
+
+def test_a_courier_namespace_lists_folders_under_inbox_with_a_dot_delimiter(
+    courier: Dovecot, courier_user: str
+) -> None:
+    with courier.session(courier_user) as client:
+        client.create_folder("INBOX.Sent")
+        client.create_folder("INBOX.Archive.2024")
+        listed = {name: (set(flags), delimiter) for flags, delimiter, name in client.list_folders()}
+
+    assert {"INBOX", "INBOX.Sent", "INBOX.Archive", "INBOX.Archive.2024"} <= set(listed)
+    assert {delimiter for _, delimiter in listed.values()} == {b"."}
+    special_use = {b"\\Sent", b"\\Trash", b"\\Drafts", b"\\Junk", b"\\Archive", b"\\All"}
+    assert not any(flags & special_use for flags, _ in listed.values()), listed
+    assert courier.maildir_path(courier_user, "INBOX.Archive.2024").is_dir()
+
+
+def test_a_courier_namespace_answers_namespace_with_the_inbox_prefix(
+    courier: Dovecot, courier_user: str
+) -> None:
+    with courier.session(courier_user) as client:
+        namespaces = client.namespace()
+
+    assert namespaces.personal == (("INBOX.", "."),)
+    assert (namespaces.other, namespaces.shared) == (None, None)
+
+
+def test_a_courier_folder_filled_on_disk_shows_under_its_prefixed_name(
+    courier: Dovecot, courier_user: str
+) -> None:
+    when = datetime(2023, 1, 2, 3, 4, tzinfo=UTC)
+
+    courier.fill_maildir(courier_user, "Sent", [(_message(1), when, [r"\Seen"])])
+
+    with courier.session(courier_user) as client:
+        assert client.select_folder("INBOX.Sent", readonly=True)[b"EXISTS"] == 1
+
+
+def _contents(client: IMAPClient, folder: str) -> list[tuple[bytes, frozenset[bytes], datetime]]:
+    client.select_folder(folder, readonly=True)
+    fetched = client.fetch(client.search(["ALL"]), ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"])
+    return sorted((data[b"BODY[]"], frozenset(data[b"FLAGS"]), data[b"INTERNALDATE"])
+                  for data in fetched.values())
+
+
+def test_a_courier_rename_gives_a_new_uidvalidity_with_the_same_messages_and_flags(
+    courier: Dovecot, courier_user: str
+) -> None:
+    when = datetime(2022, 5, 17, 8, 0, tzinfo=UTC)
+    with courier.session(courier_user) as client:
+        client.normalise_times = False
+        client.create_folder("INBOX.Work")
+        client.create_folder("INBOX.Work.Old")
+        for number, flags in ((1, [b"\\Seen"]), (2, [b"\\Flagged", b"$Label1"]), (3, [])):
+            client.append("INBOX.Work", _message(number), flags=flags, msg_time=when)
+        client.append("INBOX.Work.Old", _message(4), flags=[b"\\Answered"], msg_time=when)
+        before = _contents(client, "INBOX.Work"), _contents(client, "INBOX.Work.Old")
+        client.close_folder()
+
+    old, new = courier.rename_folder_with_new_uidvalidity(courier_user, "INBOX.Work",
+                                                          "INBOX.Projects")
+
+    with courier.session(courier_user) as client:
+        client.normalise_times = False
+        names = {name for _, _, name in client.list_folders()}
+        after = _contents(client, "INBOX.Projects"), _contents(client, "INBOX.Projects.Old")
+        status = client.folder_status("INBOX.Projects", [b"UIDVALIDITY"])
+    assert new != old and status[b"UIDVALIDITY"] == new
+    assert not {"INBOX.Work", "INBOX.Work.Old"} & names
+    assert after == before
+    assert [len(folder) for folder in after] == [3, 1]
+
+
+def test_a_courier_rename_works_in_the_default_namespace_too(server: Dovecot, user: str) -> None:
+    server.append(user, None, "INBOX", _message(5))
+    with server.session(user) as client:
+        client.create_folder("Projects")
+        client.select_folder("INBOX")
+        client.copy(client.search(["ALL"]), "Projects")
+
+    old, new = server.rename_folder_with_new_uidvalidity(user, "Projects", "Done/Projects")
+
+    with server.session(user) as client:
+        info = client.select_folder("Done/Projects", readonly=True)
+        assert not client.folder_exists("Projects")
+    assert (info[b"UIDVALIDITY"], info[b"EXISTS"]) == (new, 1) and new != old

@@ -452,6 +452,14 @@ class Dovecot:
     lower-casing); passwords are kept in a file that Dovecot re-reads after
     every change, so :meth:`set_password` takes effect for the very next login.
     Folder names use ``/`` as hierarchy separator (Maildir ``LAYOUT=fs``).
+
+    ``courier_namespace=True`` shows the folders as Courier-IMAP does: one namespace with the
+    prefix ``INBOX.`` and the separator ``.`` (INBOX, INBOX.Sent, INBOX.Sent.2024; NAMESPACE
+    answers ``(("INBOX." "."))``), and no SPECIAL-USE attributes on any folder (RFC 6154: a
+    client must then find Sent and Trash by name). The capability itself is still announced;
+    hide it with ``capabilities_hidden=["SPECIAL-USE"]`` for a closer match. On disk the mail
+    stays in ``LAYOUT=fs``: "INBOX.A.B" is ``Maildir/A/B``. See also
+    :meth:`rename_folder_with_new_uidvalidity`.
     """
 
     def __init__(
@@ -463,6 +471,7 @@ class Dovecot:
         binary: str | None = None,
         start_timeout: float = 20.0,
         max_connections_per_user: int = 1000,
+        courier_namespace: bool = False,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.capabilities_hidden: tuple[str, ...] = tuple(c.upper() for c in capabilities_hidden)
@@ -470,6 +479,10 @@ class Dovecot:
         self.binary = binary
         self.start_timeout = start_timeout
         self.max_connections_per_user = max_connections_per_user
+        self.courier_namespace = courier_namespace
+        # What a client sees: folder "Sent" is "INBOX.Sent" in the Courier-like namespace.
+        self.namespace_prefix = "INBOX." if courier_namespace else ""
+        self.separator = "." if courier_namespace else "/"
 
         self.config_file = self.base_dir / "dovecot.conf"
         self.users_file = self.base_dir / "users.dict"
@@ -776,6 +789,53 @@ class Dovecot:
             if not client.folder_exists(folder):
                 client.create_folder(folder)
 
+    def imap_name(self, folder: str) -> str:
+        """The name a client sees: "Sent" is "INBOX.Sent" with ``courier_namespace``."""
+        prefix = self.namespace_prefix
+        if not prefix or folder.upper() == "INBOX" or folder.upper().startswith(prefix.upper()):
+            return folder
+        return prefix + folder
+
+    def rename_folder_with_new_uidvalidity(self, user: str, old: str, new: str) -> tuple[int, int]:
+        """Rename ``old`` (and its subfolders) to ``new`` as Courier-IMAP does; returns the
+        (old, new) UIDVALIDITY of the folder.
+
+        Courier renames a folder by moving its Maildir, and the folder comes back with a new
+        UIDVALIDITY: a client must treat every UID it knew there as void (RFC 3501 2.3.1.1)
+        although the messages are the same. Dovecot's RENAME keeps UIDVALIDITY, so this models
+        Courier's instead: CREATE the new folder (Dovecot gives each new folder of a user a
+        UIDVALIDITY never used before), UID COPY every message over (COPY keeps the flags,
+        keywords and internal date, RFC 3501 6.4.7; Dovecot's maildir hard-links the very
+        files), then DELETE the old one. Names are IMAP names (``INBOX.Sent`` in the
+        Courier-like namespace); \\Recent is not carried over, as it never is.
+        """
+        if old.upper() == "INBOX":
+            raise ValueError("INBOX cannot be renamed this way")
+        with self.session(user) as client:
+            below = old + self.separator
+            children = sorted(
+                (name, new + name[len(old):])
+                for _, _, name in client.list_folders(below, "*")
+                if name.startswith(below)
+            )
+            moves = [(old, new), *children]
+            old_uidvalidity = int(client.folder_status(old, [b"UIDVALIDITY"])[b"UIDVALIDITY"])
+            for source, target in moves:  # parents first
+                if client.folder_exists(target):
+                    raise DovecotError(f"{target!r} already exists")
+                client.create_folder(target)
+                client.select_folder(source, readonly=True)
+                uids = client.search(["ALL"])
+                if uids:
+                    client.copy(uids, target)
+                client.unselect_folder()
+            for source, _ in reversed(moves):  # children first
+                client.delete_folder(source)
+            new_uidvalidity = int(client.folder_status(new, [b"UIDVALIDITY"])[b"UIDVALIDITY"])
+        if new_uidvalidity == old_uidvalidity:
+            raise DovecotError(f"{new!r} kept UIDVALIDITY {old_uidvalidity} after the copy")
+        return old_uidvalidity, new_uidvalidity
+
     def append(
         self,
         user: str,
@@ -804,14 +864,18 @@ class Dovecot:
     def maildir_path(self, user: str, folder: str) -> Path:
         """Directory holding ``folder`` of ``user`` on disk.
 
-        INBOX is the Maildir root; with ``LAYOUT=fs`` folder "A/B" is
+        INBOX is the Maildir root; with ``LAYOUT=fs`` folder "A/B" (or
+        "INBOX.A.B" with ``courier_namespace``, the prefix being optional here) is
         ``Maildir/A/B``; non-ASCII names are stored in modified UTF-7.
         """
         root = self.mail_dir / user / "Maildir"
         if folder.upper() == "INBOX":
             return root
+        prefix = self.namespace_prefix
+        if prefix and folder[: len(prefix)].upper() == prefix.upper():
+            folder = folder[len(prefix):]
         encoded = imap_utf7.encode(folder).decode("ascii")
-        return root.joinpath(*[part for part in encoded.split("/") if part])
+        return root.joinpath(*[part for part in encoded.split(self.separator) if part])
 
     def fill_maildir(
         self,
@@ -840,7 +904,7 @@ class Dovecot:
         directory = self.maildir_path(user, folder)
         if not (directory / "cur").is_dir():
             if self.running:
-                self.create_folder(user, folder)
+                self.create_folder(user, self.imap_name(folder))
             self._make_maildir(directory)
 
         keywords = self._read_keywords(directory)
@@ -966,6 +1030,7 @@ ssl_key = <{self._key_file}
         special_use = "".join(
             f"  mailbox {name} {{\n    special_use = \\{name}\n    auto = no\n  }}\n"
             for name in ("Sent", "Drafts", "Trash", "Junk")
+            if not self.courier_namespace  # Courier-IMAP has no SPECIAL-USE
         )
         return f"""\
 # Generated by tests/support/dovecot.py - private test instance, do not edit.
@@ -1003,8 +1068,8 @@ userdb {{
 
 namespace inbox {{
   inbox = yes
-  separator = /
-  prefix =
+  separator = {self.separator}
+  prefix = {self.namespace_prefix}
 {special_use}}}
 
 service imap-login {{

@@ -1,7 +1,9 @@
-"""A small TCP proxy (threads) that a test puts between a client and a server to break links.
+"""A small TCP proxy (threads) that a test or a bench puts between an IMAP client and a server.
 
-The fault tests point a mailbox at the proxy instead of Dovecot; the proxy then forwards bytes
-until told to misbehave:
+A mailbox registered with the proxy's port instead of Dovecot's has all its traffic go through
+here, where it can be broken and counted.
+
+Faults: the proxy forwards bytes until told to misbehave:
 
 - :meth:`TcpProxy.cut_after` drops every link (TCP reset) once the server has sent N more bytes,
   counted over all links: with N inside the size of a FETCH response, the cut lands mid-FETCH;
@@ -10,19 +12,120 @@ until told to misbehave:
   moment once N more bytes went through (the client blocks in its read, as behind a stalled
   network), :meth:`TcpProxy.resume` lets them flow again. Links opened later flow normally.
 
-Only the server-to-client direction is counted: it is where a large response (FETCH BODY[])
-is, and so where a cut hurts.
+Cuts and pauses count the server-to-client direction only: it is where a large response
+(FETCH BODY[]) is, and so where a cut hurts.
+
+Counting: every IMAP command a client sends is recorded (:attr:`TcpProxy.commands`), with the
+bytes each way and each session's open and close times; :meth:`TcpProxy.take` hands them over
+and starts afresh. That is how a test proves that a sync costs what changed (DESIGN invariant 6)
+and how ``bench/resync.py`` shows where a re-sync's time goes. Credentials are never recorded:
+LOGIN and AUTHENTICATE keep only their name, SASL responses are not commands, and the bytes of a
+literal (RFC 3501 4.3, RFC 7888 ``{n+}``) are skipped unread. A link whose first byte is a TLS
+handshake (implicit TLS) or that sent STARTTLS is counted in bytes only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
 import threading
+import time
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import NamedTuple
 
 _CHUNK = 16 * 1024
+# "tag COMMAND" at the start of a client line (RFC 3501 9: a tag is any
+# ASTRING-CHAR but "+", then SP and the command's name).
+# A SASL response (base64, RFC 4959) or IDLE's DONE has no space, so it never matches.
+_COMMAND = re.compile(rb'^([^\x00-\x20\x7f(){%*"\\+]+) ([A-Za-z][A-Za-z0-9.-]*)')
+# A literal announced at the end of a line: {n}, {n+} (RFC 7888) or ~{n} (RFC 3516).
+_LITERAL = re.compile(rb"\{(\d+)\+?\}$")
+_SECRET_ARGUMENTS = frozenset({"LOGIN", "AUTHENTICATE"})
+_TLS_HANDSHAKE = 0x16  # first byte of a TLS record carrying a ClientHello
+
+
+class Command(NamedTuple):
+    """One command a client sent: when, and its line without the tag (``UID FETCH 1:9 (FLAGS)``).
+
+    Only the first line of a command is kept (a literal's bytes and what follows them are not).
+    """
+
+    at: float  # time.monotonic() when the line was complete
+    text: str
+
+    @property
+    def verb(self) -> str:
+        """``SELECT``, ``UID FETCH``: what a test asserts on, whatever the arguments."""
+        words = self.text.split(maxsplit=2)
+        if words[0].upper() == "UID" and len(words) > 1:
+            return f"UID {words[1].upper()}"
+        return words[0].upper()
+
+
+@dataclass
+class Traffic:
+    """What went through the proxy between two :meth:`TcpProxy.take` calls."""
+
+    commands: list[Command] = field(default_factory=list)
+    sessions: list[tuple[float, float]] = field(default_factory=list)  # (accepted, closed)
+    bytes_up: int = 0  # client to server
+    bytes_down: int = 0  # server to client
+
+    @property
+    def verbs(self) -> list[str]:
+        return [command.verb for command in self.commands]
+
+
+class _CommandReader:
+    """Splits one link's client bytes into command lines; skips literals byte for byte."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._literal = 0  # bytes of a literal still to skip
+        self._continuation = False  # the next line continues a command after its literal
+        self._started = False
+        self.opaque = False  # TLS: nothing more to read
+
+    def feed(self, data: bytes) -> list[str]:
+        if self.opaque:
+            return []
+        if not self._started:
+            self._started = True
+            if data[:1] == bytes([_TLS_HANDSHAKE]):
+                self.opaque = True
+                return []
+        lines: list[str] = []
+        self._buffer += data
+        while self._buffer and not self.opaque:
+            if self._literal:
+                skipped = min(self._literal, len(self._buffer))
+                self._buffer, self._literal = self._buffer[skipped:], self._literal - skipped
+                continue
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                break
+            line, self._buffer = self._buffer[:end].rstrip(b"\r"), self._buffer[end + 1:]
+            if not self._continuation and (text := _command_text(line)) is not None:
+                lines.append(text)
+                if text.upper() == "STARTTLS":
+                    self.opaque, self._buffer = True, b""
+            found = _LITERAL.search(line)
+            self._literal, self._continuation = (int(found.group(1)), True) if found else (0, False)
+        return lines
+
+
+def _command_text(line: bytes) -> str | None:
+    """The line without its tag, or None when it is no command; credentials replaced."""
+    match = _COMMAND.match(line)
+    if match is None:
+        return None
+    name = match.group(2).decode().upper()
+    if name in _SECRET_ARGUMENTS:
+        return f"{name} ***"
+    return line[len(match.group(1)) + 1:].decode(errors="replace")
 
 
 class _Link:
@@ -32,6 +135,9 @@ class _Link:
         self.flowing = threading.Event()
         self.flowing.set()
         self.closed = threading.Event()
+        self.accepted_at = time.monotonic()
+        self.pumps = 2  # pumps still running; the last one out closes the link
+        self.reader = _CommandReader()
 
     def drop(self) -> None:
         """Close both ends with a reset (SO_LINGER 0), as a broken network path looks."""
@@ -67,6 +173,7 @@ class TcpProxy:
         self.accepted = 0  # connections accepted so far
         self.cut_done = threading.Event()
         self.paused = threading.Event()
+        self._traffic = Traffic()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
 
@@ -123,6 +230,40 @@ class TcpProxy:
         with self._lock:
             return sum(1 for link in self._links if not link.closed.is_set())
 
+    # -- counting -------------------------------------------------------------------------------
+
+    @property
+    def commands(self) -> list[Command]:
+        """The commands recorded since the last :meth:`take` or :meth:`reset` (a copy)."""
+        with self._lock:
+            return list(self._traffic.commands)
+
+    def take(self, settle: float = 5.0) -> Traffic:
+        """What was recorded since the last take, once the open links closed, and reset.
+
+        Waits up to ``settle`` seconds for the links to close, so that a session's last
+        command (LOGOUT) and its close time are in; a link still open after that (a client
+        that keeps its connection) is counted in the next take.
+        """
+        deadline = time.monotonic() + settle
+        while self.open_links() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._lock:
+            taken, self._traffic = self._traffic, Traffic()
+        return taken
+
+    def reset(self) -> None:
+        """Forget what was recorded so far (links stay open)."""
+        with self._lock:
+            self._traffic = Traffic()
+
+    def _record(self, link: _Link, data: bytes) -> None:
+        texts = link.reader.feed(data)
+        now = time.monotonic()
+        with self._lock:
+            self._traffic.bytes_up += len(data)
+            self._traffic.commands.extend(Command(now, text) for text in texts)
+
     # -- forwarding -----------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
@@ -148,17 +289,24 @@ class TcpProxy:
             threading.Thread(target=self._pump_down, args=(link,), daemon=True).start()
 
     def _pump_up(self, link: _Link) -> None:
-        """Client to server: forwarded as it comes."""
+        """Client to server: forwarded as it comes, and read for commands."""
         try:
             while True:
                 data = link.client.recv(_CHUNK)
                 if not data:
                     break
+                # ACK at once, as Dovecot's end does: imapclient sends a command and its CRLF in
+                # two writes, and without this the CRLF waits for our delayed ACK (Nagle), adding
+                # 40 ms to ENABLE and UID SEARCH that a direct connection does not pay.
+                with contextlib.suppress(OSError):
+                    link.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
                 link.server.sendall(data)
+                self._record(link, data)
         except OSError:
             pass
         with contextlib.suppress(OSError):
             link.server.shutdown(socket.SHUT_WR)
+        self._pump_done(link)
 
     def _pump_down(self, link: _Link) -> None:
         """Server to client: counted, and where cuts and pauses happen."""
@@ -187,12 +335,30 @@ class TcpProxy:
                         link.client.sendall(rest)
         except OSError:
             pass
-        with contextlib.suppress(OSError):
-            link.client.shutdown(socket.SHUT_WR)
+        finally:
+            with contextlib.suppress(OSError):
+                link.client.shutdown(socket.SHUT_WR)
+            self._pump_done(link)
+
+    def _pump_done(self, link: _Link) -> None:
+        """The second pump to end closes the link and records its session."""
+        with self._lock:
+            link.pumps -= 1
+            if link.pumps:
+                return
+            self._traffic.sessions.append((link.accepted_at, time.monotonic()))
+            if link in self._links:
+                self._links.remove(link)
+        if not link.closed.is_set():
+            link.closed.set()
+            for sock in (link.client, link.server):
+                with contextlib.suppress(OSError):
+                    sock.close()
 
     def _account(self, data: bytes) -> tuple[bytes, str | None]:
         """How much of ``data`` to forward now, and whether a cut or pause falls inside it."""
         with self._lock:
+            self._traffic.bytes_down += len(data)
             before = self._counted
             self._counted += len(data)
             for limit, action in ((self._cut_at, "cut"), (self._pause_at, "pause")):

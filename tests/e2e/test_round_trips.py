@@ -1,0 +1,117 @@
+"""What a re-sync of an unchanged mailbox costs on the wire (DESIGN invariant 6).
+
+The fetcher reaches Dovecot through a counting :class:`TcpProxy`, so these tests see every IMAP
+command it sends. They assert on command names and fetch items, never on whole lines: how the
+client logs in (LOGIN or AUTHENTICATE), whether it uses ESEARCH or UID windows is its own
+business; what it must not do is read an unchanged folder again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.support import faults, services
+from tests.support.dovecot import Dovecot
+from tests.support.tcp_proxy import Command, TcpProxy, Traffic
+
+USER, PASSWORD = "carol", "round trips"
+FOLDERS = ("INBOX", "Work")
+# The commands an unchanged CONDSTORE folder may cost: the session, the folder list, one
+# EXAMINE/SELECT or STATUS per folder. Anything that reads messages or searches them is out.
+SESSION_VERBS = frozenset({
+    "CAPABILITY", "LOGIN", "AUTHENTICATE", "STARTTLS", "ID", "ENABLE", "COMPRESS", "NAMESPACE",
+    "LIST", "LSUB", "STATUS", "EXAMINE", "SELECT", "UNSELECT", "CLOSE", "NOOP", "CHECK",
+    "LOGOUT",
+})
+READS = frozenset({"FETCH", "UID FETCH", "SEARCH", "UID SEARCH", "SORT", "UID SORT", "THREAD",
+                   "UID THREAD"})
+BODY_ITEMS = ("BODY[", "BODY.PEEK[", "BINARY[", "BINARY.PEEK[", "RFC822")  # RFC 3501 6.4.5
+
+
+@contextmanager
+def _server(base: Path, hidden: Sequence[str] = ()) -> Iterator[Dovecot]:
+    """Dovecot with 180 messages in two folders; ``hidden`` capabilities not announced."""
+    with Dovecot(base, capabilities_hidden=hidden) as server:
+        server.add_user(USER, PASSWORD)
+        rng = random.Random(6)
+        faults.fill(server, USER, "INBOX", range(120), rng)
+        faults.fill(server, USER, "Work", range(120, 180), rng, flags=["\\Seen"])
+        yield server
+
+
+def _sync(env: dict[str, str], mailbox_id: int) -> dict[str, object]:
+    result = services.run_cli(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout", "120",
+                               "--json"], env, timeout=180)
+    assert result.returncode == 0, result.stderr.decode()
+    runs = json.loads(result.stdout)
+    assert len(runs) == 1, runs
+    run: dict[str, object] = runs[0]
+    return run
+
+
+def _first_and_second_sync(server: Dovecot, env: dict[str, str],
+                           processes: services.ServiceProcesses) -> tuple[Traffic, Traffic]:
+    """The traffic of a first sync and of a second one with nothing changed in between."""
+    with TcpProxy(server.host, server.port) as proxy:
+        mailbox_id = faults.add_mailbox(env, proxy.host, proxy.port, USER, PASSWORD, FOLDERS)
+        processes.start("fetcher")
+        processes.start("persister")
+        first_run = _sync(env, mailbox_id)
+        first = proxy.take()
+        second_run = _sync(env, mailbox_id)
+        second = proxy.take()
+    processes.assert_running()
+    assert first_run["status"] == "done", f"{first_run}\n{processes.logs()}"
+    assert first_run["messages_stored"] == 180, first_run
+    assert second_run["status"] == "done", f"{second_run}\n{processes.logs()}"
+    assert second_run["messages_stored"] == 0, second_run
+    return first, second
+
+
+def _fetches(commands: list[Command]) -> list[str]:
+    return [c.text.upper() for c in commands if c.verb in ("FETCH", "UID FETCH")]
+
+
+def _opened_every_folder(commands: list[Command]) -> bool:
+    """Each enabled folder was looked at (EXAMINE/SELECT or STATUS): the sync did its work."""
+    looked_at = " ".join(c.text for c in commands if c.verb in ("EXAMINE", "SELECT", "STATUS"))
+    return all(folder in looked_at for folder in FOLDERS)
+
+
+@pytest.mark.timeout(300)
+def test_a_resync_of_an_unchanged_condstore_mailbox_sends_no_fetch_and_no_search(
+    env: dict[str, str], processes: services.ServiceProcesses, tmp_path: Path,
+) -> None:
+    with _server(tmp_path / "dovecot") as server:
+        first, second = _first_and_second_sync(server, env, processes)
+
+    assert any("BODY.PEEK[" in text for text in _fetches(first.commands)), first.verbs
+    assert second.verbs, "the second sync sent nothing: did it reach the proxy?"
+    assert _opened_every_folder(second.commands), second.verbs
+    reads = [c.text for c in second.commands if c.verb in READS]
+    assert not reads, f"an unchanged CONDSTORE folder was read: {reads}"
+    assert set(second.verbs) <= SESSION_VERBS, second.verbs
+    # A few round trips per session and folder, whatever the folders hold (180 messages here).
+    assert len(second.commands) <= 8 + 2 * len(FOLDERS), second.verbs
+
+
+@pytest.mark.timeout(300)
+def test_a_resync_without_condstore_fetches_flags_but_no_message_body(
+    env: dict[str, str], processes: services.ServiceProcesses, tmp_path: Path,
+) -> None:
+    with _server(tmp_path / "dovecot", hidden=("CONDSTORE", "QRESYNC")) as server:
+        first, second = _first_and_second_sync(server, env, processes)
+
+    assert any("BODY.PEEK[" in text for text in _fetches(first.commands)), first.verbs
+    assert _opened_every_folder(second.commands), second.verbs
+    fetches = _fetches(second.commands)
+    bodies = [text for text in fetches if any(item in text for item in BODY_ITEMS)]
+    assert not bodies, f"an unchanged folder's messages were downloaded again: {bodies}"
+    # Without CONDSTORE only a flags pass can find re-flagged messages (invariant 7).
+    assert any("FLAGS" in text for text in fetches), second.verbs
