@@ -78,6 +78,18 @@ class FolderInfo(BaseModel):
     selectable: bool = True
     # Only for folders new to the store while others vanished: a rename keeps its UIDVALIDITY.
     uidvalidity: int | None = None
+    # A folder recognised by its content as the rename of a vanished one (servers such as
+    # Courier give a renamed folder a new UIDVALIDITY): the vanished folder's raw name.
+    renamed_from: str | None = None
+
+
+class FolderSelection(BaseModel):
+    """One name of a mailbox's ``--folders`` selection, resolved against the server's folders."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str  # as the user gave it
+    raw_name: str | None  # the folder it selects; None when the server has no such folder
+    resolved_as: str | None = None  # that folder's name as users see it ("Sent" -> "INBOX.Sent")
 
 
 class FoldersListed(FetcherEvent):
@@ -87,6 +99,9 @@ class FoldersListed(FetcherEvent):
     # The store knew no folder of this mailbox when the fetcher started: the defaults for a
     # mailbox's first listing apply (decided once, by the fetcher, so both sides agree).
     first_listing: bool = False
+    # The mailbox's --folders selection resolved against this listing (None: no selection, or
+    # an older fetcher); decided by the fetcher, so both sides enable the same folders.
+    selection: tuple[FolderSelection, ...] | None = None
 
 
 class FetchedMessage(BaseModel):
@@ -98,6 +113,10 @@ class FetchedMessage(BaseModel):
     modseq: int | None = None
     raw: bytes | None  # exactly the BODY[] bytes the server returned; None when not carried
     skipped_reason: str | None = None
+    # Not carried because the store already holds these bytes (hex SHA-256): a message of the
+    # folder's previous UIDVALIDITY recognised under its new UID (a reset, or a rename that got a
+    # new UIDVALIDITY). Persisters must be upgraded before fetchers that send it.
+    sha256: str | None = None
 
 
 class MessagesFetched(FetcherEvent):

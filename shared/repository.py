@@ -85,3 +85,32 @@ def live_flags(conn: Connection, state: FolderState, uidvalidity: int, low: int 
         (state.mailbox_id, state.raw_name, uidvalidity, low, top),
     ).fetchall()
     return {int(r["uid"]): frozenset(r["flags"]) for r in rows}
+
+
+def newest_message_ids(conn: Connection, state: FolderState, count: int) -> list[str]:
+    """The Message-IDs of a folder's newest stored, not expunged messages: what a folder renamed
+    under a new UIDVALIDITY must still hold."""
+    rows = conn.execute(
+        """SELECT m.message_id FROM message_folders mf
+             JOIN folders f ON f.id = mf.folder_id JOIN messages m ON m.id = mf.message_id
+            WHERE f.mailbox_id = %s AND f.raw_name = %s AND mf.expunged_at IS NULL
+              AND m.message_id IS NOT NULL
+            ORDER BY mf.uidvalidity DESC, mf.uid DESC LIMIT %s""",
+        (state.mailbox_id, state.raw_name, count),
+    ).fetchall()
+    return [r["message_id"] for r in rows]
+
+
+def stored_by_identity(conn: Connection, state: FolderState, uidvalidity: int,
+                       message_ids: list[str]) -> dict[tuple[str, int, datetime], str]:
+    """The folder's stored messages of UIDVALIDITY ``uidvalidity`` among ``message_ids``, by
+    (Message-ID, size, INTERNALDATE) -> hex SHA-256 of their bytes."""
+    rows = conn.execute(
+        """SELECT m.message_id, mf.size, mf.internal_date, m.sha256 FROM message_folders mf
+             JOIN folders f ON f.id = mf.folder_id JOIN messages m ON m.id = mf.message_id
+            WHERE f.mailbox_id = %s AND f.raw_name = %s AND mf.uidvalidity = %s
+              AND m.message_id = ANY(%s) AND mf.internal_date IS NOT NULL""",
+        (state.mailbox_id, state.raw_name, uidvalidity, message_ids),
+    ).fetchall()
+    return {(r["message_id"], int(r["size"]), r["internal_date"]): bytes(r["sha256"]).hex()
+            for r in rows}

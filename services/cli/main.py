@@ -354,9 +354,22 @@ SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m
        m.credentials_invalid_at IS NOT NULL AS credentials_invalid,
        (SELECT count(*) FROM folders f WHERE f.mailbox_id = m.id AND f.sync_enabled)
            AS folders_enabled,
-       (SELECT count(*) FROM messages g WHERE g.mailbox_id = m.id) AS messages
+       (SELECT count(*) FROM messages g WHERE g.mailbox_id = m.id) AS messages,
+       m.folder_report
   FROM mailboxes m LEFT JOIN users u ON u.id = m.owner_id
  ORDER BY m.id"""
+
+
+def _selection_notes(report: dict[str, Any] | None) -> list[str]:
+    """What became of the --folders selection: "Sent -> INBOX.Sent" where the server's name
+    differs, and the names that select nothing (unmatched, or an enabled folder vanished)."""
+    report = report or {}
+    notes = [f"{s['name']} -> {s['resolved_as']}" for s in report.get("selection") or ()
+             if s.get("resolved_as") and s["resolved_as"] != s["name"]]
+    notes += [f"no folder {name!r} on the server" for name in report.get("unmatched") or ()]
+    notes += [f"enabled folder {name!r} vanished from the server"
+              for name in report.get("vanished") or ()]
+    return notes
 
 
 @mailbox_group.command("list")
@@ -364,11 +377,13 @@ SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m
 def mailbox_list(as_json: bool) -> None:
     """List mailboxes with their sync state (never their passwords)."""
     rows = _conn(_settings()).execute(_MAILBOX_LIST).fetchall()
+    for row in rows:
+        row["folder_notes"] = "; ".join(_selection_notes(row["folder_report"])) or None
     if as_json:
         _json(rows)
     else:
         _table(rows, ["id", "name", "owner", "host", "security", "last_sync_status",
-                      "last_sync_at", "messages", "last_error"])
+                      "last_sync_at", "messages", "last_error", "folder_notes"])
 
 
 def _mailbox(conn: db.Connection, mailbox_id: int) -> repository.Mailbox:
@@ -491,6 +506,10 @@ def mailbox_folders(mailbox_id: int, enable: tuple[str, ...], disable: tuple[str
     else:
         _table(rows, ["name", "type", "selectable", "sync_enabled", "messages", "last_synced_at",
                       "gone_at", "last_error"])
+        report = conn.execute("SELECT folder_report FROM mailboxes WHERE id = %s",
+                              (mailbox_id,)).fetchone()
+        for note in _selection_notes(report["folder_report"] if report else None):
+            click.echo(f"selection: {_visible(note)}")
 
 
 # --- sync -------------------------------------------------------------------------------------
@@ -541,12 +560,19 @@ def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, time
             click.echo(f"mailbox {o['mailbox_id']}: run {o['run_id']} {o['status']}")
         return
     final = _wait_for_runs(conn, list(runs), timeout, progress=not as_json)
+    reports = {r["id"]: r["folder_report"] for r in conn.execute(
+        "SELECT id, folder_report FROM mailboxes WHERE id = ANY(%s)",
+        ([r["mailbox_id"] for r in final],)).fetchall()}
+    for r in final:
+        r["folder_notes"] = _selection_notes(reports.get(r["mailbox_id"]))
     if as_json:
         _json(final)
     else:
         for r in final:
             line = f"mailbox {r['mailbox_id']}: {r['status']}, {r['messages_stored']} messages stored"
             click.echo(line + (f" ({_visible(r['error'])})" if r["error"] else ""))
+            for note in r["folder_notes"]:
+                click.echo(f"  selection: {_visible(note)}")
     if any(r["status"] in ("queued", "running") for r in final):
         sys.exit(EXIT_TIMEOUT)
     if any(r["status"] != "done" for r in final):

@@ -14,6 +14,7 @@ from shared.messages import (
     AnyMessage,
     ErrorKind,
     FolderInfo,
+    FolderSelection,
     FoldersListed,
     FolderSynced,
     SyncFailed,
@@ -42,11 +43,12 @@ class Attempt:
         self.publish(SyncStarted(run_id=s.run_id, mailbox_id=s.mailbox_id,
                                  lease_token=s.lease_token, fetcher=fetcher, started_at=now()))
 
-    def folders_listed(self, folders: list[FolderInfo], first_listing: bool) -> None:
+    def folders_listed(self, folders: list[FolderInfo], first_listing: bool,
+                       selection: tuple[FolderSelection, ...] | None = None) -> None:
         s = self.stamp
         self.publish(FoldersListed(run_id=s.run_id, mailbox_id=s.mailbox_id,
                                    lease_token=s.lease_token, folders=tuple(folders),
-                                   first_listing=first_listing))
+                                   first_listing=first_listing, selection=selection))
 
     def folder_failed(self, raw_name: str, events: int, error: str) -> None:
         s = self.stamp

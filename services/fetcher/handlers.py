@@ -9,6 +9,7 @@ starts over, which the persister's idempotence absorbs.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from shared.broker import Delivery
 from shared.config import Settings
 from shared.crypto import PasswordBox
 from shared.db import Connection
-from shared.domain import first_sync_since
+from shared.domain import first_sync_since, resolve_selection
 from shared.errors import (
     ConfigError,
     ImapAuthError,
@@ -33,7 +34,7 @@ from shared.errors import (
     ImapError,
     TransientError,
 )
-from shared.imap import ImapConnectorFactory, SyncSession, connector_factory
+from shared.imap import ImapConnectorFactory, SyncSession, connector_factory, folder_type
 from shared.messages import (
     AnyMessage,
     CredentialsInvalid,
@@ -147,14 +148,26 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
     conn = deps.connection()
     session.extensions()
     states = repository.folder_states(conn, mailbox.id)
-    folders, renamed = planning.detect_renames(session, session.list_folders(), states)
-    attempt.folders_listed(folders, first_listing=not states)
+    folders, renamed = planning.detect_renames(
+        session, session.list_folders(), states,
+        lambda state: repository.newest_message_ids(conn, state, planning.RENAME_SAMPLE))
+    selection = None
+    if mailbox.initial_folders is not None:
+        selection = resolve_selection(
+            folders, mailbox.initial_folders, session.personal_namespace(),
+            {n.casefold(): folder_type(n, None, ()) for n in mailbox.initial_folders},
+            planning.renames(folders, renamed, states))
+        unmatched = [sel.name for sel in selection if sel.raw_name is None]
+        if unmatched:
+            log.warning("folders.selection_unmatched", names=unmatched)
+    attempt.folders_listed(folders, first_listing=not states, selection=selection)
     totals = {"folders": 0, "failed_folders": 0, "messages": 0, "bytes": 0}
     if isinstance(cmd, SyncFolders):
         return totals
     days = mailbox.first_sync_days or deps.settings.first_sync_days
     s = deps.settings
-    to_sync = planning.folders_to_sync(folders, renamed, states, mailbox.initial_folders)
+    to_sync = planning.folders_to_sync(folders, renamed, states, mailbox.initial_folders,
+                                       selection)
     attempt.planned(len(to_sync))
     for index, folder in enumerate(to_sync):
         attempt.lease.check()
@@ -167,13 +180,16 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
             found=attempt.found,
             limits=planning.BatchLimits(s.batch_max_bytes, s.batch_max_messages,
                                         s.max_message_bytes),
-            since=first_sync_since(deps.today(), days), force=cmd.force)
+            since=first_sync_since(deps.today(), days), force=cmd.force,
+            stored_by_identity=functools.partial(repository.stored_by_identity, conn, state)
+            if state else lambda *_: {})
         try:
             done = planning.sync_folder(session, folder, state, job)
             totals["messages"] += done.messages
             totals["bytes"] += done.bytes
             log.info("folder.fetched", messages=done.messages, bytes=done.bytes,
-                     flag_changes=done.flag_changes, expunged=done.expunged, events=done.events)
+                     flag_changes=done.flag_changes, expunged=done.expunged, events=done.events,
+                     recognised=done.recognised)
         except planning.FolderFailed as failure:
             exc = failure.cause
             connection_gone = not session.connector.usable or isinstance(exc, ImapConnectionError)

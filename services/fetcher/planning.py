@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Protocol
 
 import structlog
@@ -24,6 +24,7 @@ from shared.messages import (
     FlagChange,
     FlagsChanged,
     FolderInfo,
+    FolderSelection,
     FolderSynced,
     MessagesExpunged,
     MessagesFetched,
@@ -47,7 +48,9 @@ class Session(Protocol):
     def search(self, low: int, high: int | None, since: date | None = None) -> list[int]: ...
     def flags(self, low: int, high: int, *, changed_since: int | None,
               vanished: bool) -> tuple[list[FlagState], Ranges]: ...
-    def metadata(self, uids: list[int]) -> dict[int, MessageMeta]: ...
+    def metadata(self, uids: list[int], *,
+                 message_ids: bool = False) -> dict[int, MessageMeta]: ...
+    def recent_message_ids(self, folder: FolderInfo, count: int) -> set[str]: ...
     def bodies(self, uids: list[int]) -> dict[int, Body]: ...
 
 
@@ -67,6 +70,9 @@ class BatchLimits:
     max_message: int  # a larger message is recorded without its bytes
 
 
+Identity = tuple[str, int, datetime]  # Message-ID, size, INTERNALDATE
+
+
 @dataclass
 class FolderJob:
     """One folder's work and the adapters it reports through."""
@@ -78,6 +84,10 @@ class FolderJob:
     limits: BatchLimits
     since: date  # a first sync's window: mail received since then
     force: bool = False
+    # The store's messages of an older UIDVALIDITY of this folder, by identity: (uidvalidity,
+    # Message-IDs) -> {identity: hex SHA-256}. What spares re-downloading them after a reset.
+    stored_by_identity: Callable[[int, list[str]], dict[Identity, str]] = (
+        lambda _uidvalidity, _ids: {})
 
 
 @dataclass
@@ -87,39 +97,86 @@ class FolderTotals:
     flag_changes: int = 0
     expunged: int = 0
     events: int = 0
+    recognised: int = 0  # stored messages found again under new UIDs: not downloaded
 
 
-def detect_renames(session: Session, folders: list[FolderInfo],
-                   states: dict[str, FolderState]) -> tuple[list[FolderInfo], set[str]]:
-    """IMAP has no rename notification, but a renamed folder keeps its UIDVALIDITY (RFC 3501
-    6.3.5): when known folders vanished and new ones appeared, the new ones' UIDVALIDITY (one
-    STATUS each) tells renames from deletions. Returns the folders, with UIDVALIDITY set on new
-    ones, and the raw names that are renames of known folders."""
+RENAME_SAMPLE = 20  # the vanished folder's newest stored Message-IDs a rename must hold
+
+
+def detect_renames(session: Session, folders: list[FolderInfo], states: dict[str, FolderState],
+                   stored_sample: Callable[[FolderState], list[str]] = lambda _s: [],
+                   ) -> tuple[list[FolderInfo], set[str]]:
+    """IMAP has no rename notification. When known folders vanished and new ones appeared:
+
+    - a renamed folder keeps its UIDVALIDITY on most servers (RFC 3501 6.3.5), so the new ones'
+      UIDVALIDITY (one STATUS each) tells renames from deletions;
+    - some servers (Courier) give it a new one: a vanished *enabled* folder is then recognised
+      by its content, when exactly one new folder holds all of its newest stored Message-IDs
+      among its own newest messages (``renamed_from``). Where that cannot be decided (no
+      Message-IDs, no candidate, several), nothing is renamed or enabled by guess.
+
+    Returns the folders, with UIDVALIDITY or ``renamed_from`` set on the renamed ones, and the
+    raw names that are renames of known folders."""
     listed = {f.raw_name for f in folders}
-    gone = {s.uidvalidity for name, s in states.items() if name not in listed and s.uidvalidity}
-    if not gone:
+    vanished = [s for name, s in states.items() if name not in listed]
+    if not vanished:
         return folders, set()
+    gone = {s.uidvalidity for s in vanished if s.uidvalidity}
     out = [
         f.model_copy(update={"uidvalidity": session.uidvalidity(f.raw_name)})
         if f.raw_name not in states and f.selectable else f
         for f in folders
     ]
     renamed = {f.raw_name for f in out if f.uidvalidity is not None and f.uidvalidity in gone}
+    candidates = [f for f in out if f.raw_name not in states and f.selectable
+                  and f.raw_name not in renamed]
+    by_uidvalidity = {s.uidvalidity for s in vanished} & {f.uidvalidity for f in out}
+    unmatched = [s for s in vanished if s.sync_enabled and s.uidvalidity not in by_uidvalidity]
+    if unmatched and candidates:
+        contents = {f.raw_name: session.recent_message_ids(f, RENAME_SAMPLE * 5)
+                    for f in candidates}
+        for state in unmatched:
+            sample = set(stored_sample(state)[:RENAME_SAMPLE])
+            holders = [name for name, ids in contents.items() if sample and sample <= ids]
+            if len(holders) != 1 or holders[0] in renamed:
+                log.info("folders.rename_undecided", vanished=state.raw_name,
+                         candidates=len(holders), sample=len(sample))
+                continue
+            renamed.add(holders[0])
+            out = [f.model_copy(update={"renamed_from": state.raw_name})
+                   if f.raw_name == holders[0] else f for f in out]
     if renamed:
         log.info("folders.renamed", new_names=sorted(renamed))
     return out, renamed
 
 
+def renames(folders: Sequence[FolderInfo], renamed: set[str],
+            states: dict[str, FolderState]) -> dict[str, FolderInfo]:
+    """Old raw name -> the folder it became, for the renames :func:`detect_renames` found."""
+    listed = {f.raw_name for f in folders}
+    by_uidvalidity = {s.uidvalidity: name for name, s in states.items()
+                      if name not in listed and s.uidvalidity is not None}
+    out: dict[str, FolderInfo] = {}
+    for f in folders:
+        if f.raw_name not in renamed:
+            continue
+        old = f.renamed_from or (by_uidvalidity.get(f.uidvalidity) if f.uidvalidity else None)
+        if old is not None:
+            out[old] = f
+    return out
+
+
 def folders_to_sync(folders: Sequence[FolderInfo], renamed: set[str],
-                    states: dict[str, FolderState],
-                    initial_folders: Sequence[str] | None) -> list[FolderInfo]:
+                    states: dict[str, FolderState], initial_folders: Sequence[str] | None,
+                    selection: Sequence[FolderSelection] | None = None) -> list[FolderInfo]:
     """The enabled, selectable folders; a renamed one is synced under its new name from the next
-    run on, and a folder new to the store follows the mailbox's selection."""
+    run on, and a folder new to the store follows the mailbox's (resolved) selection."""
     return [
         f for f in folders
         if f.selectable and f.raw_name not in renamed
         and (states[f.raw_name].sync_enabled if f.raw_name in states
-             else enabled_on_discovery(f, initial_folders, first_listing=not states))
+             else enabled_on_discovery(f, initial_folders, first_listing=not states,
+                                       selection=selection))
     ]
 
 
@@ -181,6 +238,10 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
         totals.events += 1
 
     same_generation = state is not None and state.uidvalidity == status.uidvalidity
+    # A new UIDVALIDITY for a folder the store holds mail of (a server reset, or a rename that
+    # changed it): its messages come back under new UIDs; stored ones are recognised, not fetched.
+    reset = (state.uidvalidity if state is not None and not same_generation and state.last_uid
+             and state.uidvalidity is not None else None)
     above = state.last_uid if (state is not None and same_generation and not job.force) else 0
     s = job.stamp
     highest_found = 0
@@ -197,9 +258,12 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
             job.found(len(uids))
             highest_found = max([highest_found, *uids])
             for start in range(0, len(uids), META_CHUNK):
-                metas = session.metadata(uids[start:start + META_CHUNK])
-                ordered = [metas[u] for u in uids[start:start + META_CHUNK] if u in metas]
-                for group in batches(ordered, job.limits.max_bytes, job.limits.max_count):
+                chunk = uids[start:start + META_CHUNK]
+                metas = session.metadata(chunk, message_ids=reset is not None)
+                ordered = [metas[u] for u in chunk if u in metas]
+                known = _known(ordered, reset, job)
+                for group in batches([m for m in ordered if m.uid not in known],
+                                     job.limits.max_bytes, job.limits.max_count):
                     messages = fetched(group, session.bodies([m.uid for m in group]),
                                        job.limits.max_message)
                     publish(MessagesFetched(run_id=s.run_id, mailbox_id=s.mailbox_id,
@@ -208,6 +272,17 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
                                             batch_no=totals.events, messages=tuple(messages)))
                     totals.messages += len(messages)
                     totals.bytes += sum(m.size for m in messages)
+                if known:
+                    recognised = tuple(
+                        FetchedMessage(uid=m.uid, flags=m.flags, internal_date=m.internal_date,
+                                       size=m.size, raw=None, sha256=known[m.uid])
+                        for m in ordered if m.uid in known)
+                    publish(MessagesFetched(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                            lease_token=s.lease_token, folder=folder.raw_name,
+                                            uidvalidity=status.uidvalidity,
+                                            batch_no=totals.events, messages=recognised))
+                    totals.messages += len(recognised)
+                    totals.recognised += len(recognised)
     except ImapError as exc:
         raise FolderFailed(exc, totals.events) from exc
     last_uid = max(above, highest_found, (status.uidnext or 1) - 1)
@@ -216,6 +291,18 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
                              uidnext=status.uidnext, highest_modseq=status.highest_modseq,
                              last_uid=last_uid, batches=totals.events, messages=totals.messages))
     return totals
+
+
+def _known(metas: Sequence[MessageMeta], reset: int | None, job: FolderJob) -> dict[int, str]:
+    """UID -> hex SHA-256 of the metas whose (Message-ID, size, INTERNALDATE) the store holds
+    under the folder's previous UIDVALIDITY ``reset``."""
+    if reset is None:
+        return {}
+    ids = sorted({m.message_id for m in metas if m.message_id})
+    stored = job.stored_by_identity(reset, ids) if ids else {}
+    return {m.uid: stored[key] for m in metas
+            if m.message_id and m.internal_date is not None
+            and (key := (m.message_id, m.size, m.internal_date)) in stored}
 
 
 def _known_messages(session: Session, state: FolderState, status: FolderStatus, job: FolderJob,

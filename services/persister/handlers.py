@@ -103,7 +103,10 @@ def _prepare(event: FetcherEvent, conn: Connection) -> Any:
     mailbox does not hold yet (a copy or a redelivery is not parsed twice)."""
     if not isinstance(event, MessagesFetched):
         return None
-    hashes = [store.sha256(m.raw) if m.raw is not None else None for m in event.messages]
+    # A message recognised under a new UID after a UIDVALIDITY change names the stored bytes
+    # by their hash instead of carrying them again.
+    hashes = [store.sha256(m.raw) if m.raw is not None
+              else bytes.fromhex(m.sha256) if m.sha256 else None for m in event.messages]
     known = store.known_hashes(conn, event.mailbox_id, [h for h in hashes if h])
     return [
         store.Incoming(
@@ -122,7 +125,8 @@ def _on_started(conn: Connection, e: SyncStarted, _: Any) -> dict[str, Any]:
 
 def _on_folders(conn: Connection, e: FoldersListed, _: Any) -> dict[str, Any]:
     counts = store.upsert_folders(conn, e.mailbox_id, e.folders,
-                                  store.initial_folders(conn, e.mailbox_id), e.first_listing)
+                                  store.initial_folders(conn, e.mailbox_id), e.first_listing,
+                                  e.selection)
     store.run_folders_listed(conn, e.run_id)
     status = store.try_complete(conn, e.run_id, e.lease_token)
     return {**counts, "run_status": status}

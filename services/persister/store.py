@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from shared.db import Connection, mailbox_lock_key
 from shared.domain import enabled_on_discovery
 from shared.imap import decode_folder_name
-from shared.messages import FetchedMessage, FlagChange, FolderInfo, FolderSynced
+from shared.messages import FetchedMessage, FlagChange, FolderInfo, FolderSelection, FolderSynced
 from shared.mime import ParsedMessage, clean_text
 
 ACTIVE = ("queued", "running")
@@ -209,17 +209,45 @@ def folder_synced(conn: Connection, e: FolderSynced) -> None:
 
 
 def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderInfo],
-                   initial: list[str] | None, first_listing: bool) -> dict[str, int]:
+                   initial: list[str] | None, first_listing: bool,
+                   selection: Sequence[FolderSelection] | None = None) -> dict[str, int]:
     """Store the server's folder list; apply the deletion rule to folders no longer listed.
 
     A folder gone from the server is deleted only if it holds no synced mail (tombstones of
     expunged mail do not count); one that does is kept and marked gone (OroCRM's rule), so
-    deleting a folder never deletes a user's synced mail.
+    deleting a folder never deletes a user's synced mail. What became of the selection (names
+    resolved or unmatched, enabled folders vanished) is recorded on the mailbox.
     """
     rows = sorted(folders, key=lambda f: f.raw_name)
     listed = [f.raw_name for f in rows]
     renamed = 0
+    # Renames found by UIDVALIDITY or by content: the mailbox's --folders selection follows them.
+    old_names = {r["uidvalidity"]: r["raw_name"] for r in conn.execute(
+        """SELECT raw_name, uidvalidity FROM folders
+            WHERE mailbox_id = %s AND NOT (raw_name = ANY(%s)) AND uidvalidity IS NOT NULL""",
+        (mailbox_id, listed)).fetchall()}
     for f in rows:
+        old = f.renamed_from or (old_names.get(f.uidvalidity) if f.uidvalidity else None)
+        if old is not None:
+            conn.execute(
+                """UPDATE mailboxes SET initial_folders = array_replace(initial_folders, %s, %s)
+                    WHERE id = %s AND %s = ANY(initial_folders)""",
+                (old, f.raw_name, mailbox_id, old))
+    for f in rows:
+        if f.renamed_from is not None:
+            # Recognised by its content (the server gave it a new UIDVALIDITY): the vanished
+            # row takes the new name and keeps its settings and mail; the next sync finds its
+            # messages again under their new UIDs without downloading them.
+            renamed += len(conn.execute(
+                """UPDATE folders SET raw_name = %s, name = %s, gone_at = NULL
+                    WHERE mailbox_id = %s AND raw_name = %s AND NOT (raw_name = ANY(%s))
+                      AND NOT EXISTS (SELECT 1 FROM folders
+                                       WHERE mailbox_id = %s AND raw_name = %s)
+                RETURNING id""",
+                (f.raw_name, clean_text(f.name), mailbox_id, f.renamed_from, listed, mailbox_id,
+                 f.raw_name),
+            ).fetchall())
+            continue
         if f.uidvalidity is None:
             continue
         # A renamed folder keeps its UIDVALIDITY: the vanished folder row takes the new name
@@ -246,8 +274,13 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
                       flags = EXCLUDED.flags, type = EXCLUDED.type,
                       selectable = EXCLUDED.selectable, gone_at = NULL""",
             (mailbox_id, clean_text(f.name), f.raw_name, f.delimiter, list(f.flags), f.type,
-             f.selectable, enabled_on_discovery(f, initial, first_listing)),
+             f.selectable, enabled_on_discovery(f, initial, first_listing, selection)),
         )
+    gone_rows = conn.execute(
+        """SELECT name, raw_name FROM folders WHERE mailbox_id = %s AND sync_enabled
+              AND NOT (raw_name = ANY(%s)) ORDER BY name""", (mailbox_id, listed)).fetchall()
+    vanished = [r["name"] for r in gone_rows]
+    gone_names = {n.casefold() for r in gone_rows for n in (r["name"], r["raw_name"])}
     conn.execute(
         """UPDATE folders f SET gone_at = now()
             WHERE f.mailbox_id = %s AND f.gone_at IS NULL AND NOT (f.raw_name = ANY(%s))
@@ -263,7 +296,18 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
         RETURNING id""",
         (mailbox_id, listed),
     ).fetchall()
-    return {"listed": len(listed), "renamed": renamed, "deleted": len(deleted)}
+    # A selected folder that vanished is reported once, as vanished.
+    unmatched = [s.name for s in selection or ()
+                 if s.raw_name is None and s.name.casefold() not in gone_names]
+    report = {
+        "selection": [s.model_dump() for s in selection] if selection is not None else None,
+        "unmatched": unmatched,
+        "vanished": vanished,
+    }
+    conn.execute("UPDATE mailboxes SET folder_report = %s WHERE id = %s",
+                 (Jsonb(report), mailbox_id))
+    return {"listed": len(listed), "renamed": renamed, "deleted": len(deleted),
+            "unmatched": len(unmatched), "vanished": len(vanished)}
 
 
 def folder_id(conn: Connection, mailbox_id: int, raw_name: str) -> int:

@@ -22,9 +22,11 @@ from shared.imap.folders import list_folders
 from shared.imap.manager import FolderStatus, ImapEmailManager, number
 from shared.imap.search import SearchQueryBuilder
 from shared.messages import FolderInfo
+from shared.mime import parse_message
 
 WINDOW = 20_000  # UIDs a window aims at: a SEARCH answer line of about 220 KB
 META_ITEMS = ("FLAGS", "INTERNALDATE", "RFC822.SIZE")
+MESSAGE_ID = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class MessageMeta:
     flags: tuple[str, ...]  # without \Recent, which belongs to one session (RFC 3501 2.3.2)
     internal_date: datetime | None
     size: int  # RFC822.SIZE as the server declared it: a hint, never trusted for limits
+    message_id: str | None = None  # only when asked for
 
 
 @dataclass(frozen=True)
@@ -163,16 +166,43 @@ class SyncSession:
                   for uid, info in sorted(data.items())]
         return states, gone
 
-    def metadata(self, uids: list[int]) -> dict[int, MessageMeta]:
+    def metadata(self, uids: list[int], *, message_ids: bool = False) -> dict[int, MessageMeta]:
+        """Flags, arrival time and declared size; with ``message_ids`` the Message-ID header
+        too (what recognises a stored message under a new UID)."""
         if not uids:
             return {}
         wanted = set(uids)
+        items = (*META_ITEMS, MESSAGE_ID) if message_ids else META_ITEMS
         with imap_errors(self.where):
-            data = wire.uid_fetch(self.connector.client, wire.uid_set(uids), META_ITEMS,
+            data = wire.uid_fetch(self.connector.client, wire.uid_set(uids), items,
                                   wanted=wanted.__contains__)
         return {uid: MessageMeta(uid, clean_flags(info.get(b"FLAGS", ())),
-                                 info.get(b"INTERNALDATE"), int(info.get(b"RFC822.SIZE", 0)))
+                                 info.get(b"INTERNALDATE"), int(info.get(b"RFC822.SIZE", 0)),
+                                 _message_id(info) if message_ids else None)
                 for uid, info in data.items()}
+
+    def personal_namespace(self) -> str:
+        """The prefix of the account's own folders (NAMESPACE, RFC 2342): ``INBOX.`` on
+        Courier and Cyrus, empty on Dovecot, Gmail and Exchange (or without NAMESPACE)."""
+        client = self.connector.client
+        with imap_errors(self.connector.where):
+            if not client.has_capability("NAMESPACE"):
+                return ""
+            personal = client.namespace().personal
+        if not personal:
+            return ""
+        prefix = personal[0][0]
+        return prefix.decode("utf-8", "replace") if isinstance(prefix, bytes) else str(prefix)
+
+    def recent_message_ids(self, folder: FolderInfo, count: int) -> set[str]:
+        """The Message-IDs of a folder's last ``count`` messages (by sequence number)."""
+        status = self.select(folder)
+        if not status.exists:
+            return set()
+        first = max(1, status.exists - count + 1)
+        with imap_errors(self.where):
+            data = wire.fetch_sequence(self.connector.client, f"{first}:*", [MESSAGE_ID])
+        return {mid for info in data.values() if (mid := _message_id(info))}
 
     def bodies(self, uids: list[int]) -> dict[int, Body]:
         """``BODY.PEEK[]`` (never sets \\Seen); messages expunged meanwhile are absent."""
@@ -202,6 +232,12 @@ class SyncSession:
             yield from ([(low, 2**32 - 1)] if status.uidnext is None else [])
             return
         yield from uid_windows(low, high, status.exists, self.window)
+
+
+def _message_id(info: dict[bytes, Any]) -> str | None:
+    """The Message-ID as the store keeps it (parsed the persister's way)."""
+    header = next((bytes(v) for k, v in info.items() if k.startswith(b"BODY[HEADER")), b"")
+    return parse_message(header + b"\r\n").message_id if header.strip() else None
 
 
 def clean_flags(flags: Any) -> tuple[str, ...]:

@@ -401,6 +401,17 @@ def _esearch_all(line: bytes) -> list[tuple[int, int]]:
     return parse_uid_ranges(match.group(1).decode("ascii")) if match else []
 
 
+def fetch_sequence(client: IMAPClient, message_set: str,
+                   items: Sequence[str]) -> dict[int, dict[bytes, Any]]:
+    """FETCH by message sequence numbers (``n:*``: the newest messages), keyed by sequence."""
+    imap = engine(client)
+    tag = imap._command("FETCH", message_set, seq_to_parenstr_upper(list(items)))
+    typ, data = imap._command_complete("FETCH", tag)
+    client._checkok("fetch", typ, data)
+    typ, data = imap._untagged_response(typ, data, "FETCH")
+    return dict(parse_fetch_response(data, client.normalise_times, False))
+
+
 def pop_vanished(client: IMAPClient) -> list[tuple[int, int]]:
     """UID ranges the server reported as VANISHED since the last call (RFC 7162 3.2.10)."""
     ranges: list[tuple[int, int]] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 
 import pytest
 
@@ -24,6 +24,7 @@ from shared.messages import (
 from shared.repository import FolderState
 
 INBOX = FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/", type="inbox")
+WHEN = datetime(2026, 11, 1, 9, 30, tzinfo=UTC)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class FakeSession:
     window: int = 3
     calls: list[str] = field(default_factory=list)
     fail_on: str | None = None
+    contents: dict[str, list[str]] = field(default_factory=dict)  # folder -> Message-IDs
 
     def extensions(self) -> Extensions:
         return self.extensions_
@@ -71,10 +73,14 @@ class FakeSession:
         return ([FlagState(u, self.flags_of.get(u, ()), None)
                  for u in sorted(self.uids) if low <= u <= high], Ranges([]))
 
-    def metadata(self, uids: list[int]) -> dict[int, MessageMeta]:
+    def metadata(self, uids: list[int], *, message_ids: bool = False) -> dict[int, MessageMeta]:
         self.calls.append(f"metadata {len(uids)}")
-        return {u: MessageMeta(u, self.flags_of.get(u, ()), None, self.uids[u])
+        return {u: MessageMeta(u, self.flags_of.get(u, ()), WHEN, self.uids[u],
+                               f"m{u}@example.com" if message_ids else None)
                 for u in uids if u in self.uids}
+
+    def recent_message_ids(self, folder: FolderInfo, count: int) -> set[str]:
+        return set(self.contents.get(folder.raw_name, ()))
 
     def bodies(self, uids: list[int]) -> dict[int, Body]:
         self.calls.append(f"bodies {len(uids)}")
@@ -183,3 +189,38 @@ def test_uid_windows_cover_the_range_and_aim_at_the_window_size(
 def test_vanished_ranges_answer_membership_without_being_expanded() -> None:
     gone = Ranges([(5, 9), (1, 2), (10, 1_000_000_000)])
     assert [u in gone for u in (1, 3, 7, 999_999_999)] == [True, False, True, True]
+
+
+def test_after_a_uidvalidity_change_stored_messages_are_recognised_not_downloaded() -> None:
+    session = FakeSession(uids={1: 10, 2: 10, 3: 10}, generation=8)
+    published: list[AnyMessage] = []
+    job = _job(published)
+    job.stored_by_identity = lambda uidvalidity, ids: {
+        (mid, 10, WHEN): f"{uidvalidity:02x}" * 32 for mid in ids if mid != "m3@example.com"}
+    totals = planning.sync_folder(session, INBOX, _state(40), job)
+    fetched = {m.uid: m for b in published if isinstance(b, MessagesFetched) for m in b.messages}
+    assert fetched[1].raw is None and fetched[1].sha256 == "07" * 32
+    assert fetched[2].sha256 == "07" * 32
+    assert fetched[3].raw == b"x" * 10 and fetched[3].sha256 is None
+    assert "bodies 1" in session.calls and totals.recognised == 2
+
+
+def test_a_vanished_enabled_folder_is_recognised_by_its_newest_message_ids() -> None:
+    session = FakeSession(uids={}, contents={"Work 2": ["a", "b", "c"], "Other": ["z"]})
+    states = {"Work": FolderState(1, "Work", True, 5, 10, None)}
+    listed = [INBOX.model_copy(update={"raw_name": n, "name": n, "type": "other"})
+              for n in ("Work 2", "Other")]
+    folders, renamed = planning.detect_renames(session, listed, states, lambda _s: ["a", "c"])
+    assert renamed == {"Work 2"}
+    assert [f.renamed_from for f in folders] == ["Work", None]
+    assert planning.renames(folders, renamed, states) == {"Work": folders[0]}
+
+
+def test_a_rename_that_two_folders_could_be_is_not_guessed() -> None:
+    session = FakeSession(uids={}, contents={"A": ["a", "b"], "B": ["a", "b"]})
+    states = {"Work": FolderState(1, "Work", True, 5, 10, None)}
+    listed = [INBOX.model_copy(update={"raw_name": n, "name": n, "type": "other"})
+              for n in ("A", "B")]
+    folders, renamed = planning.detect_renames(session, listed, states, lambda _s: ["a"])
+    assert renamed == set()
+    assert all(f.renamed_from is None for f in folders)
