@@ -1,7 +1,8 @@
 """The AMQP adapter (kombu): a confirming publisher and a consumer that acks only after its work.
 
 Publishing: persistent messages, publisher confirms (``confirm_publish``), the topology declared
-before the first publish, the message type as the AMQP ``type`` property.
+before the first publish, the message type as the AMQP ``type`` property, the body's format as its
+``content_type`` (JSON, or JSON followed by raw mail for ``MessagesFetched``: ``shared.messages``).
 
 Consuming (:class:`Worker`): the handler is a plain function; the message is acked only after it
 returns, i.e. after its effect is committed (DESIGN invariant 1). A failure is never acked and
@@ -82,22 +83,31 @@ class Publisher:
             routing_key=message.routing_key,
             type_=message.type,
             headers={"schema-version": message.version},
+            content_type=messages.content_type(message),
         )
 
     def publish_raw(
         self,
-        body: bytes,
+        body: bytes | str,
         *,
         exchange: str,
         routing_key: str,
         type_: str | None,
         headers: dict[str, Any] | None = None,
+        content_type: str | None = None,
     ) -> None:
+        """Publish ``body`` as it is; ``content_type`` defaults to JSON (a republished message
+        passes its own, so a blobs body stays one)."""
         with self._lock:
-            self._publish_raw(body, exchange, routing_key, type_, headers)
+            self._publish_raw(body, exchange, routing_key, type_, headers,
+                              content_type or messages.JSON_CONTENT_TYPE)
 
-    def _publish_raw(self, body: bytes, exchange: str, routing_key: str, type_: str | None,
-                     headers: dict[str, Any] | None) -> None:
+    def _publish_raw(self, body: bytes | str, exchange: str, routing_key: str,
+                     type_: str | None, headers: dict[str, Any] | None,
+                     content_type: str) -> None:
+        # "binary": the consumer's AMQP library leaves the body as bytes instead of trying to
+        # decode it as text (which would copy it, or mangle it).
+        encoding = "utf-8" if content_type == messages.JSON_CONTENT_TYPE else "binary"
         for attempt in (1, 2):
             producer = self._ensure()
             assert self._conn is not None
@@ -109,8 +119,8 @@ class Publisher:
                     routing_key=routing_key,
                     type=type_ or "",
                     headers=headers or {},
-                    content_type="application/json",
-                    content_encoding="utf-8",
+                    content_type=content_type,
+                    content_encoding=encoding,
                     delivery_mode=2,
                     retry=True,
                     retry_policy=RETRY_POLICY,
@@ -202,8 +212,14 @@ class Worker(ConsumerMixin):
         structlog.contextvars.bind_contextvars(**self._base_context)
         try:
             decoded = messages.decode(message.body)
-        except ValidationError as exc:
+        except (ValidationError, messages.MalformedMessage) as exc:
             self._dead_letter(message, f"malformed message: {_one_line(exc)}", attempt)
+            return
+        except MemoryError:
+            raise  # not the body's fault: redelivered after the restart
+        except Exception as exc:  # a body no codec path foresaw: still never a consumer crash
+            self._dead_letter(message, f"malformed message: {type(exc).__name__}: "
+                                       f"{_one_line(exc)}", attempt)
             return
         try:
             self.handler(decoded, Delivery(attempt, attempt >= len(self.retry_delays)))
@@ -229,6 +245,7 @@ class Worker(ConsumerMixin):
             routing_key=self.work.retry_name(delay),
             type_=message.properties.get("type"),
             headers={**_own_headers(message), ATTEMPT_HEADER: attempt + 1, ERROR_HEADER: reason},
+            content_type=message.content_type,
         )
         message.ack()
         log.warning("message.retry_scheduled", type=message.properties.get("type"),
@@ -252,6 +269,7 @@ class Worker(ConsumerMixin):
                 ERROR_HEADER: reason[:2000],
                 "x-mailferry-failed-at": datetime.now(UTC).isoformat(),
             },
+            content_type=message.content_type,
         )
         message.ack()
         log.error("message.dead_lettered", type=message.properties.get("type"), reason=reason)

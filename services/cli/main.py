@@ -800,7 +800,7 @@ def dead_letters_list(queue_name: str | None, limit: int, as_json: bool) -> None
     if as_json:
         _json(out)
     else:
-        _table(out, ["queue", "type", "mailbox_id", "failed_at", "attempts", "error"])
+        _table(out, ["queue", "type", "mailbox_id", "failed_at", "attempts", "error", "note"])
 
 
 @dead_letters_group.command("replay")
@@ -822,7 +822,8 @@ def dead_letters_replay(queue_name: str | None, limit: int) -> None:
                     headers = {k: v for k, v in (message.headers or {}).items()
                                if not k.startswith("x-")}
                     publisher.publish_raw(message.body, exchange="", routing_key=work.name,
-                                          type_=message.properties.get("type"), headers=headers)
+                                          type_=message.properties.get("type"), headers=headers,
+                                          content_type=message.properties.get("content_type"))
                     channel.basic_ack(message.delivery_tag)  # only after the broker confirmed
                     replayed += 1
                 channel.close()
@@ -842,10 +843,17 @@ def _drain(channel: Any, queue: str, limit: int) -> list[Any]:
     return out
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _describe_dead_letter(queue: str, message: Any) -> dict[str, Any]:
+    from shared.messages import split_body
+
     headers = message.headers or {}
+    json_part, raw_bytes = split_body(message.body)
     try:
-        body = json.loads(message.body)
+        body = json.loads(json_part)
     except (ValueError, TypeError):
         body = {}
     death = (headers.get("x-death") or [{}])[0]
@@ -858,6 +866,10 @@ def _describe_dead_letter(queue: str, message: Any) -> dict[str, Any]:
         "failed_at": headers.get("x-mailferry-failed-at"),
         "attempts": headers.get("x-mailferry-attempt"),
         "size": len(message.body),
+        # a MessagesFetched body: its JSON part (what a person reads), then the mail itself
+        "json": _cut(json_part.decode("utf-8", "replace") if isinstance(json_part, bytes)
+                     else json_part, 4096),
+        "note": f"+ {raw_bytes} bytes of raw messages" if raw_bytes else "",
     }
 
 

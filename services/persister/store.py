@@ -7,12 +7,14 @@ are inserted in a stable order (sorted by key) so two transactions cannot deadlo
 from __future__ import annotations
 
 import hashlib
+import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from shared.db import Connection, mailbox_lock_key
@@ -359,12 +361,17 @@ def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: 
     with_raw = sorted({m.sha256: m for m in batch if m.sha256 is not None and m.parsed is not None}.values(),
                       key=lambda m: m.sha256 or b"")
     with conn.cursor() as cur:
-        if with_raw:
+        small = [m for m in with_raw if len(m.fetched.raw or b"") < COPY_RAW_FROM]
+        big = [m for m in with_raw if len(m.fetched.raw or b"") >= COPY_RAW_FROM]
+        if small:
             cur.executemany(
                 """INSERT INTO raw_messages (sha256, size, data) VALUES (%b, %s, %b)
                    ON CONFLICT (sha256) DO NOTHING""",
-                [(m.sha256, len(m.fetched.raw or b""), m.fetched.raw) for m in with_raw],
+                [(m.sha256, len(m.fetched.raw or b""), m.fetched.raw) for m in small],
             )
+        if big:
+            _insert_big_raw(cur, big)
+        if with_raw:
             cur.executemany(
                 """INSERT INTO messages (mailbox_id, sha256, size, message_id, subject, from_addr,
                        to_addrs, cc_addrs, bcc_addrs, sent_at, in_reply_to, refs, importance,
@@ -434,6 +441,36 @@ def expunge(conn: Connection, folder: int, uidvalidity: int, uids: Sequence[int]
                   SET expunged_at = COALESCE(message_folders.expunged_at, now())""",
             [(folder, uidvalidity, uid) for uid in sorted(uids)],
         )
+
+
+#: Raw messages from this size on are streamed with COPY rather than sent as a parameter.
+COPY_RAW_FROM = 1024 * 1024
+#: COPY's binary format (PostgreSQL docs, "COPY", File Formats): signature, flags, extension.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+
+
+def _insert_big_raw(cur: psycopg.Cursor[Any], batch: Sequence[Incoming]) -> None:
+    """Insert big raw messages without copying them in the client.
+
+    A bytea parameter goes whole into libpq's output buffer, which grows by doubling and is
+    kept by the connection: an 80 MiB message left the persister 2x its size bigger for
+    good. COPY takes the bytes in chunks straight from the message. It cannot say ON CONFLICT,
+    so the rows land in a temporary table first (a second worker may store the same mail at
+    the same time; the first insert wins, as with the parameter path)."""
+    cur.execute("""CREATE TEMP TABLE IF NOT EXISTS raw_incoming
+                       (sha256 bytea, size bigint, data bytea) ON COMMIT DELETE ROWS""")
+    with cur.copy("COPY raw_incoming (sha256, size, data) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.write(_COPY_HEADER)
+        for m in batch:
+            raw, digest = m.fetched.raw or b"", m.sha256 or b""
+            copy.write(struct.pack("!hi", 3, len(digest)) + digest
+                       + struct.pack("!iqi", 8, len(raw), len(raw)))
+            copy.write(memoryview(raw))  # psycopg sends it in slices of the same buffer
+        copy.write(struct.pack("!h", -1))
+    cur.execute("""INSERT INTO raw_messages (sha256, size, data)
+                   SELECT sha256, size, data FROM raw_incoming ORDER BY sha256
+                   ON CONFLICT (sha256) DO NOTHING""")
+    cur.execute("TRUNCATE raw_incoming")
 
 
 def _message_row(mailbox_id: int, m: Incoming) -> tuple[Any, ...]:

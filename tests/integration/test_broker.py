@@ -120,3 +120,51 @@ def test_a_malformed_message_is_dead_lettered_not_dropped(settings: Settings) ->
     body = dead[0].body
     assert (body.encode() if isinstance(body, str) else body) == b'{"type": "SyncMailbox", "mailbox_id": "x"}'
     assert dead[0].headers[ERROR_HEADER].startswith("malformed message:")
+
+
+def _mail_batch() -> messages.MessagesFetched:
+    raw = b"Subject: x\r\n\r\n" + bytes(range(256)) * 64
+    return messages.MessagesFetched(
+        run_id=uuid.uuid4(), mailbox_id=1, lease_token=1, folder="INBOX", uidvalidity=1,
+        batch_no=0, messages=(messages.FetchedMessage(uid=1, size=len(raw), raw=raw),
+                              messages.FetchedMessage(uid=2, size=3, raw=b"a\r\n")))
+
+
+def test_a_batch_of_mail_keeps_its_bytes_and_content_type_through_retries_and_dead_letters(
+    settings: Settings
+) -> None:
+    event = _mail_batch()
+    seen: list[messages.AnyMessage] = []
+
+    def broken(message: messages.AnyMessage, _: Delivery) -> None:
+        seen.append(message)
+        raise RuntimeError("database away")
+
+    with _worker(settings, broken) as publisher:
+        publisher.publish_raw(messages.encode(event), exchange="", routing_key=topology.FETCHER.name,
+                              type_=event.type, content_type=messages.content_type(event))
+        dead = services.eventually(lambda: _dead_letters(settings), timeout=15)
+    assert seen == [event] * 3
+    [message] = dead
+    assert message.content_type == messages.BLOBS_CONTENT_TYPE
+    assert message.body == messages.encode(event)
+
+
+def test_a_batch_whose_json_part_lies_about_its_bytes_is_dead_lettered_not_a_crash(
+    settings: Settings
+) -> None:
+    body = messages.encode(_mail_batch())
+    handled: list[messages.AnyMessage] = []
+    with _worker(settings, lambda m, _: handled.append(m)) as publisher:
+        for bad in (body[:-1], body + b"x"):  # truncated; bytes nobody claims
+            publisher.publish_raw(bad, exchange="", routing_key=topology.FETCHER.name,
+                                  type_="MessagesFetched",
+                                  content_type=messages.BLOBS_CONTENT_TYPE)
+        dead: list[Any] = []
+        assert services.eventually(lambda: dead.extend(_dead_letters(settings)) or
+                                   len(dead) == 2, timeout=15)
+        publisher.publish(_command())  # the consumer is still there
+        assert services.eventually(lambda: handled, timeout=15)
+    assert [type(m) for m in handled] == [messages.SyncMailbox]
+    assert sorted(m.body for m in dead) == sorted([body[:-1], body + b"x"])
+    assert all(m.headers[ERROR_HEADER].startswith("malformed message: ") for m in dead)

@@ -75,3 +75,31 @@ def test_key_rotation_re_encrypts_every_password_with_the_new_key(
     passwords = [only_new.decrypt(m.password_encrypted)
                  for m in (repository.get_mailbox(conn, i) for i in (1, 2)) if m]
     assert passwords == ["first", "sécond"]
+
+
+def test_a_dead_lettered_batch_of_mail_shows_its_json_part_and_replays_byte_for_byte(
+    env: dict[str, str], settings: Settings
+) -> None:
+    raw = b"Subject: hi\r\n\r\n" + bytes(range(256))  # not text: the body must stay bytes
+    event = messages.MessagesFetched(
+        run_id=uuid.uuid4(), mailbox_id=9, lease_token=1, folder="INBOX", uidvalidity=5,
+        batch_no=0, messages=(messages.FetchedMessage(uid=3, size=len(raw), raw=raw),))
+    publisher = Publisher(settings.broker_url, settings.retry_delays)
+    publisher.publish_raw(messages.encode(event), exchange=topology.DEAD_LETTER.name,
+                          routing_key=topology.PERSISTER.name, type_=event.type,
+                          headers={ERROR_HEADER: "PermanentError: fixed since"},
+                          content_type=messages.content_type(event))
+    publisher.close()
+    listed = services.run_cli(["dead-letters", "list", "--json"], env)
+    assert listed.returncode == 0, listed.stderr
+    [entry] = json.loads(listed.stdout)
+    assert (entry["type"], entry["mailbox_id"]) == ("MessagesFetched", 9)
+    assert entry["note"] == f"+ {len(raw)} bytes of raw messages"
+    assert json.loads(entry["json"])["messages"][0]["raw_length"] == len(raw)
+    result = services.run_cli(["dead-letters", "replay", "--queue", topology.PERSISTER.name], env)
+    assert json.loads(result.stdout) == {"replayed": 1}
+    with connect(settings.broker_url) as conn:
+        replayed = topology.PERSISTER.queue()(conn.default_channel).get(no_ack=True)
+    assert replayed is not None
+    assert replayed.content_type == messages.BLOBS_CONTENT_TYPE
+    assert messages.decode(replayed.body) == event

@@ -179,6 +179,27 @@ def test_a_message_that_cannot_be_parsed_is_stored_with_its_exact_bytes(
     assert "\x00" not in (row["subject"] or "")
 
 
+def test_big_messages_are_streamed_in_exactly_once_beside_small_ones_of_the_same_batch(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    from services.persister.store import COPY_RAW_FROM
+
+    mailbox_id = _mailbox(conn)
+    run_id = _run(conn, mailbox_id)
+    big = b"Subject: big\r\n\r\n" + bytes(range(256)) * (COPY_RAW_FROM // 256 + 1)
+    small = b"Subject: small\r\n\r\nhi\r\n"
+    common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
+    for folder in ("INBOX", "Archive"):  # the second time, the same bytes are known already
+        handle(MessagesFetched(**common, folder=folder, uidvalidity=1, batch_no=0, messages=(
+            FetchedMessage(uid=1, size=len(big), raw=big),
+            FetchedMessage(uid=2, size=len(small), raw=small))), deps)
+    rows = conn.execute("SELECT r.size, r.data, g.subject FROM messages g "
+                        "JOIN raw_messages r USING (sha256) ORDER BY r.size DESC").fetchall()
+    assert [(r["size"], bytes(r["data"]), r["subject"]) for r in rows] == [
+        (len(big), big, "big"), (len(small), small, "small")]
+    assert conn.execute("SELECT count(*) AS n FROM message_folders").fetchone() == {"n": 4}
+
+
 def test_folders_gone_from_the_server_are_deleted_unless_they_hold_synced_mail(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:

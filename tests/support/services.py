@@ -130,6 +130,14 @@ class ServiceProcesses:
         dead = [(n, p.returncode) for n, p in self.processes if p.poll() is not None]
         assert not dead, f"services exited: {dead}\n{self.logs()}"
 
+    def peak_rss(self, service: str, index: int = 0) -> int:
+        """Bytes: the process's resident-set high-water mark (``VmHWM``) so far."""
+        process = [p for name, p in self.processes if name == service][index]
+        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no VmHWM for {service} (pid {process.pid})")
+
     def stop(self) -> None:
         for _, process in self.processes:
             if process.poll() is None:
