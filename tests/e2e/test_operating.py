@@ -200,7 +200,7 @@ def test_a_40_mb_message_arrives_byte_for_byte_beside_small_ones(
     assert listed["big"]["size"] == len(big)
 
 
-def test_an_80_mib_message_costs_the_persister_less_than_6_times_its_size_in_memory(
+def test_an_80_mib_message_costs_the_persister_about_3_times_its_size_in_memory(
     env: dict[str, str], server: Dovecot, processes: services.ServiceProcesses,
     conn: db.Connection, vhost: tuple[str, str],
 ) -> None:
@@ -238,5 +238,7 @@ def test_an_80_mib_message_costs_the_persister_less_than_6_times_its_size_in_mem
     row = conn.execute("SELECT size, md5(data) AS md5 FROM raw_messages WHERE sha256 = %s",
                        (hashlib.sha256(big).digest(),)).fetchone()
     assert row == {"size": len(big), "md5": hashlib.md5(big).hexdigest()}
-    # measured: 5.0x (it was 10.1x with base64 inside JSON); see bench/README.md
-    assert peak["persister"] < 6 * len(big), f"peaks above baseline: {peak}, size {len(big)}"
+    print(f"peaks above baseline: {peak}, size {len(big)}")
+    # measured: see bench/README.md (10.1x with base64 inside JSON and a whole-message parse)
+    assert peak["persister"] < 3.5 * len(big), f"peaks above baseline: {peak}, size {len(big)}"
+    assert peak["fetcher"] < 4 * len(big), f"peaks above baseline: {peak}, size {len(big)}"
