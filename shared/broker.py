@@ -4,14 +4,21 @@ Publishing: persistent messages, publisher confirms (``confirm_publish``), the t
 before the first publish, the message type as the AMQP ``type`` property, the body's format as its
 ``content_type`` (JSON, or JSON followed by raw mail for ``MessagesFetched``: ``shared.messages``).
 
-Consuming (:class:`Worker`): the handler is a plain function; the message is acked only after it
-returns, i.e. after its effect is committed (DESIGN invariant 1). A failure is never acked and
-dropped, and never requeued in a loop:
-- a malformed message or a ``PermanentError``: published to the dead-letter queue with its reason,
-  then acked;
+Publishing is ``mandatory``: a message that no queue takes comes back from RabbitMQ and raises
+:class:`Unroutable` instead of vanishing. One retry policy: a publish that meets a broken
+connection reconnects and tries again, ``PUBLISH_ATTEMPTS`` times in all, then raises
+``BrokerUnavailable``.
+
+Consuming (:class:`Worker`): each service declares a ``HANDLERS`` map from message type to a plain
+function; the message is acked only after it returns, i.e. after its effect is committed (DESIGN
+invariant 1). A failure is never acked and dropped, and never requeued in a loop:
+- a malformed message, a header mailferry cannot read, a type the queue has no handler for, or a
+  ``PermanentError``: published to the dead-letter queue with its reason, then acked;
 - anything else: published to the next retry queue (exponential delays) with the attempt count,
   then acked; after the last delay, dead-lettered;
-- if even that publish fails, the message is left unacked and comes back after a reconnect.
+- when a message will not be tried again (either way), the service's one
+  ``on_retry_exhausted(message, exc)`` hook records what that means (a run closed as failed);
+- if even the republish fails, the message is left unacked and comes back after a reconnect.
 """
 
 from __future__ import annotations
@@ -20,13 +27,13 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from kombu.connection import Connection
+from kombu.exceptions import OperationalError
 from kombu.messaging import Consumer, Producer
 from kombu.mixins import ConsumerMixin
 from kombu.transport.base import Message
@@ -39,7 +46,12 @@ log = structlog.get_logger(__name__)
 
 ATTEMPT_HEADER = "x-mailferry-attempt"
 ERROR_HEADER = "x-mailferry-error"
-RETRY_POLICY = {"max_retries": 5, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0}
+PUBLISH_ATTEMPTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # seconds to wait before each try of a publish
+MAX_ATTEMPT = 1000  # an attempt header beyond this is not ours
+
+
+class Unroutable(PermanentError):
+    """RabbitMQ returned a mandatory message: no queue is bound for its routing key."""
 
 
 def connect(url: str) -> Connection:
@@ -59,20 +71,26 @@ class Publisher:
         self._retry_delays = tuple(retry_delays)
         self._conn: Connection | None = None
         self._producer: Producer | None = None
+        self._returned: str | None = None
 
     def _ensure(self) -> Producer:
+        """The producer, connecting once if needed (no retries here: see ``_publish_raw``)."""
         if self._producer is None or self._conn is None or not self._conn.connected:
             self.close()
             conn = connect(self._url)
             try:
-                conn.ensure_connection(max_retries=3, interval_start=0.5, interval_step=1)
+                conn.connect()
                 topology.declare(conn.default_channel, self._retry_delays)
-            except Exception as exc:
+            except BaseException:
                 conn.release()
-                raise BrokerUnavailable(f"cannot reach RabbitMQ: {exc}") from exc
+                raise
             self._conn = conn
-            self._producer = Producer(conn.default_channel)
+            self._producer = Producer(conn.default_channel, on_return=self._on_return)
         return self._producer
+
+    def _on_return(self, exc: BaseException, exchange: str, routing_key: str,
+                   message: Any) -> None:
+        self._returned = f"{exchange or '(default)'} / {routing_key}: {exc}"
 
     def publish(self, message: messages.AnyMessage) -> None:
         is_command = isinstance(message, messages.SyncMailbox | messages.SyncFolders)
@@ -95,24 +113,30 @@ class Publisher:
         type_: str | None,
         headers: dict[str, Any] | None = None,
         content_type: str | None = None,
+        mandatory: bool = True,
     ) -> None:
         """Publish ``body`` as it is; ``content_type`` defaults to JSON (a republished message
-        passes its own, so a blobs body stays one)."""
+        passes its own, so a blobs body stays one). ``mandatory=False`` only where nobody
+        listening is normal (real-time notifications to people who are offline)."""
         with self._lock:
             self._publish_raw(body, exchange, routing_key, type_, headers,
-                              content_type or messages.JSON_CONTENT_TYPE)
+                              content_type or messages.JSON_CONTENT_TYPE, mandatory)
 
     def _publish_raw(self, body: bytes | str, exchange: str, routing_key: str,
                      type_: str | None, headers: dict[str, Any] | None,
-                     content_type: str) -> None:
+                     content_type: str, mandatory: bool) -> None:
         # "binary": the consumer's AMQP library leaves the body as bytes instead of trying to
         # decode it as text (which would copy it, or mangle it).
         encoding = "utf-8" if content_type == messages.JSON_CONTENT_TYPE else "binary"
-        for attempt in (1, 2):
-            producer = self._ensure()
-            assert self._conn is not None
-            recoverable = (OSError, *self._conn.connection_errors, *self._conn.channel_errors)
+        failure: BaseException | None = None
+        for delay in PUBLISH_ATTEMPTS:
+            time.sleep(delay)
+            recoverable: tuple[type[BaseException], ...] = (
+                OSError, OperationalError, *_transport_errors(self._conn))
             try:
+                producer = self._ensure()
+                assert self._conn is not None
+                self._returned = None
                 producer.publish(
                     body,
                     exchange=exchange,
@@ -122,14 +146,18 @@ class Publisher:
                     content_type=content_type,
                     content_encoding=encoding,
                     delivery_mode=2,
-                    retry=True,
-                    retry_policy=RETRY_POLICY,
+                    mandatory=mandatory,
+                    retry=False,
                 )
-                return
             except recoverable as exc:
                 self.close()
-                if attempt == 2:
-                    raise BrokerUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+                failure = exc
+                log.warning("broker.publish_retrying", error=_one_line(exc), wait=delay)
+                continue
+            if self._returned is not None:
+                raise Unroutable(f"no queue takes {type_ or 'the message'} at {self._returned}")
+            return
+        raise BrokerUnavailable(f"publish to RabbitMQ failed: {failure}") from failure
 
     def close(self) -> None:
         with self._lock:
@@ -140,16 +168,15 @@ class Publisher:
             self._producer = None
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """Which try this is: a handler may act differently on the last one (e.g. record a
-    transient failure as final instead of asking for another retry)."""
-
-    attempt: int  # 0 for the first delivery
-    last: bool  # no retry follows if this one fails
+def _transport_errors(conn: Connection | None) -> tuple[type[BaseException], ...]:
+    if conn is None:
+        return ()
+    return (*conn.connection_errors, *conn.channel_errors)
 
 
-Handler = Callable[[messages.AnyMessage, Delivery], None]
+Handler = Callable[[Any], None]
+Handlers = Mapping[type, Handler]
+RetryExhausted = Callable[[messages.AnyMessage, BaseException], None]
 
 
 class Worker(ConsumerMixin):
@@ -160,11 +187,11 @@ class Worker(ConsumerMixin):
         *,
         url: str,
         work: topology.WorkQueue,
-        handler: Handler,
+        handlers: Handlers,
         publisher: Publisher,
         retry_delays: Sequence[float],
         prefetch: int = 1,
-        on_dead_letter: Callable[[messages.AnyMessage, str], None] | None = None,
+        on_retry_exhausted: RetryExhausted | None = None,
         on_tick: Callable[[], None] | None = None,
         tick_seconds: float = 15.0,
     ) -> None:
@@ -172,9 +199,9 @@ class Worker(ConsumerMixin):
         self.tick_seconds = tick_seconds
         self._next_tick = 0.0
         self.connection = connect(url)
-        self.on_dead_letter = on_dead_letter
+        self.on_retry_exhausted = on_retry_exhausted
         self.work = work
-        self.handler = handler
+        self.handlers = dict(handlers)
         self.publisher = publisher
         self.retry_delays = tuple(retry_delays)
         self.prefetch = prefetch
@@ -206,10 +233,13 @@ class Worker(ConsumerMixin):
         log.warning("broker.connection_lost", error=str(exc), retry_in=interval)
 
     def on_message(self, message: Message) -> None:
-        headers = message.headers or {}
-        attempt = int(headers.get(ATTEMPT_HEADER, 0))
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(**self._base_context)
+        attempt = _attempt(message)
+        if attempt is None:
+            shown = _one_line(ValueError(repr((message.headers or {}).get(ATTEMPT_HEADER))))
+            self._dead_letter(message, f"unreadable header {ATTEMPT_HEADER}: {shown}", 0)
+            return
         try:
             decoded = messages.decode(message.body)
         except (ValidationError, messages.MalformedMessage) as exc:
@@ -221,10 +251,16 @@ class Worker(ConsumerMixin):
             self._dead_letter(message, f"malformed message: {type(exc).__name__}: "
                                        f"{_one_line(exc)}", attempt)
             return
+        handler = self.handlers.get(type(decoded))
+        if handler is None:
+            self._dead_letter(message, f"no handler for {decoded.type} on {self.work.name}",
+                              attempt)
+            return
         try:
-            self.handler(decoded, Delivery(attempt, attempt >= len(self.retry_delays)))
+            handler(decoded)
         except PermanentError as exc:
-            self._dead_letter(message, f"{type(exc).__name__}: {exc}", attempt, decoded)
+            self._dead_letter(message, f"{type(exc).__name__}: {_one_line(exc)}", attempt,
+                              decoded, exc)
         except Exception as exc:
             log.exception("message.failed", type=decoded.type, attempt=attempt)
             self._retry(message, exc, attempt, decoded)
@@ -236,7 +272,7 @@ class Worker(ConsumerMixin):
         reason = f"{type(exc).__name__}: {_one_line(exc)}"
         if attempt >= len(self.retry_delays):
             self._dead_letter(message, f"retries exhausted; last error: {reason}", attempt,
-                              decoded)
+                              decoded, exc)
             return
         delay = self.retry_delays[attempt]
         self.publisher.publish_raw(
@@ -252,10 +288,11 @@ class Worker(ConsumerMixin):
                     attempt=attempt + 1, delay=delay, error=reason)
 
     def _dead_letter(self, message: Message, reason: str, attempt: int,
-                     decoded: messages.AnyMessage | None = None) -> None:
-        if decoded is not None and self.on_dead_letter is not None:
+                     decoded: messages.AnyMessage | None = None,
+                     exc: BaseException | None = None) -> None:
+        if decoded is not None and exc is not None and self.on_retry_exhausted is not None:
             try:
-                self.on_dead_letter(decoded, reason)
+                self.on_retry_exhausted(decoded, exc)
             except Exception:  # reporting must not stop the message reaching the dead letters
                 log.exception("dead_letter.hook_failed")
         self.publisher.publish_raw(
@@ -283,6 +320,19 @@ class Worker(ConsumerMixin):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+
+
+def _attempt(message: Message) -> int | None:
+    """The delivery's try number from our header; None when it is not one (a hand-published
+    message may carry anything there)."""
+    value = (message.headers or {}).get(ATTEMPT_HEADER, 0)
+    if isinstance(value, bool) or not isinstance(value, int | str | bytes):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if 0 <= number <= MAX_ATTEMPT else None
 
 
 def _own_headers(message: Message) -> dict[str, Any]:

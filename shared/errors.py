@@ -7,6 +7,22 @@ report it. Anything else is a bug: it is retried within the budget, then dead-le
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    """Why a run failed, as recorded with it and carried by SyncFailed."""
+
+    AUTH = "auth"  # the server refused the credentials
+    CONNECTION = "connection"  # refused, unreachable, dropped, [UNAVAILABLE]
+    TLS = "tls"
+    PROTOCOL = "protocol"  # a NO/BAD answer, or an answer beyond the limits
+    TIMEOUT = "timeout"  # a deadline passed, or the run was never finished (expired)
+    CONFIG = "config"  # the mailbox's settings cannot work (an internal address, bad values)
+    BROKER = "broker"  # the command never reached RabbitMQ
+    FOLDER = "folder"  # some folders failed, the others were synced
+    INTERNAL = "internal"  # a message was given up on (retries exhausted, a bug)
+
 
 class MailferryError(Exception):
     """Base of every error mailferry raises on purpose; its message is one clear line."""
@@ -39,51 +55,51 @@ class BrokerUnavailable(TransientError):
 class ImapError(MailferryError):
     """Base of IMAP failures; ``kind`` is recorded with the sync run."""
 
-    kind = "protocol"
+    kind: ErrorKind = ErrorKind.PROTOCOL
 
 
 class ImapConnectionError(ImapError, TransientError):
     """Refused, unreachable, timed out, dropped, or [UNAVAILABLE]."""
 
-    kind = "connection"
+    kind = ErrorKind.CONNECTION
 
 
 class ImapTlsError(ImapError, PermanentError):
     """The certificate did not verify, or STARTTLS was configured but not offered."""
 
-    kind = "tls"
+    kind = ErrorKind.TLS
 
 
 class ImapAddressRefused(ImapError, PermanentError):
     """The host resolves to an address mailferry may not connect to (internal networks)."""
 
-    kind = "config"
+    kind = ErrorKind.CONFIG
 
 
 class ImapAuthError(ImapError, PermanentError):
     """The server refused the credentials: they are invalid until someone changes them."""
 
-    kind = "auth"
+    kind = ErrorKind.AUTH
 
 
 class ImapProtocolError(ImapError, TransientError):
     """The server answered NO/BAD to something other than the login."""
 
-    kind = "protocol"
+    kind = ErrorKind.PROTOCOL
 
 
 class ImapTimeout(ImapError, TransientError):
     """A command's answer, or the whole sync attempt, did not complete within its deadline
     (however often bytes trickled in). The connection is closed: its state is unknown."""
 
-    kind = "timeout"
+    kind = ErrorKind.TIMEOUT
 
 
 class ImapLimitExceeded(ImapError, PermanentError):
     """The server sent more than mailferry accepts for one line or one command (counted on the
     bytes received, not on what the server declared). The connection is closed."""
 
-    kind = "protocol"
+    kind = ErrorKind.PROTOCOL
 
 
 class LeaseLost(TransientError):

@@ -27,15 +27,13 @@ from typing import Annotated, Any, ClassVar, Literal
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from shared.errors import PermanentError
+from shared.errors import ErrorKind, PermanentError
 
 JSON_CONTENT_TYPE = "application/json"
 #: JSON metadata, a newline, then the raw message bytes (see the module docstring).
 BLOBS_CONTENT_TYPE = "application/vnd.mailferry.blobs"
 
 FolderType = Literal["inbox", "sent", "drafts", "trash", "spam", "archive", "other"]
-ErrorKind = Literal["auth", "connection", "tls", "protocol", "timeout", "config", "broker", "folder",
-                    "internal"]
 
 
 class _Message(BaseModel):
@@ -55,7 +53,9 @@ class SyncMailbox(_Message):
     run_id: uuid.UUID
     mailbox_id: int
     force: bool = False
-    requested_by: str = "scheduler"
+    # Who asked: scheduler, cli, push, ... A command published by hand without it (the
+    # management UI, another application) is recorded as asked for by "broker".
+    requested_by: str = "broker"
 
 
 class SyncFolders(_Message):
@@ -65,7 +65,7 @@ class SyncFolders(_Message):
     type: Literal["SyncFolders"] = "SyncFolders"
     run_id: uuid.UUID
     mailbox_id: int
-    requested_by: str = "cli"
+    requested_by: str = "broker"
     force: bool = False
 
 

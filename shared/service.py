@@ -9,10 +9,9 @@ from collections.abc import Callable
 import structlog
 
 from shared import db
-from shared.broker import Handler, Publisher, Worker
+from shared.broker import Handlers, Publisher, RetryExhausted, Worker
 from shared.config import Settings
 from shared.logging import configure_logging
-from shared.messages import AnyMessage
 from shared.topology import WorkQueue
 
 log = structlog.get_logger(__name__)
@@ -29,17 +28,17 @@ def start(settings: Settings, service: str) -> None:
     log.info("service.starting", worker=worker_id(service), migrations_applied=applied)
 
 
-def run_worker(settings: Settings, work: WorkQueue, handler: Handler, publisher: Publisher,
-               prefetch: int = 1,
-               on_dead_letter: Callable[[AnyMessage, str], None] | None = None,
+def run_worker(settings: Settings, work: WorkQueue, handlers: Handlers, publisher: Publisher,
+               prefetch: int = 1, on_retry_exhausted: RetryExhausted | None = None,
                on_tick: Callable[[], None] | None = None, tick_seconds: float = 15.0) -> None:
+    """Consume ``work`` with the service's ``HANDLERS`` (bound to their adapters)."""
     worker = Worker(
-        on_dead_letter=on_dead_letter,
+        on_retry_exhausted=on_retry_exhausted,
         on_tick=on_tick,
         tick_seconds=tick_seconds,
         url=settings.broker_url,
         work=work,
-        handler=handler,
+        handlers=handlers,
         publisher=publisher,
         retry_delays=settings.retry_delays,
         prefetch=prefetch,

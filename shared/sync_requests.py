@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from shared import runs
 from shared.db import Connection
 from shared.errors import BrokerUnavailable
 from shared.messages import AnyMessage, SyncFolders, SyncMailbox
@@ -39,12 +40,10 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
         while (requested := _request_one(conn, publish, mailbox_id, requested_by, force,
                                          folders_only)) is None:
             if time.monotonic() > deadline:
-                active = conn.execute(
-                    """SELECT id FROM sync_runs WHERE mailbox_id = %s
-                          AND status IN ('queued', 'running')""", (mailbox_id,)).fetchone()
+                active = runs.active(conn, mailbox_id)
                 if active is None:
                     continue  # it just finished: try again
-                requested = Requested(mailbox_id, active["id"], queued=False)
+                requested = Requested(mailbox_id, active.id, queued=False)
                 break
             time.sleep(0.2)
         out.append(requested)
@@ -54,33 +53,21 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
 def _request_one(conn: Connection, publish: Callable[[AnyMessage], None], mailbox_id: int,
                  requested_by: str, force: bool, folders_only: bool) -> Requested | None:
     """None: a folder-list run is in the way of a mail sync."""
-    run_id = uuid.uuid4()
     with conn.transaction():
-        row = conn.execute(
-            """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by, kind)
-               VALUES (%s, %s, 'queued', %s, %s, %s)
-               ON CONFLICT DO NOTHING RETURNING id""",
-            (run_id, mailbox_id, force, requested_by, "folders" if folders_only else "mailbox"),
-        ).fetchone()
-    if row is None:
-        active = conn.execute(
-            """SELECT id, kind FROM sync_runs WHERE mailbox_id = %s
-                  AND status IN ('queued', 'running')""",
-            (mailbox_id,),
-        ).fetchone()
-        if active is None or (active["kind"] == "folders" and not folders_only):
+        run_id = runs.request(conn, mailbox_id,
+                              kind=runs.RunKind.FOLDERS if folders_only else runs.RunKind.MAILBOX,
+                              force=force, requested_by=requested_by)
+    if run_id is None:
+        active = runs.active(conn, mailbox_id)
+        if active is None or (active.kind == runs.RunKind.FOLDERS and not folders_only):
             return None  # it just finished, or only lists folders: try again
-        return Requested(mailbox_id, active["id"], queued=False)
+        return Requested(mailbox_id, active.id, queued=False)
     try:
         command = SyncFolders if folders_only else SyncMailbox
         publish(command(run_id=run_id, mailbox_id=mailbox_id, force=force,
                         requested_by=requested_by))
     except BrokerUnavailable as exc:
-        conn.execute(
-            """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'broker',
-                      error = %s WHERE id = %s AND status = 'queued'""",
-            (str(exc), run_id),
-        )
+        runs.publish_failed(conn, run_id, str(exc))
         raise
     return Requested(mailbox_id, run_id, queued=True)
 
@@ -103,12 +90,4 @@ def due_mailboxes(conn: Connection, interval_seconds: float) -> list[int]:
 
 
 def expire_stale_runs(conn: Connection, timeout_seconds: float) -> int:
-    rows = conn.execute(
-        """UPDATE sync_runs SET status = 'expired', finished_at = now(), error_kind = 'timeout',
-                  error = 'no result within MAILFERRY_RUN_TIMEOUT'
-            WHERE status IN ('queued', 'running')
-              AND requested_at < now() - make_interval(secs => %s)
-        RETURNING id""",
-        (timeout_seconds,),
-    ).fetchall()
-    return len(rows)
+    return runs.expire(conn, timeout_seconds)

@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 from services.fetcher import lease as leases
 from services.fetcher.planning import Stamp
-from shared import repository
+from shared import repository, runs
 from shared.db import Connection
+from shared.errors import ErrorKind
 from shared.messages import (
     AnyMessage,
-    ErrorKind,
     FolderInfo,
     FolderSelection,
     FoldersListed,
@@ -70,16 +70,11 @@ class Attempt:
     # --- the run's progress, for `sync --wait` (this attempt's only) ---------------------------
 
     def planned(self, folders: int) -> None:
-        self._conn.execute(
-            """UPDATE sync_runs SET progress_token = %s, folders_total = %s, messages_found = 0
-                WHERE id = %s""", (self.stamp.lease_token, folders, self.stamp.run_id))
+        runs.planned(self._conn, self.stamp.run_id, self.stamp.lease_token, folders)
 
     def found(self, count: int) -> None:
         if count:
-            self._conn.execute(
-                """UPDATE sync_runs SET messages_found = messages_found + %s
-                    WHERE id = %s AND progress_token = %s""",
-                (count, self.stamp.run_id, self.stamp.lease_token))
+            runs.found(self._conn, self.stamp.run_id, self.stamp.lease_token, count)
 
     def stored_flags(self, state: repository.FolderState) -> Callable[[int, int, int],
                                                                        dict[int, frozenset[str]]]:

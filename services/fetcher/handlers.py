@@ -14,21 +14,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import cast
 
 import structlog
 
 from services.fetcher import lease as leases
 from services.fetcher import planning
 from services.fetcher.attempt import Attempt, now
-from shared import repository
-from shared.broker import Delivery
+from shared import repository, runs
 from shared.config import Settings
 from shared.crypto import PasswordBox
 from shared.db import Connection
 from shared.domain import first_sync_since, resolve_selection
 from shared.errors import (
     ConfigError,
+    ErrorKind,
     ImapAuthError,
     ImapConnectionError,
     ImapError,
@@ -39,7 +38,6 @@ from shared.messages import (
     AnyMessage,
     CredentialsInvalid,
     CredentialsRestored,
-    ErrorKind,
     SyncFolders,
     SyncMailbox,
 )
@@ -58,11 +56,11 @@ class FetcherDeps:
     today: Callable[[], date] = lambda: datetime.now(UTC).date()
 
 
-def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps,
-                 delivery: Delivery | None = None) -> None:
+def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
     """One attempt at one run. A transient fault (refused, timed out, [UNAVAILABLE], or the
     connection lost in the middle of a folder) is recorded on the run and raised, so the worker
-    retries it after a delay; on the last delivery it is recorded as the run's failure instead.
+    retries it after a delay; when no retry is left, :func:`command_given_up` closes the run. A
+    permanent one (refused credentials, settings that cannot work) is the run's outcome.
     The attempt has a wall-clock deadline: past it, every read fails and the lease lapses."""
     structlog.contextvars.bind_contextvars(mailbox_id=cmd.mailbox_id, run_id=str(cmd.run_id))
     started = time.monotonic()
@@ -73,18 +71,15 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps,
         return
     # A command published by hand straight to the broker has no run yet: register it, unless
     # the mailbox already has a run queued or running (then this command is redundant).
-    conn.execute(
-        """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by, kind)
-           VALUES (%s, %s, 'queued', %s, %s, %s) ON CONFLICT DO NOTHING""",
-        (cmd.run_id, mailbox.id, cmd.force, cmd.requested_by,
-         "folders" if isinstance(cmd, SyncFolders) else "mailbox"),
-    )
-    status = conn.execute("SELECT status FROM sync_runs WHERE id = %s", (cmd.run_id,)).fetchone()
-    if status is None:
+    runs.request(conn, mailbox.id, run_id=cmd.run_id, force=cmd.force,
+                 requested_by=cmd.requested_by,
+                 kind=runs.RunKind.FOLDERS if isinstance(cmd, SyncFolders) else runs.RunKind.MAILBOX)
+    run = runs.get(conn, cmd.run_id)
+    if run is None:
         log.info("sync.skipped", reason="another run of this mailbox is queued or running")
         return
-    if status["status"] not in ("queued", "running"):
-        log.info("sync.skipped", reason=f"run already {status['status']}")
+    if not run.active:
+        log.info("sync.skipped", reason=f"run already {run.status}")
         return
 
     s = deps.settings
@@ -103,19 +98,12 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps,
                 connector.connect()  # a refused login fails here, before anything is published
                 if mailbox.credentials_invalid_at is not None or mailbox.last_error_kind == "auth":
                     deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=now()))
-                totals = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox,
-                                       retry_lost_connection=delivery is not None
-                                       and not delivery.last)
+                totals = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox)
         except (ImapError, ConfigError) as exc:
-            kind = cast(ErrorKind, exc.kind if isinstance(exc, ImapError) else "config")
-            if isinstance(exc, TransientError) and delivery is not None and not delivery.last:
-                conn.execute(
-                    """UPDATE sync_runs SET attempts = attempts + 1, error_kind = %s, error = %s
-                        WHERE id = %s""",
-                    (kind, str(exc), cmd.run_id),
-                )
-                log.warning("sync.retrying", error_kind=kind, error=str(exc),
-                            attempt=delivery.attempt + 1)
+            kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
+            if isinstance(exc, TransientError):
+                runs.retrying(conn, cmd.run_id, kind, str(exc))
+                log.warning("sync.retrying", error_kind=kind, error=str(exc))
                 raise
             attempt.failed(kind, str(exc))
             if isinstance(exc, ImapAuthError):
@@ -129,22 +117,25 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps,
     log.info("sync.fetched", seconds=round(time.monotonic() - started, 3), **totals)
 
 
-def command_dead_lettered(cmd: AnyMessage, reason: str, deps: FetcherDeps) -> None:
-    """A command that will not be retried any more closes its run as failed, so nobody waits on
+def command_given_up(cmd: AnyMessage, exc: BaseException, deps: FetcherDeps) -> None:
+    """A command that will not be tried again closes its run as failed, with the last error (an
+    IMAP fault keeps its kind: the mailbox shows "timeout", not "internal"), so nobody waits on
     it (``sync --wait``) and the scheduler queues the mailbox again at the next interval."""
     if not isinstance(cmd, SyncMailbox | SyncFolders):
         return
-    deps.connection().execute(
-        """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'internal',
-                  error = %s
-            WHERE id = %s AND status IN ('queued', 'running')""",
-        (f"gave up: {reason}"[:2000], cmd.run_id),
-    )
+    kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.INTERNAL
+    runs.fail(deps.connection(), cmd.run_id, cmd.mailbox_id, kind,
+              f"gave up: {type(exc).__name__}: {exc}", now())
+
+
+HANDLERS: dict[type, Callable[..., None]] = {
+    SyncMailbox: sync_mailbox,
+    SyncFolders: sync_mailbox,
+}
 
 
 def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: Attempt,
-                  session: SyncSession, mailbox: repository.Mailbox, *,
-                  retry_lost_connection: bool = False) -> dict[str, int]:
+                  session: SyncSession, mailbox: repository.Mailbox) -> dict[str, int]:
     conn = deps.connection()
     session.extensions()
     states = repository.folder_states(conn, mailbox.id)
@@ -193,10 +184,10 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
         except planning.FolderFailed as failure:
             exc = failure.cause
             connection_gone = not session.connector.usable or isinstance(exc, ImapConnectionError)
-            if connection_gone and isinstance(exc, TransientError) and retry_lost_connection:
+            if connection_gone and isinstance(exc, TransientError):
                 # The connection dropped or timed out mid-folder: a transient fault, so the
                 # attempt is retried after a delay like one before any folder work, rather than
-                # the run failed. On the last delivery the folders are closed with the error.
+                # the run failed.
                 raise exc from failure
             # One bad folder never stalls the mailbox (DESIGN invariant 5): close it with its
             # error (its checkpoint stays) and go on, unless the connection itself is gone:

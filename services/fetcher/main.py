@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from services.fetcher.handlers import FetcherDeps, command_dead_lettered, sync_mailbox
+import functools
+
+from services.fetcher.handlers import HANDLERS, FetcherDeps, command_given_up
 from shared import db, topology
-from shared.broker import Delivery, Publisher
+from shared.broker import Publisher
 from shared.config import Settings
 from shared.crypto import PasswordBox
 from shared.imap import connector_factory
-from shared.messages import AnyMessage, SyncFolders, SyncMailbox
 from shared.service import run_worker, start, worker_id
 
 
@@ -24,9 +25,6 @@ def main(settings: Settings) -> None:
         fetcher_id=worker_id("fetcher"),
     )
 
-    def handle(message: AnyMessage, delivery: Delivery) -> None:
-        if isinstance(message, SyncMailbox | SyncFolders):
-            sync_mailbox(message, deps, delivery)
-
-    run_worker(settings, topology.FETCHER, handle, publisher,
-               on_dead_letter=lambda cmd, reason: command_dead_lettered(cmd, reason, deps))
+    handlers = {kind: functools.partial(handler, deps=deps) for kind, handler in HANDLERS.items()}
+    run_worker(settings, topology.FETCHER, handlers, publisher,
+               on_retry_exhausted=functools.partial(command_given_up, deps=deps))

@@ -23,7 +23,7 @@ import structlog
 
 from shared.db import Connection
 from shared.domain import CREDENTIAL_CAPABILITY
-from shared.messages import AnyMessage, CredentialsInvalid, CredentialsRestored
+from shared.messages import CredentialsInvalid, CredentialsRestored
 from shared.mime import clean_text
 
 log = structlog.get_logger(__name__)
@@ -56,9 +56,9 @@ def recipients(conn: Connection, mailbox_id: int) -> list[dict[str, Any]]:
     ).fetchall()
 
 
-def handle(event: AnyMessage, deps: NotifierDeps) -> None:
-    if not isinstance(event, CredentialsInvalid | CredentialsRestored):
-        return
+def handle(event: CredentialsInvalid | CredentialsRestored, deps: NotifierDeps) -> None:
+    """Tell people once per transition: invalid (owner, or capability holders for a system
+    mailbox) and restored; reminders and channel retries follow from :func:`tick`."""
     structlog.contextvars.bind_contextvars(type=event.type, mailbox_id=event.mailbox_id)
     conn = deps.connection()
     with conn.transaction():
@@ -222,3 +222,9 @@ def _send(deps: NotifierDeps, row: dict[str, Any]) -> None:
             "id": row["notification_id"], "kind": row["kind"], "mailbox_id": row["mailbox_id"],
             "title": row["title"], "body": row["body"], "created_at": row["created_at"],
         })
+
+
+HANDLERS: dict[type, Callable[..., None]] = {
+    CredentialsInvalid: handle,
+    CredentialsRestored: handle,
+}

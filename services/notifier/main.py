@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 from services.notifier.channels import RealtimePublisher, SmtpSender
-from services.notifier.handlers import NotifierDeps, handle, tick
+from services.notifier.handlers import HANDLERS, NotifierDeps, tick
 from shared import db, topology
-from shared.broker import Delivery, Publisher
+from shared.broker import Publisher
 from shared.config import Settings
-from shared.messages import AnyMessage
 from shared.service import run_worker, start
 
 
@@ -25,8 +26,6 @@ def main(settings: Settings) -> None:
         send_realtime=RealtimePublisher(publisher).send if settings.realtime else None,
     )
 
-    def on_event(message: AnyMessage, _delivery: Delivery) -> None:
-        handle(message, deps)
-
-    run_worker(settings, topology.NOTIFIER, on_event, publisher,
+    handlers = {kind: functools.partial(handler, deps=deps) for kind, handler in HANDLERS.items()}
+    run_worker(settings, topology.NOTIFIER, handlers, publisher,
                on_tick=lambda: tick(deps), tick_seconds=settings.notifier_tick)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
+from typing import Any
 
-from services.persister.handlers import PersisterDeps, event_dead_lettered, handle
+from services.persister.handlers import HANDLERS, PersisterDeps, event_given_up
 from services.persister.indexer import Indexer
 from shared import db, topology
-from shared.broker import Delivery, Publisher
+from shared.broker import Publisher
 from shared.config import Settings
-from shared.messages import AnyMessage
 from shared.service import run_worker, start
 
 
@@ -19,16 +21,19 @@ def main(settings: Settings) -> None:
 
     last_event = [0.0]
 
-    def on_event(message: AnyMessage, _delivery: Delivery) -> None:
-        last_event[0] = time.monotonic()
-        handle(message, deps)
+    def busy(handler: Callable[..., None]) -> Callable[[Any], None]:
+        def handle(event: Any) -> None:
+            last_event[0] = time.monotonic()  # the indexer waits for quiet
+            handler(event, deps)
+        return handle
 
     indexer = Indexer(settings.database_url, lambda: last_event[0])
     indexer.start()
     try:
-        run_worker(settings, topology.PERSISTER, on_event,
+        run_worker(settings, topology.PERSISTER,
+                   {kind: busy(handler) for kind, handler in HANDLERS.items()},
                    Publisher(settings.broker_url, settings.retry_delays),
                    prefetch=settings.persister_prefetch,
-                   on_dead_letter=lambda event, reason: event_dead_lettered(event, reason, deps))
+                   on_retry_exhausted=functools.partial(event_given_up, deps=deps))
     finally:
         indexer.stop()

@@ -11,19 +11,17 @@ import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
+from shared import runs
 from shared.db import Connection, mailbox_lock_key
 from shared.domain import enabled_on_discovery
 from shared.imap import decode_folder_name
 from shared.messages import FetchedMessage, FlagChange, FolderInfo, FolderSelection, FolderSynced
 from shared.mime import ParsedMessage, clean_text
-
-ACTIVE = ("queued", "running")
 
 
 def current_token(conn: Connection, mailbox_id: int) -> int | None:
@@ -44,75 +42,22 @@ def initial_folders(conn: Connection, mailbox_id: int) -> list[str] | None:
 # --- runs -------------------------------------------------------------------------------------
 
 
-def run_started(conn: Connection, run_id: uuid.UUID, token: int, started_at: datetime) -> None:
-    conn.execute(
-        """UPDATE sync_runs
-              SET status = 'running', started_at = COALESCE(started_at, %s),
-                  lease_token = GREATEST(COALESCE(lease_token, 0), %s)
-            WHERE id = %s AND status IN ('queued', 'running')""",
-        (started_at, token, run_id),
-    )
-
-
-def run_gave_up(conn: Connection, run_id: uuid.UUID, mailbox_id: int, reason: str) -> None:
-    conn.execute(
-        """UPDATE sync_runs SET status = 'failed', finished_at = now(), error_kind = 'internal',
-                  error = %s
-            WHERE id = %s AND mailbox_id = %s AND status IN ('queued', 'running')""",
-        (clean_text(reason)[:2000], run_id, mailbox_id),
-    )
-
-
 def run_mailbox(conn: Connection, run_id: uuid.UUID) -> int | None:
     """The mailbox a run belongs to (None: no such run)."""
-    row = conn.execute("SELECT mailbox_id FROM sync_runs WHERE id = %s", (run_id,)).fetchone()
-    return None if row is None else int(row["mailbox_id"])
+    run = runs.get(conn, run_id)
+    return None if run is None else run.mailbox_id
 
 
-def run_folders_listed(conn: Connection, run_id: uuid.UUID) -> None:
-    conn.execute("UPDATE sync_runs SET folders_listed = true WHERE id = %s", (run_id,))
+def settle(conn: Connection, mailbox_id: int, run_id: uuid.UUID, token: int,
+           progress: runs.Progress) -> str | None:
+    """Record an event's progress on its run, then close what is complete: folders whose
+    announced batches are all stored (their checkpoint moves), then the run once every folder
+    is closed. Returns the run's final status, if reached.
 
-
-def run_finished(conn: Connection, run_id: uuid.UUID, token: int, folders: int) -> None:
-    conn.execute(
-        """UPDATE sync_runs SET folders_expected = %s, lease_token = GREATEST(lease_token, %s)
-            WHERE id = %s""",
-        (folders, token, run_id),
-    )
-
-
-def run_failed(conn: Connection, run_id: uuid.UUID, mailbox_id: int, kind: str, error: str,
-               at: datetime) -> None:
-    conn.execute(
-        """UPDATE sync_runs SET status = 'failed', error_kind = %s, error = %s, finished_at = %s
-            WHERE id = %s AND status IN ('queued', 'running')""",
-        (kind, clean_text(error), at, run_id),
-    )
-    conn.execute(
-        """UPDATE mailboxes
-              SET last_sync_at = %s, last_sync_status = 'failed', last_error = %s,
-                  last_error_kind = %s,
-                  credentials_invalid_at = CASE WHEN %s::text = 'auth'
-                      THEN COALESCE(credentials_invalid_at, %s) ELSE credentials_invalid_at END
-            WHERE id = %s""",
-        (at, clean_text(error), kind, kind, at, mailbox_id),
-    )
-
-
-def try_complete(conn: Connection, run_id: uuid.UUID, token: int) -> str | None:
-    """Close what is complete: folders whose announced batches are all stored (their checkpoint
-    moves), then the run once every folder is closed. Returns the run's final status, if reached.
-
-    The run row is locked first, so two workers finishing the last pieces at once serialize here
-    and the second one sees the first one's batches.
+    Locks in the one order of ``shared.runs``: the folders to close (by id), then the run row,
+    then (when it finishes) the mailbox. Two workers finishing the last pieces at once serialize
+    on the run row, and the second one sees the first one's batches.
     """
-    run = conn.execute(
-        """SELECT mailbox_id, status, lease_token, folders_listed, folders_expected
-             FROM sync_runs WHERE id = %s FOR UPDATE""",
-        (run_id,),
-    ).fetchone()
-    if run is None or run["status"] not in ACTIVE or run["lease_token"] != token:
-        return None
     pending = conn.execute(
         """SELECT f.folder, f.uidvalidity, f.batches, f.last_uid, f.uidnext, f.highest_modseq,
                   f.error,
@@ -124,16 +69,27 @@ def try_complete(conn: Connection, run_id: uuid.UUID, token: int) -> str | None:
               AND f.batches IS NOT NULL""",
         (run_id, token),
     ).fetchall()
-    for f in pending:
-        if f["stored"] < f["batches"]:
-            continue
-        _advance_folder(conn, run["mailbox_id"], f)
+    closing = [f for f in pending if f["stored"] >= f["batches"]]
+    if closing:
+        conn.execute(
+            """SELECT id FROM folders WHERE mailbox_id = %s AND raw_name = ANY(%s)
+                ORDER BY id FOR UPDATE""",
+            (mailbox_id, [f["folder"] for f in closing]),
+        )
+    run = runs.lock(conn, run_id)
+    if run is None:
+        return None
+    run = runs.record(conn, run, progress)
+    if not run.active or run.lease_token != token:
+        return None
+    for f in closing:
+        _advance_folder(conn, run.mailbox_id, f)
         conn.execute(
             """UPDATE sync_folders SET completed = true
                 WHERE run_id = %s AND lease_token = %s AND folder = %s""",
             (run_id, token, f["folder"]),
         )
-    if run["folders_expected"] is None or not run["folders_listed"]:
+    if run.folders_expected is None or not run.folders_listed:
         return None
     done = conn.execute(
         """SELECT count(*) AS n, count(error) AS failed,
@@ -142,25 +98,11 @@ def try_complete(conn: Connection, run_id: uuid.UUID, token: int) -> str | None:
         (run_id, token),
     ).fetchone()
     assert done is not None
-    if done["n"] < run["folders_expected"]:
+    if done["n"] < run.folders_expected:
         return None
-    status = "failed" if done["failed"] else "done"
     error = (f"{done['failed']} of {done['n']} folders failed: {done['errors']}"
              if done["failed"] else None)
-    conn.execute(
-        """UPDATE sync_runs SET status = %s, finished_at = now(), error = %s,
-                  error_kind = CASE WHEN %s::text IS NULL THEN NULL ELSE 'folder' END
-            WHERE id = %s""",
-        (status, error, error, run_id),
-    )
-    conn.execute(
-        """UPDATE mailboxes SET last_sync_at = now(), last_sync_status = %s, last_error = %s,
-                  last_error_kind = CASE WHEN %s::text IS NULL THEN NULL ELSE 'folder' END,
-                  credentials_invalid_at = NULL
-            WHERE id = %s""",
-        (status, error, error, run["mailbox_id"]),
-    )
-    return status
+    return runs.finish(conn, run, error)
 
 
 def _advance_folder(conn: Connection, mailbox_id: int, f: dict[str, Any]) -> None:
@@ -486,12 +428,10 @@ def _message_row(mailbox_id: int, m: Incoming) -> tuple[Any, ...]:
 
 def batch_stored(conn: Connection, run_id: uuid.UUID, token: int, folder: str, batch_no: int,
                  count: int) -> bool:
+    """Record a stored batch; False when it was stored before (a redelivery)."""
     row = conn.execute(
         """INSERT INTO sync_batches (run_id, lease_token, folder, batch_no, messages)
            VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING batch_no""",
         (run_id, token, folder, batch_no, count),
     ).fetchone()
-    if row is not None:
-        conn.execute("UPDATE sync_runs SET messages_stored = messages_stored + %s WHERE id = %s",
-                     (count, run_id))
     return row is not None

@@ -9,8 +9,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
 from shared import messages, topology
-from shared.broker import ERROR_HEADER, Delivery, Publisher, Worker, connect
+from shared.broker import ATTEMPT_HEADER, ERROR_HEADER, Publisher, Unroutable, Worker, connect
 from shared.config import Settings
 from shared.errors import PermanentError
 from tests.support import services
@@ -23,11 +25,17 @@ def _command() -> messages.SyncMailbox:
 
 
 @contextmanager
-def _worker(settings: Settings,
-            handler: Callable[[messages.AnyMessage, Delivery], None]) -> Iterator[Publisher]:
+def _worker(settings: Settings, handler: Callable[[Any], None],
+            exhausted: list[tuple[messages.AnyMessage, BaseException]] | None = None,
+            ) -> Iterator[Publisher]:
+    """A fetcher-queue worker whose HANDLERS send SyncMailbox and MessagesFetched to
+    ``handler``; SyncFolders has no handler."""
     publisher = Publisher(settings.broker_url, DELAYS)
-    worker = Worker(url=settings.broker_url, work=topology.FETCHER, handler=handler,
-                    publisher=publisher, retry_delays=DELAYS)
+    worker = Worker(url=settings.broker_url, work=topology.FETCHER,
+                    handlers={messages.SyncMailbox: handler, messages.MessagesFetched: handler},
+                    publisher=publisher, retry_delays=DELAYS,
+                    on_retry_exhausted=(lambda m, e: exhausted.append((m, e)))
+                    if exhausted is not None else None)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
@@ -51,7 +59,7 @@ def test_a_handled_message_is_acked_and_leaves_the_queue(settings: Settings, vho
                                                          ) -> None:
     seen: list[messages.AnyMessage] = []
     command = _command()
-    with _worker(settings, lambda m, _: seen.append(m)) as publisher:
+    with _worker(settings, lambda m: seen.append(m)) as publisher:
         publisher.publish(command)
         assert services.eventually(lambda: seen)
     assert seen == [command]
@@ -67,7 +75,7 @@ def test_a_transient_failure_is_retried_after_a_delay_and_then_succeeds(
 ) -> None:
     attempts: list[messages.AnyMessage] = []
 
-    def flaky(message: messages.AnyMessage, _: Delivery) -> None:
+    def flaky(message: messages.AnyMessage) -> None:
         attempts.append(message)
         if len(attempts) < 3:
             raise ConnectionError("server away")
@@ -81,15 +89,18 @@ def test_a_transient_failure_is_retried_after_a_delay_and_then_succeeds(
 
 def test_a_message_that_keeps_failing_is_dead_lettered_with_its_reason(settings: Settings) -> None:
     calls: list[int] = []
+    exhausted: list[tuple[messages.AnyMessage, BaseException]] = []
+    command = _command()
 
-    def broken(_: messages.AnyMessage, delivery: Delivery) -> None:
-        calls.append(delivery.attempt)
+    def broken(_: messages.AnyMessage) -> None:
+        calls.append(1)
         raise RuntimeError("cannot do it")
 
-    with _worker(settings, broken) as publisher:
-        publisher.publish(_command())
+    with _worker(settings, broken, exhausted) as publisher:
+        publisher.publish(command)
         dead = services.eventually(lambda: _dead_letters(settings), timeout=15)
-    assert calls == [0, 1, 2]  # the last one knew it was the last
+    assert len(calls) == 3  # the first try and two retries
+    assert [(m, str(e)) for m, e in exhausted] == [(command, "cannot do it")]  # the one hook
     [message] = dead
     assert message.headers[ERROR_HEADER] == "retries exhausted; last error: RuntimeError: cannot do it"
     assert message.properties["type"] == "SyncMailbox"
@@ -98,7 +109,7 @@ def test_a_message_that_keeps_failing_is_dead_lettered_with_its_reason(settings:
 def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> None:
     calls: list[int] = []
 
-    def refuses(_: messages.AnyMessage, __: Delivery) -> None:
+    def refuses(_: messages.AnyMessage) -> None:
         calls.append(1)
         raise PermanentError("mailbox settings are wrong")
 
@@ -111,7 +122,7 @@ def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> Non
 
 def test_a_malformed_message_is_dead_lettered_not_dropped(settings: Settings) -> None:
     handled: list[messages.AnyMessage] = []
-    with _worker(settings, lambda m, _: handled.append(m)) as publisher:
+    with _worker(settings, lambda m: handled.append(m)) as publisher:
         publisher.publish_raw(b'{"type": "SyncMailbox", "mailbox_id": "x"}',
                               exchange=topology.COMMANDS.name, routing_key="sync-mailbox",
                               type_="SyncMailbox")
@@ -136,7 +147,7 @@ def test_a_batch_of_mail_keeps_its_bytes_and_content_type_through_retries_and_de
     event = _mail_batch()
     seen: list[messages.AnyMessage] = []
 
-    def broken(message: messages.AnyMessage, _: Delivery) -> None:
+    def broken(message: messages.AnyMessage) -> None:
         seen.append(message)
         raise RuntimeError("database away")
 
@@ -155,7 +166,7 @@ def test_a_batch_whose_json_part_lies_about_its_bytes_is_dead_lettered_not_a_cra
 ) -> None:
     body = messages.encode(_mail_batch())
     handled: list[messages.AnyMessage] = []
-    with _worker(settings, lambda m, _: handled.append(m)) as publisher:
+    with _worker(settings, lambda m: handled.append(m)) as publisher:
         for bad in (body[:-1], body + b"x"):  # truncated; bytes nobody claims
             publisher.publish_raw(bad, exchange="", routing_key=topology.FETCHER.name,
                                   type_="MessagesFetched",
@@ -168,3 +179,54 @@ def test_a_batch_whose_json_part_lies_about_its_bytes_is_dead_lettered_not_a_cra
     assert [type(m) for m in handled] == [messages.SyncMailbox]
     assert sorted(m.body for m in dead) == sorted([body[:-1], body + b"x"])
     assert all(m.headers[ERROR_HEADER].startswith("malformed message: ") for m in dead)
+
+
+def test_a_type_the_queue_has_no_handler_for_is_dead_lettered_never_silently_acked(
+    settings: Settings
+) -> None:
+    handled: list[messages.AnyMessage] = []
+    stray = messages.SyncFolders(run_id=uuid.uuid4(), mailbox_id=1)
+    with _worker(settings, handled.append) as publisher:
+        publisher.publish(stray)
+        dead = services.eventually(lambda: _dead_letters(settings), timeout=15)
+    assert handled == []
+    assert dead[0].headers[ERROR_HEADER] == (
+        f"no handler for SyncFolders on {topology.FETCHER.name}")
+
+
+def test_an_unreadable_attempt_header_dead_letters_that_message_and_the_consumer_lives_on(
+    settings: Settings
+) -> None:
+    handled: list[messages.AnyMessage] = []
+    command = _command()
+    with _worker(settings, handled.append) as publisher:
+        for bad in ("abc", -1, 10**12, 1.5, [1]):
+            publisher.publish_raw(messages.encode(command), exchange=topology.COMMANDS.name,
+                                  routing_key="sync-mailbox", type_="SyncMailbox",
+                                  headers={ATTEMPT_HEADER: bad})
+        dead: list[Any] = []
+        assert services.eventually(lambda: dead.extend(_dead_letters(settings)) or
+                                   len(dead) == 5, timeout=15)
+        publisher.publish(command)  # and the consumer is still there
+        assert services.eventually(lambda: handled, timeout=15)
+    assert handled == [command]
+    assert all(m.headers[ERROR_HEADER].startswith(f"unreadable header {ATTEMPT_HEADER}: ")
+               for m in dead)
+
+
+def test_a_publish_that_no_queue_takes_raises_instead_of_vanishing(settings: Settings) -> None:
+    publisher = Publisher(settings.broker_url, DELAYS)
+    try:
+        with pytest.raises(Unroutable, match="no queue takes SyncMailbox"):
+            publisher.publish_raw(messages.encode(_command()), exchange=topology.COMMANDS.name,
+                                  routing_key="no-such-route", type_="SyncMailbox")
+        publisher.publish(_command())  # the publisher still works afterwards
+    finally:
+        publisher.close()
+
+
+def test_a_command_published_by_hand_without_requested_by_says_broker() -> None:
+    decoded = messages.decode(f'{{"type": "SyncMailbox", "run_id": "{uuid.uuid4()}", '
+                              '"mailbox_id": 7}'.encode())
+    assert isinstance(decoded, messages.SyncMailbox)
+    assert decoded.requested_by == "broker"

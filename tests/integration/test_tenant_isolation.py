@@ -26,7 +26,7 @@ from cryptography.fernet import Fernet
 from services.notifier.handlers import NotifierDeps
 from services.notifier.handlers import handle as notify
 from services.persister import store
-from services.persister.handlers import PersisterDeps, event_dead_lettered
+from services.persister.handlers import PersisterDeps, event_given_up
 from services.persister.handlers import handle as persist
 from shared import db, repository
 from shared.domain import CREDENTIAL_CAPABILITY
@@ -327,9 +327,9 @@ def test_an_event_naming_another_mailboxs_run_touches_neither_run_nor_store(
         uidvalidity=1, batch_no=0,
         messages=(FetchedMessage(uid=999, internal_date=NOW, size=len(SAME), raw=SAME),))
     stored_before = conn.execute("SELECT count(*) AS n FROM message_folders").fetchone()
-    with pytest.raises(PermanentError, match="belongs to mailbox"):
+    with pytest.raises(PermanentError, match="belongs to mailbox") as refused:
         persist(forged, w.deps)
-    event_dead_lettered(forged, "PermanentError: run belongs to another mailbox", w.deps)
+    event_given_up(forged, refused.value, w.deps)
     run = conn.execute("SELECT status, messages_stored, error FROM sync_runs WHERE id = %s",
                        (bob_run,)).fetchone()
     assert run == {"status": "queued", "messages_stored": 0, "error": None}

@@ -1,0 +1,232 @@
+"""The sync run's life cycle: the one module that writes ``sync_runs``.
+
+::
+
+    request ──> queued ──record(started)──> running ──finish──> done | failed
+                  │                  └──fail / give_up──> failed
+                  └──────────expire (MAILFERRY_RUN_TIMEOUT)──> expired
+
+A run is what someone asked for (the scheduler, an operator, a push); attempts at it are fetcher
+deliveries, each with its fencing token (``lease_token``): only the newest attempt's events move
+the run. Every transition is one function here, over :class:`RunStatus` and ``ErrorKind``; the
+fetcher, the persister, the scheduler and the CLI call them and write the table nowhere else
+(``tests/unit/test_runs.py`` fails if they do).
+
+Lock order, kept by every persister transaction that touches a run: folder rows (by id), then the
+run row (:func:`lock`), then the mailbox row. One order for every event of a run, so persisters
+applying events of one run never deadlock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from shared.db import Connection
+from shared.errors import ErrorKind
+from shared.mime import clean_text
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+class RunKind(StrEnum):
+    MAILBOX = "mailbox"  # folders and mail
+    FOLDERS = "folders"  # the folder list only (a selection changed)
+
+
+ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
+_ACTIVE = [str(s) for s in ACTIVE]
+
+
+@dataclass(frozen=True)
+class Run:
+    id: uuid.UUID
+    mailbox_id: int
+    status: RunStatus
+    kind: RunKind
+    lease_token: int | None
+    folders_listed: bool
+    folders_expected: int | None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+_COLUMNS = "id, mailbox_id, status, kind, lease_token, folders_listed, folders_expected"
+
+
+def _run(row: dict[str, Any] | None) -> Run | None:
+    if row is None:
+        return None
+    return Run(id=row["id"], mailbox_id=int(row["mailbox_id"]), status=RunStatus(row["status"]),
+               kind=RunKind(row["kind"]), lease_token=row["lease_token"],
+               folders_listed=row["folders_listed"], folders_expected=row["folders_expected"])
+
+
+# --- reads --------------------------------------------------------------------------------------
+
+
+def get(conn: Connection, run_id: uuid.UUID) -> Run | None:
+    return _run(conn.execute(f"SELECT {_COLUMNS} FROM sync_runs WHERE id = %s",
+                             (run_id,)).fetchone())
+
+
+def active(conn: Connection, mailbox_id: int) -> Run | None:
+    """The mailbox's queued or running run (at most one: a partial unique index)."""
+    return _run(conn.execute(
+        f"SELECT {_COLUMNS} FROM sync_runs WHERE mailbox_id = %s AND status = ANY(%s)",
+        (mailbox_id, _ACTIVE)).fetchone())
+
+
+def lock(conn: Connection, run_id: uuid.UUID) -> Run | None:
+    """The run, locked for the rest of the transaction. Take folder locks before this one."""
+    return _run(conn.execute(f"SELECT {_COLUMNS} FROM sync_runs WHERE id = %s FOR UPDATE",
+                             (run_id,)).fetchone())
+
+
+# --- transitions --------------------------------------------------------------------------------
+
+
+def request(conn: Connection, mailbox_id: int, *, kind: RunKind, force: bool,
+            requested_by: str, run_id: uuid.UUID | None = None) -> uuid.UUID | None:
+    """Queue a run; None when the mailbox already has one queued or running."""
+    row = conn.execute(
+        """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by, kind)
+           VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING id""",
+        (run_id or uuid.uuid4(), mailbox_id, RunStatus.QUEUED, force, requested_by, kind),
+    ).fetchone()
+    return None if row is None else uuid.UUID(str(row["id"]))
+
+
+def publish_failed(conn: Connection, run_id: uuid.UUID, error: str) -> None:
+    """The run's command never reached the broker: nobody will work on it."""
+    _close(conn, run_id, RunStatus.FAILED, ErrorKind.BROKER, error)
+
+
+def retrying(conn: Connection, run_id: uuid.UUID, kind: ErrorKind, error: str) -> None:
+    """An attempt failed in a way a later one may not (the server away, a timeout)."""
+    conn.execute(
+        """UPDATE sync_runs SET attempts = attempts + 1, error_kind = %s, error = %s
+            WHERE id = %s AND status = ANY(%s)""",
+        (kind, clean_text(error)[:2000], run_id, _ACTIVE),
+    )
+
+
+def planned(conn: Connection, run_id: uuid.UUID, token: int, folders: int) -> None:
+    """The attempt's plan, for `sync --wait`'s progress: the folders it will sync."""
+    conn.execute(
+        """UPDATE sync_runs SET progress_token = %s, folders_total = %s, messages_found = 0
+            WHERE id = %s""", (token, folders, run_id))
+
+
+def found(conn: Connection, run_id: uuid.UUID, token: int, messages: int) -> None:
+    """Messages the attempt found to fetch (progress); another attempt's count is left alone."""
+    conn.execute(
+        """UPDATE sync_runs SET messages_found = messages_found + %s
+            WHERE id = %s AND progress_token = %s""", (messages, run_id, token))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What one stored event tells its run."""
+
+    started_at: datetime | None = None  # SyncStarted: the attempt ``token`` began
+    folders_listed: bool = False
+    folders_expected: int | None = None  # SyncFinished: how many folders the attempt closed
+    token: int | None = None  # ... and whose attempt that was
+    messages_stored: int = 0
+
+
+def record(conn: Connection, run: Run, progress: Progress) -> Run:
+    """Apply an event's progress to a locked run; returns the run as it now is."""
+    if progress == Progress():
+        return run
+    started = progress.started_at is not None
+    updated = _run(conn.execute(
+        f"""UPDATE sync_runs
+               SET status = CASE WHEN %s AND status = ANY(%s) THEN %s ELSE status END,
+                   started_at = COALESCE(started_at, %s),
+                   folders_listed = folders_listed OR %s,
+                   folders_expected = COALESCE(%s, folders_expected),
+                   lease_token = GREATEST(lease_token, %s),
+                   messages_stored = messages_stored + %s
+             WHERE id = %s RETURNING {_COLUMNS}""",
+        (started, _ACTIVE, RunStatus.RUNNING, progress.started_at,
+         progress.folders_listed, progress.folders_expected, progress.token,
+         progress.messages_stored, run.id)).fetchone())
+    assert updated is not None
+    return updated
+
+
+def finish(conn: Connection, run: Run, error: str | None) -> RunStatus:
+    """Every folder of the attempt is closed: done, or failed naming the folders that failed.
+    The mailbox's last sync follows; a completed attempt proves the credentials work."""
+    status = RunStatus.FAILED if error else RunStatus.DONE
+    kind = ErrorKind.FOLDER if error else None
+    _close(conn, run.id, status, kind, error)
+    conn.execute(
+        """UPDATE mailboxes SET last_sync_at = now(), last_sync_status = %s, last_error = %s,
+                  last_error_kind = %s, credentials_invalid_at = NULL
+            WHERE id = %s""",
+        (status, error, kind, run.mailbox_id),
+    )
+    return status
+
+
+def fail(conn: Connection, run_id: uuid.UUID, mailbox_id: int, kind: ErrorKind, error: str,
+         at: datetime) -> None:
+    """The attempt failed as a whole (SyncFailed); refused credentials mark the mailbox."""
+    _close(conn, run_id, RunStatus.FAILED, kind, error, at)
+    conn.execute(
+        """UPDATE mailboxes
+              SET last_sync_at = %s, last_sync_status = %s, last_error = %s,
+                  last_error_kind = %s,
+                  credentials_invalid_at = CASE WHEN %s THEN COALESCE(credentials_invalid_at, %s)
+                      ELSE credentials_invalid_at END
+            WHERE id = %s""",
+        (at, RunStatus.FAILED, clean_text(error), kind, kind == ErrorKind.AUTH, at, mailbox_id),
+    )
+
+
+def give_up(conn: Connection, run_id: uuid.UUID, mailbox_id: int, reason: str,
+            kind: ErrorKind = ErrorKind.INTERNAL) -> None:
+    """A message of the run will not be processed any more (retries exhausted, or it can never
+    succeed): the run can no longer complete, so it is closed as failed. Keyed by run and
+    mailbox, so a message naming another mailbox's run cannot fail that run."""
+    conn.execute(
+        """UPDATE sync_runs SET status = %s, finished_at = now(), error_kind = %s, error = %s
+            WHERE id = %s AND mailbox_id = %s AND status = ANY(%s)""",
+        (RunStatus.FAILED, kind, clean_text(reason)[:2000], run_id, mailbox_id, _ACTIVE),
+    )
+
+
+def expire(conn: Connection, timeout_seconds: float) -> int:
+    """Runs still active after ``timeout_seconds`` (a lost command, a crashed publisher)."""
+    rows = conn.execute(
+        """UPDATE sync_runs SET status = %s, finished_at = now(), error_kind = %s,
+                  error = 'no result within MAILFERRY_RUN_TIMEOUT'
+            WHERE status = ANY(%s) AND requested_at < now() - make_interval(secs => %s)
+        RETURNING id""",
+        (RunStatus.EXPIRED, ErrorKind.TIMEOUT, _ACTIVE, timeout_seconds),
+    ).fetchall()
+    return len(rows)
+
+
+def _close(conn: Connection, run_id: uuid.UUID, status: RunStatus, kind: ErrorKind | None,
+           error: str | None, at: datetime | None = None) -> None:
+    conn.execute(
+        """UPDATE sync_runs SET status = %s, finished_at = COALESCE(%s, now()), error_kind = %s,
+                  error = %s
+            WHERE id = %s AND status = ANY(%s)""",
+        (status, at, kind, clean_text(error)[:2000] if error else None, run_id, _ACTIVE),
+    )
