@@ -27,8 +27,9 @@ EVENTS = Exchange("mailferry.events", type="topic", durable=True)
 DEAD_LETTER = Exchange("mailferry.dead-letter", type="direct", durable=True)
 DEFAULT = Exchange("", type="direct")  # routes by queue name: retries and replays
 # Real-time notifications for people, routing key ``user.<user id>``: a browser subscribes to
-# its own key through Web-STOMP (``/exchange/mailferry.notifications/user.42``); RabbitMQ topic
-# permissions keep each user to their own key (see the README).
+# its own key through Web-STOMP (``/exchange/mailferry.notifications/user.42``, header
+# ``x-queue-name: user-42-<tab>``); RabbitMQ permissions keep each person to queues named
+# ``user-<id>-...`` and topic permissions to their own key (see the README).
 NOTIFICATIONS = Exchange("mailferry.notifications", type="topic", durable=True)
 
 DELIVERY_LIMIT = 10
