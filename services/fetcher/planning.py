@@ -231,7 +231,10 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
     expunges), then new UIDs, window by window. Every event is numbered; FolderSynced says how
     many there were. Raises ``FolderFailed`` when the server fails mid-folder."""
     totals = FolderTotals()
-    status = session.select(folder)
+    try:
+        status = session.select(folder)  # a folder the server will not open fails alone
+    except ImapError as exc:
+        raise FolderFailed(exc, 0) from exc
 
     def publish(message: FlagsChanged | MessagesExpunged | MessagesFetched) -> None:
         job.publish(message)

@@ -71,4 +71,7 @@ class RealtimePublisher:
             exchange=topology.NOTIFICATIONS.name,
             routing_key=topology.user_routing_key(user_id),
             type_="Notification",
+            # Nobody subscribed (the person is offline) is normal: the login inbox and email
+            # carry the notification anyway.
+            mandatory=False,
         )

@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime
 import pytest
 
 from services.fetcher import planning
-from shared.errors import ImapConnectionError
+from shared.errors import ImapConnectionError, ImapProtocolError
 from shared.imap.manager import FolderStatus
 from shared.imap.sync import Body, Extensions, FlagState, MessageMeta, Ranges, uid_windows
 from shared.messages import (
@@ -51,6 +51,8 @@ class FakeSession:
 
     def select(self, folder: FolderInfo) -> FolderStatus:
         self.calls.append("select")
+        if self.fail_on == "select":
+            raise ImapProtocolError("imap.example.com:993 Gone: NO [NONEXISTENT] no such folder")
         top = max(self.uids, default=0)
         return FolderStatus(uidvalidity=self.generation,
                             uidnext=self.uidnext if self.uidnext is not None else top + 1,
@@ -224,3 +226,10 @@ def test_a_rename_that_two_folders_could_be_is_not_guessed() -> None:
     folders, renamed = planning.detect_renames(session, listed, states, lambda _s: ["a"])
     assert renamed == set()
     assert all(f.renamed_from is None for f in folders)
+
+
+def test_a_folder_the_server_will_not_open_fails_alone_with_no_event_out() -> None:
+    session = FakeSession(uids={1: 5}, fail_on="select")
+    with pytest.raises(planning.FolderFailed) as failure:
+        planning.sync_folder(session, INBOX, None, _job([]))
+    assert (failure.value.kind, failure.value.events) == ("protocol", 0)
