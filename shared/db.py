@@ -9,8 +9,6 @@ database locked (yoyo's own lock row can go stale that way, so it is cleared und
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +41,6 @@ def connect(url: str, *, autocommit: bool = False) -> Connection:
                               "check MAILFERRY_DATABASE_URL (create the database with "
                               "`createdb` first)") from exc
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {reason}") from exc
-
-
-@contextmanager
-def transaction(conn: Connection) -> Iterator[Connection]:
-    """Commit on success, roll back on any exception: nothing is half-written."""
-    with conn.transaction():
-        yield conn
 
 
 class Reconnecting:
@@ -99,14 +90,6 @@ def migrate_when_ready(url: str, timeout: float = 120.0) -> list[str]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
-
-
-def pending_migrations(url: str) -> list[str]:
-    backend = get_backend(_yoyo_url(url))
-    try:
-        return [m.id for m in backend.to_apply(read_migrations(str(MIGRATIONS)))]
-    finally:
-        backend.connection.close()
 
 
 def _yoyo_url(url: str) -> str:

@@ -13,8 +13,6 @@ from shared import db
 from shared.config import Settings
 from tests.support import services
 
-_TEMPLATE: list[str] = []
-
 
 @pytest.fixture(scope="session")
 def migrated_template() -> Iterator[str]:

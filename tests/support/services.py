@@ -31,7 +31,6 @@ RABBIT_API = os.environ.get("MAILFERRY_TEST_RABBIT_API", "http://127.0.0.1:15672
 RABBIT_USER = os.environ.get("MAILFERRY_TEST_RABBIT_USER", "guest")
 RABBIT_PASSWORD = os.environ.get("MAILFERRY_TEST_RABBIT_PASSWORD", "guest")
 REPO = Path(__file__).resolve().parents[2]
-CORPUS = REPO.parent / "shared" / "corpus"
 T = TypeVar("T")
 
 

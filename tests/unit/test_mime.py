@@ -13,7 +13,6 @@ Three kinds of evidence, because the parser's promise is about *any* input:
 from __future__ import annotations
 
 import base64
-import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -27,36 +26,19 @@ from pydantic import ValidationError
 
 import shared.mime
 from shared.mime import MAX_PARTS, Attachment, ParsedMessage, clean_text, parse_message
-
-CORPUS = Path(__file__).parents[2].parent / "shared" / "corpus"
-#: Corpus files that hold messages: single messages (.eml, MimeKit's .txt) and mboxes.
-MESSAGE_SUFFIXES = {".eml", ".txt", ".mbox"}
-
-
-def corpus_files() -> list[Path]:
-    """Every message file of the corpus (README, LICENSE and the empty sample are not)."""
-    if not CORPUS.is_dir():
-        return []
-    return sorted(p for p in CORPUS.rglob("*") if p.is_file() and p.suffix in MESSAGE_SUFFIXES)
-
-
-def split_mbox(data: bytes) -> list[bytes]:
-    """Split an mbox on its ``From `` separator lines, keeping each separator line.
-
-    ``unmunged.mbox`` deliberately has unescaped "From " lines in bodies, so some pieces
-    are message fragments: exactly the kind of input the parser must survive.
-    """
-    return [chunk for chunk in re.split(rb"\n(?=From )", data) if chunk.strip()]
-
-
-def messages_in(path: Path) -> list[bytes]:
-    """The raw messages held by one corpus file."""
-    data = path.read_bytes()
-    return split_mbox(data) if path.suffix == ".mbox" else [data]
+from tests.support.corpus import (
+    CORPUS,
+    corpus_files,
+    file_params,
+    messages_in,
+    needs_corpus,
+    require,
+)
 
 
 def corpus_message(relative: str) -> ParsedMessage:
     """Parse one corpus file given by its path relative to the corpus root."""
+    require()
     path = CORPUS / relative
     if not path.is_file():
         pytest.skip(f"corpus file {relative} not present")
@@ -102,14 +84,13 @@ def mime(*headers: str, body: bytes = b"hello\r\n") -> bytes:
 # --------------------------------------------------------------------------- corpus
 
 
+@needs_corpus
 def test_the_real_world_corpus_is_present() -> None:
     """Guards the parametrised corpus tests below against silently collecting nothing."""
     assert len(corpus_files()) > 100, f"corpus missing or incomplete at {CORPUS}"
 
 
-@pytest.mark.parametrize(
-    "path", corpus_files(), ids=lambda p: str(p.relative_to(CORPUS)) if CORPUS in p.parents else p
-)
+@pytest.mark.parametrize("path", file_params())
 def test_every_corpus_message_parses_without_raising_into_postgres_safe_text(path: Path) -> None:
     for raw in messages_in(path):
         parsed = parse_message(raw)
@@ -788,9 +769,8 @@ _FRAGMENTS = [
 @settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_damaged_corpus_messages_never_raise(data: st.DataObject) -> None:
+    require()
     files = [p for p in corpus_files() if p.suffix != ".mbox" and p.stat().st_size < 50_000]
-    if not files:
-        pytest.skip("corpus not present")
     raw = bytearray(data.draw(st.sampled_from(files)).read_bytes())
     for _ in range(data.draw(st.integers(1, 5))):
         position = data.draw(st.integers(0, len(raw)))

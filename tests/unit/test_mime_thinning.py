@@ -13,7 +13,7 @@ import pytest
 
 import shared.mime
 from shared.mime import parse_message
-from tests.unit.test_mime import corpus_files, messages_in
+from tests.support.corpus import file_params, messages_in
 
 
 def _attachment_message(sizes: list[int], *, nested: bool = False, boundary: str = "b1",
@@ -44,7 +44,7 @@ def thin_everything(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shared.mime, "THIN_PART", 1)
 
 
-@pytest.mark.parametrize("path", corpus_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", file_params())
 def test_every_corpus_message_parses_the_same_thinned(path: Path, thin_everything: None) -> None:
     for raw in messages_in(path):
         assert parse_message(raw, thin_above=0) == parse_message(raw, thin_above=1 << 40)
