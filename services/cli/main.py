@@ -19,6 +19,7 @@ from datetime import date, datetime
 from typing import Any, NoReturn, TypeVar
 
 import click
+import psycopg
 
 from shared import app, db
 from shared.app import dead_letters, removal, validation
@@ -114,6 +115,8 @@ class _Group(click.Group):
             _die(str(exc), EXIT_UNAVAILABLE)
         except (ConfigError, NotFound) as exc:
             _die(str(exc), EXIT_USAGE)
+        except psycopg.DataError as exc:  # a value PostgreSQL cannot hold (NUL, out of range)
+            _die(f"invalid value: {exc.diag.message_primary or exc}", EXIT_USAGE)
         except TransientError as exc:
             _die(str(exc), EXIT_UNAVAILABLE)
         except MailferryError as exc:
@@ -600,9 +603,9 @@ def _print_notifications(items: list[Any], as_json: bool) -> None:
 @_JSON
 def notifications_list(email: str, all_: bool, as_json: bool) -> None:
     """Show the person's unread notifications (without marking them read)."""
-
     _print_notifications(app.list_notifications(_conn(_settings()), email, unread_only=not all_),
                          as_json)
+
 
 @notifications_group.command("pop")
 @click.option("--user", "email", required=True, help="the person's email")
@@ -610,8 +613,8 @@ def notifications_list(email: str, all_: bool, as_json: bool) -> None:
 def notifications_pop(email: str, as_json: bool) -> None:
     """Return the unread notifications and mark them read: what a host application calls when
     the person logs in."""
-
     _print_notifications(app.pop_notifications(_conn(_settings()), email), as_json)
+
 
 # --- dead letters -----------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ def list_users(conn: db.Connection) -> list[dict[str, Any]]:
 
 
 def user_id_by_email(conn: db.Connection, email: str) -> int:
+    valid.text(email, "email")
     row = conn.execute("SELECT id FROM users WHERE lower(email) = lower(%s)", (email,)).fetchone()
     if row is None:
         raise NotFound(f"no user with email {email}; create it with `mailferry user add`")
@@ -376,6 +377,8 @@ def list_messages(conn: db.Connection, mailbox_id: int,
                   folder: str | None = None) -> list[dict[str, Any]]:
     """One entry per message and folder it is in (expunged ones left out)."""
     get_mailbox(conn, mailbox_id)
+    if folder is not None:
+        valid.text(folder, "folder")
     return conn.execute(
         """SELECT g.id, f.name AS folder, mf.uid, mf.uidvalidity, g.message_id, g.subject,
                   g.from_addr AS "from", g.to_addrs AS "to", g.sent_at AS date, mf.seen,

@@ -47,6 +47,7 @@ def mailbox_summary(conn: db.Connection, mailbox_id: int) -> dict[str, Any]:
 
 def user_summary(conn: db.Connection, email: str) -> dict[str, Any]:
     """The user and the mailboxes they own (system mailboxes are never among them)."""
+    valid.text(email, "email")
     row = conn.execute("SELECT id, email FROM users WHERE lower(email) = lower(%s)",
                        (email,)).fetchone()
     if row is None:

@@ -31,6 +31,13 @@ _ADDR_SPEC = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})@(?:{_DOT_ATOM}|{_DOMAIN_LIT
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
+def text(value: str, what: str) -> str:
+    """PostgreSQL text cannot hold NUL; anything else is data (stored and shown escaped)."""
+    if "\x00" in value:
+        raise InvalidInput(f"{what}: must not contain a NUL character")
+    return value
+
+
 def has_control(value: str) -> bool:
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
 
