@@ -48,8 +48,11 @@ _MAILBOX_COLUMNS = """id, owner_id, name, host, port, security, username, passwo
 
 
 def get_mailbox(conn: Connection, mailbox_id: int) -> Mailbox | None:
+    """None also for a mailbox being removed: to the fetcher (which then skips its sync) and
+    every other reader it is already gone."""
     row = conn.execute(
-        f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes WHERE id = %s", (mailbox_id,)
+        f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes WHERE id = %s AND removing_at IS NULL",
+        (mailbox_id,),
     ).fetchone()
     return Mailbox(**row) if row else None
 
