@@ -77,24 +77,39 @@ def _cut(text: str, limit: int) -> str:
 
 
 def describe(queue: str, message: Any) -> dict[str, Any]:
-    headers = message.headers or {}
-    json_part, raw_bytes = split_body(message.body)
+    """One dead letter for a person: whatever its body (a JSON list or scalar, nesting deeper
+    than the parser goes, bytes that are not UTF-8) and headers, never an exception."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    raw_body = message.body if isinstance(message.body, bytes | str) else b""
+    json_part, raw_bytes = split_body(raw_body)
     try:
-        body = json.loads(json_part)
-    except (ValueError, TypeError):
-        body = {}
-    death = (headers.get("x-death") or [{}])[0]
+        parsed = json.loads(json_part)
+    except (ValueError, TypeError, RecursionError):
+        parsed = None
+    body = parsed if isinstance(parsed, dict) else {}
+    deaths = headers.get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    text = json_part.decode("utf-8", "replace") if isinstance(json_part, bytes) else json_part
     return {
         "queue": queue,
-        "type": message.properties.get("type") or body.get("type"),
-        "mailbox_id": body.get("mailbox_id") if isinstance(body, dict) else None,
-        "run_id": body.get("run_id") if isinstance(body, dict) else None,
-        "error": headers.get("x-mailferry-error") or f"broker: {death.get('reason', '?')}",
-        "failed_at": headers.get("x-mailferry-failed-at"),
-        "attempts": headers.get("x-mailferry-attempt"),
-        "size": len(message.body),
+        "type": _text(message.properties.get("type") or body.get("type")),
+        "mailbox_id": _text(body.get("mailbox_id")),
+        "run_id": _text(body.get("run_id")),
+        "error": _text(headers.get("x-mailferry-error")) or f"broker: {_text(death.get('reason')) or '?'}",
+        "failed_at": _text(headers.get("x-mailferry-failed-at")),
+        "attempts": _text(headers.get("x-mailferry-attempt")),
+        "size": len(raw_body),
         # a MessagesFetched body: its JSON part (what a person reads), then the mail itself
-        "json": _cut(json_part.decode("utf-8", "replace") if isinstance(json_part, bytes)
-                     else json_part, 4096),
+        "json": _cut(text, 4096),
         "note": f"+ {raw_bytes} bytes of raw messages" if raw_bytes else "",
     }
+
+
+def _text(value: object) -> Any:
+    """A value for a table cell: numbers and strings as they are, anything else as its (short)
+    repr, since a hand-published message can put any AMQP or JSON value there."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return _cut(repr(value), 200)
