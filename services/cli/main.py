@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
 import psycopg
@@ -40,7 +40,6 @@ from shared.imap import Folder
 from shared.logging import configure_logging
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
-F = TypeVar("F", bound=Callable[..., Any])
 _JSON = click.option("--json", "as_json", is_flag=True,
                      help="print JSON with stable keys (for scripts) instead of a table")
 
