@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from shared.crypto import PasswordBox
-from shared.db import Connection
-from shared.imap import ImapConfig, Limits, Security
+from mailferry.crypto import PasswordBox
+from mailferry.db import Connection
+from mailferry.imap import ImapConfig, Limits, Security
 
 
 @dataclass(frozen=True)

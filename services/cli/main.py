@@ -21,12 +21,12 @@ from typing import Any, NoReturn
 import click
 import psycopg
 
-from shared import app, db
-from shared.app import dead_letters, removal, validation
-from shared.app.mailboxes import folder_report, folder_reports
-from shared.config import Settings, load_settings
-from shared.crypto import PasswordBox, generate_key
-from shared.errors import (
+from mailferry import app, db
+from mailferry.app import dead_letters, removal, validation
+from mailferry.app.mailboxes import folder_report, folder_reports
+from mailferry.config import Settings, load_settings
+from mailferry.crypto import PasswordBox, generate_key
+from mailferry.errors import (
     BrokerUnavailable,
     ConfigError,
     DatabaseUnavailable,
@@ -36,8 +36,8 @@ from shared.errors import (
     NotFound,
     TransientError,
 )
-from shared.imap import Folder
-from shared.logging import configure_logging
+from mailferry.imap import Folder
+from mailferry.logging import configure_logging
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
 _JSON = click.option("--json", "as_json", is_flag=True,
@@ -551,7 +551,7 @@ def messages_search(mailbox_id: int, query: str, folder: str | None, limit: int,
     subject:, from:, to: (to, cc or bcc) or body: before a word or phrase to look only there.
     Case and accents do not matter. Expunged messages are left out, as in `messages list`.
     """
-    from shared.search import search_messages, unindexed
+    from mailferry.search import search_messages, unindexed
 
     conn = _conn(_settings())
     app.get_mailbox(conn, mailbox_id)
@@ -706,7 +706,7 @@ for _name in ("scheduler", "fetcher", "persister", "notifier"):
               help="persister workers (events -> PostgreSQL)")
 def up(fetchers: int, persisters: int) -> None:
     """All four services under one supervisor, for a single machine; Ctrl-C stops them."""
-    from services.cli.supervisor import supervise
+    from mailferry.services.cli.supervisor import supervise
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format, service="supervisor")

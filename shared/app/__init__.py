@@ -9,8 +9,8 @@ SQL of its own. Bad input raises :class:`~shared.errors.InvalidInput`, an unknow
 
 from __future__ import annotations
 
-from shared.app.dead_letters import list_dead_letters, replay_dead_letters
-from shared.app.mailboxes import (
+from mailferry.app.dead_letters import list_dead_letters, replay_dead_letters
+from mailferry.app.mailboxes import (
     CheckResult,
     MailboxChanges,
     Updated,
@@ -31,9 +31,9 @@ from shared.app.mailboxes import (
     status,
     update_mailbox,
 )
-from shared.app.publishing import Publish, publisher
-from shared.app.removal import remove_mailbox, remove_user
-from shared.notifications import list_notifications, pop_notifications
+from mailferry.app.publishing import Publish, publisher
+from mailferry.app.removal import remove_mailbox, remove_user
+from mailferry.notifications import list_notifications, pop_notifications
 
 __all__ = [
     "CheckResult", "MailboxChanges", "Publish", "Updated", "add_mailbox", "add_user",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from shared import broker, topology
-from shared.errors import InvalidInput
-from shared.messages import split_body
+from mailferry import broker, topology
+from mailferry.errors import InvalidInput
+from mailferry.messages import split_body
 
 
 def queues(name: str | None) -> list[topology.WorkQueue]:

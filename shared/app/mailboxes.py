@@ -14,14 +14,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared import db, repository
-from shared.app import validation as valid
-from shared.app.publishing import Publish
-from shared.config import Settings
-from shared.crypto import PasswordBox
-from shared.errors import ConfigError, MailferryError, NotFound
-from shared.imap import Folder, ImapEmailFolderManager, connector_factory
-from shared.sync_requests import Requested, request_syncs
+from mailferry import db, repository
+from mailferry.app import validation as valid
+from mailferry.app.publishing import Publish
+from mailferry.config import Settings
+from mailferry.crypto import PasswordBox
+from mailferry.errors import ConfigError, MailferryError, NotFound
+from mailferry.imap import Folder, ImapEmailFolderManager, connector_factory
+from mailferry.sync_requests import Requested, request_syncs
 
 # --- users ------------------------------------------------------------------------------------
 
@@ -450,7 +450,7 @@ def status(conn: db.Connection, settings: Settings) -> dict[str, Any]:
 
 
 def queue_depths(settings: Settings) -> dict[str, int | str]:
-    from shared import broker, topology
+    from mailferry import broker, topology
 
     depths: dict[str, int | str] = {}
     conn = broker.connect(settings.broker_url)

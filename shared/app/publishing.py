@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from shared.broker import Publisher
-from shared.config import Settings
-from shared.messages import AnyMessage
+from mailferry.broker import Publisher
+from mailferry.config import Settings
+from mailferry.messages import AnyMessage
 
 #: What the service layer publishes with: confirmed, persistent (``Publisher.publish``).
 Publish = Callable[[AnyMessage], None]

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from shared import db
-from shared.app import validation as valid
-from shared.errors import InvalidInput, NotFound
+from mailferry import db
+from mailferry.app import validation as valid
+from mailferry.errors import InvalidInput, NotFound
 
 #: Rows deleted per transaction.
 DEFAULT_BATCH = 1000

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from shared.errors import InvalidInput
+from mailferry.errors import InvalidInput
 
 SECURITY_MODES = ("ssl", "starttls", "none")
 #: The largest id PostgreSQL's bigint holds: anything above cannot name a row.

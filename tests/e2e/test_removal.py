@@ -109,7 +109,7 @@ def test_a_removal_killed_half_way_completes_when_run_again(
     processes.stop()
 
     remover = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "mailbox", "remove", str(alice), "--yes",
+        [sys.executable, "-m", "mailferry.services.cli.main", "mailbox", "remove", str(alice), "--yes",
          "--batch", "10"],
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         cwd=services.REPO)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import pytest
 from pydantic import SecretStr
 
-from services.cli import main as cli_main
-from shared import app, db
-from shared.crypto import PasswordBox
+from mailferry import app, db
+from mailferry.crypto import PasswordBox
+from mailferry.services.cli import main as cli_main
 from tests.support import services
 
 HOSTILE = {

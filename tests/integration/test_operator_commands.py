@@ -8,10 +8,10 @@ import uuid
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
-from shared import db, messages, repository, topology
-from shared.broker import ERROR_HEADER, Publisher, connect
-from shared.config import Settings
-from shared.crypto import PasswordBox
+from mailferry import db, messages, repository, topology
+from mailferry.broker import ERROR_HEADER, Publisher, connect
+from mailferry.config import Settings
+from mailferry.crypto import PasswordBox
 from tests.support import services
 
 

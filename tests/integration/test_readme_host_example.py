@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared import db
+from mailferry import db
 from tests.support import services
 from tests.support.dovecot import Dovecot
 
