@@ -12,7 +12,9 @@ WORKDIR /src
 COPY pyproject.toml README.md* ./
 COPY shared/ shared/
 COPY services/ services/
-RUN pip wheel --wheel-dir /wheels .
+# shared/ is the package mailferry, services/ its mailferry.services (symlinks in the repo).
+RUN ln -sfn shared mailferry && ln -sfn ../services shared/services \
+    && pip wheel --wheel-dir /wheels .
 
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \

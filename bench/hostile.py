@@ -61,7 +61,7 @@ import psycopg  # noqa: E402
 from cryptography.fernet import Fernet  # noqa: E402
 from initial_sync import _cli, _json_lines, machine, peak_memory_mb, wait_for_consumers  # noqa: E402
 
-from shared import db, topology  # noqa: E402
+from mailferry import db, topology  # noqa: E402
 from tests.support import services  # noqa: E402
 from tests.support.dovecot import Dovecot  # noqa: E402
 from tests.support.hostile_imap import FolderSpec, HostileImapServer, MiB  # noqa: E402
@@ -219,10 +219,10 @@ def huge_client(port: int, since: date, fetch: bool) -> dict[str, Any]:
     first sync of the whole folder through ``planning.sync_folder`` with a counting publish."""
     import uuid
 
-    from services.fetcher import planning
-    from shared.config import Settings
-    from shared.imap import ImapConfig, SyncSession, connector_factory
-    from shared.messages import MessagesFetched
+    from mailferry.config import Settings
+    from mailferry.imap import ImapConfig, SyncSession, connector_factory
+    from mailferry.messages import MessagesFetched
+    from mailferry.services.fetcher import planning
 
     settings = Settings()  # the defaults: the limits production runs with
     out: dict[str, Any] = {"rss_start_mb": peak_self_mb()}
@@ -291,9 +291,9 @@ def huge_folder(uids: int, fetch: bool, timeout: float) -> dict[str, Any]:
 def endless_list_client(port: int) -> dict[str, Any]:
     """Runs in the child process: LIST against a server that never ends it, with the default
     limits (a 300 s command deadline, an 80 MiB cap on one command's answer)."""
-    from shared.config import Settings
-    from shared.errors import ImapError
-    from shared.imap import ImapConfig, SyncSession, connector_factory
+    from mailferry.config import Settings
+    from mailferry.errors import ImapError
+    from mailferry.imap import ImapConfig, SyncSession, connector_factory
 
     config = ImapConfig("127.0.0.1", port, "none", "bench", PASSWORD, timeout=60,
                         allow_private_networks=True, limits=Settings().imap_limits())

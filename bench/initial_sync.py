@@ -60,7 +60,7 @@ if str(REPO) not in sys.path:  # run as a script: make the project's packages im
 import psycopg  # noqa: E402
 from cryptography.fernet import Fernet  # noqa: E402
 
-from shared import broker, db, topology  # noqa: E402
+from mailferry import broker, db, topology  # noqa: E402
 from tests.support import services  # noqa: E402
 from tests.support.dovecot import Dovecot, dovecot_version  # noqa: E402
 

@@ -56,7 +56,7 @@ from initial_sync import (
     wait_for_consumers,
 )
 
-from shared import db, topology
+from mailferry import db, topology
 from tests.support import services
 from tests.support.dovecot import Dovecot, dovecot_version
 from tests.support.tcp_proxy import Command, TcpProxy
@@ -229,7 +229,7 @@ def new_message(server: Dovecot, factory: MessageFactory, index: int, env: dict[
         raise RuntimeError("APPEND returned no APPENDUID")
     proxy.take()
     started = time.time()
-    cli = subprocess.Popen([sys.executable, "-m", "services.cli.main", "sync", "--mailbox",
+    cli = subprocess.Popen([sys.executable, "-m", "mailferry.services.cli.main", "sync", "--mailbox",
                             str(mailbox_id), "--json"], env=os.environ | env,
                            cwd=services.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     visible = None

@@ -54,11 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from initial_sync import MessageFactory, machine  # noqa: E402
 
-from services.persister import store  # noqa: E402
-from shared import db, search  # noqa: E402
-from shared.messages import FetchedMessage  # noqa: E402
-from shared.mime import parse_message  # noqa: E402
-from shared.search import compile_query, search_messages, search_sql  # noqa: E402
+from mailferry import db, search  # noqa: E402
+from mailferry.messages import FetchedMessage  # noqa: E402
+from mailferry.mime import parse_message  # noqa: E402
+from mailferry.search import compile_query, search_messages, search_sql  # noqa: E402
+from mailferry.services.persister import store  # noqa: E402
 from tests.support import services  # noqa: E402
 
 VOCABULARY = 50_000

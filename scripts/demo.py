@@ -57,8 +57,8 @@ import psycopg  # noqa: E402
 from cryptography.fernet import Fernet  # noqa: E402
 from kombu.connection import Connection  # noqa: E402
 
-from shared.crypto import generate_key  # noqa: E402
-from shared.topology import WORK_QUEUES  # noqa: E402
+from mailferry.crypto import generate_key  # noqa: E402
+from mailferry.topology import WORK_QUEUES  # noqa: E402
 from tests.support.dovecot import Dovecot, DovecotError, MaildirMessage  # noqa: E402
 
 DEMO_DIR = REPO / ".demo"
@@ -282,7 +282,7 @@ def _demo_processes() -> list[int]:
     for proc in Path("/proc").glob("[0-9]*") if services.isdigit() else ():
         stat = read(proc / "stat").rsplit(")", 1)[-1].split()
         if (len(stat) > 2 and stat[2] == services
-                and "services.cli.main" in read(proc / "cmdline")
+                and "mailferry.services.cli.main" in read(proc / "cmdline")
                 and f"/{VHOST}\0" in read(proc / "environ")):
             found.append(int(proc.name))
     return sorted(found, key=lambda pid: str(pid) != services)  # the supervisor first
@@ -411,7 +411,7 @@ class Demo:
         if show:
             print(f"$ mailferry {shlex.join(args)}", flush=True)
         result = subprocess.run(
-            [sys.executable, "-m", "services.cli.main", *args], cwd=REPO, env=self.env,
+            [sys.executable, "-m", "mailferry.services.cli.main", *args], cwd=REPO, env=self.env,
             input=stdin.encode() if stdin is not None else None,
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.PIPE if capture else None, check=False,
@@ -425,7 +425,7 @@ class Demo:
     def spawn(self, *args: str) -> subprocess.Popen[bytes]:
         """``mailferry ARGS`` in the background; its output is shown by :meth:`finish`."""
         return subprocess.Popen(
-            [sys.executable, "-m", "services.cli.main", *args], cwd=REPO, env=self.env,
+            [sys.executable, "-m", "mailferry.services.cli.main", *args], cwd=REPO, env=self.env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
 
@@ -450,7 +450,7 @@ class Demo:
         # Own session: Ctrl-C in this terminal reaches only the demo, which then stops the
         # supervisor with SIGTERM and waits for it; the children never race the demo's cleanup.
         self.supervisor = subprocess.Popen(
-            [sys.executable, "-m", "services.cli.main", "up",
+            [sys.executable, "-m", "mailferry.services.cli.main", "up",
              "--fetchers", str(FETCHERS), "--persisters", str(PERSISTERS)],
             cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,

@@ -39,8 +39,8 @@ from kombu.mixins import ConsumerMixin
 from kombu.transport.base import Message
 from pydantic import ValidationError
 
-from shared import messages, topology
-from shared.errors import BrokerUnavailable, PermanentError
+from mailferry import messages, topology
+from mailferry.errors import BrokerUnavailable, PermanentError
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shared.imap.wire import Limits
+from mailferry.imap.wire import Limits
 
 
 class Settings(BaseSettings):

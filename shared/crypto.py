@@ -10,7 +10,7 @@ from __future__ import annotations
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import SecretStr
 
-from shared.errors import ConfigError
+from mailferry.errors import ConfigError
 
 
 def generate_key() -> str:

@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 from yoyo import get_backend, read_migrations
 
-from shared.errors import ConfigError, DatabaseUnavailable
+from mailferry.errors import ConfigError, DatabaseUnavailable
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x6D61696C66  # "mailf"

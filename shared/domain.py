@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date, timedelta
 
-from shared.messages import FolderInfo, FolderSelection, FolderType
+from mailferry.messages import FolderInfo, FolderSelection, FolderType
 
 DEFAULT_FOLDER_TYPES = ("inbox", "sent")
 CREDENTIAL_CAPABILITY = "imap_sync_origin_credential_notifications"

@@ -40,6 +40,11 @@ class ConfigError(PermanentError):
     """The settings or the command line are wrong."""
 
 
+class InvalidInput(ConfigError):
+    """A value a person or a host application gave is refused (a malformed email address,
+    host or port); the message names the value's field and what it must be."""
+
+
 class NotFound(PermanentError):
     pass
 

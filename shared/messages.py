@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from shared.errors import ErrorKind, PermanentError
+from mailferry.errors import ErrorKind, PermanentError
 
 JSON_CONTENT_TYPE = "application/json"
 #: JSON metadata, a newline, then the raw message bytes (see the module docstring).

@@ -1,6 +1,6 @@
 """Notifications waiting for a person's next login: what a host application calls at sign-in.
 
-    from shared.notifications import pop_notifications
+    from mailferry.notifications import pop_notifications
     for n in pop_notifications(conn, "alice@example.com"):
         flash(n.title, n.body)
 """
@@ -11,7 +11,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.db import Connection
+from mailferry.db import Connection
 
 
 class Notification(BaseModel):

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from shared.crypto import PasswordBox
-from shared.db import Connection
-from shared.imap import ImapConfig, Limits, Security
+from mailferry.crypto import PasswordBox
+from mailferry.db import Connection
+from mailferry.imap import ImapConfig, Limits, Security
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,11 @@ _MAILBOX_COLUMNS = """id, owner_id, name, host, port, security, username, passwo
 
 
 def get_mailbox(conn: Connection, mailbox_id: int) -> Mailbox | None:
+    """None also for a mailbox being removed: to the fetcher (which then skips its sync) and
+    every other reader it is already gone."""
     row = conn.execute(
-        f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes WHERE id = %s", (mailbox_id,)
+        f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes WHERE id = %s AND removing_at IS NULL",
+        (mailbox_id,),
     ).fetchone()
     return Mailbox(**row) if row else None
 

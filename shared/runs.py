@@ -25,9 +25,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from shared.db import Connection
-from shared.errors import ErrorKind
-from shared.mime import clean_text
+from mailferry.db import Connection
+from mailferry.errors import ErrorKind
+from mailferry.mime import clean_text
 
 
 class RunStatus(StrEnum):

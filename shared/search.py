@@ -30,9 +30,9 @@ from typing import Any
 import psycopg
 import structlog
 
-from shared.db import Connection
-from shared.errors import ConfigError
-from shared.mime import clean_text
+from mailferry.db import Connection
+from mailferry.errors import ConfigError
+from mailferry.mime import clean_text
 
 log = structlog.get_logger(__name__)
 

@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import structlog
 
-from shared import db
-from shared.broker import Handlers, Publisher, RetryExhausted, Worker
-from shared.config import Settings
-from shared.logging import configure_logging
-from shared.topology import WorkQueue
+from mailferry import db
+from mailferry.broker import Handlers, Publisher, RetryExhausted, Worker
+from mailferry.config import Settings
+from mailferry.logging import configure_logging
+from mailferry.topology import WorkQueue
 
 log = structlog.get_logger(__name__)
 

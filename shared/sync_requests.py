@@ -14,10 +14,10 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from shared import runs
-from shared.db import Connection
-from shared.errors import BrokerUnavailable
-from shared.messages import AnyMessage, SyncFolders, SyncMailbox
+from mailferry import runs
+from mailferry.db import Connection
+from mailferry.errors import BrokerUnavailable
+from mailferry.messages import AnyMessage, SyncFolders, SyncMailbox
 
 
 @dataclass(frozen=True)

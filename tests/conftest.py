@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from cryptography.fernet import Fernet
 
-from shared import db
-from shared.config import Settings
+from mailferry import db
+from mailferry.config import Settings
 from tests.support import services
 
 

@@ -22,7 +22,7 @@ class _Child:
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "services.cli.main", self.service])
+        self.process = subprocess.Popen([sys.executable, "-m", "mailferry.services.cli.main", self.service])
         self.started_at = time.monotonic()
         log.info("child.started", service=self.service, index=self.index, pid=self.process.pid)
 

@@ -6,12 +6,10 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from services.fetcher import lease as leases
-from services.fetcher.planning import Stamp
-from shared import repository, runs
-from shared.db import Connection
-from shared.errors import ErrorKind
-from shared.messages import (
+from mailferry import repository, runs
+from mailferry.db import Connection
+from mailferry.errors import ErrorKind
+from mailferry.messages import (
     AnyMessage,
     FolderInfo,
     FolderSelection,
@@ -21,6 +19,8 @@ from shared.messages import (
     SyncFinished,
     SyncStarted,
 )
+from mailferry.services.fetcher import lease as leases
+from mailferry.services.fetcher.planning import Stamp
 
 
 class Attempt:

@@ -17,15 +17,12 @@ from datetime import UTC, date, datetime
 
 import structlog
 
-from services.fetcher import lease as leases
-from services.fetcher import planning
-from services.fetcher.attempt import Attempt, now
-from shared import repository, runs
-from shared.config import Settings
-from shared.crypto import PasswordBox
-from shared.db import Connection
-from shared.domain import first_sync_since, resolve_selection
-from shared.errors import (
+from mailferry import repository, runs
+from mailferry.config import Settings
+from mailferry.crypto import PasswordBox
+from mailferry.db import Connection
+from mailferry.domain import first_sync_since, resolve_selection
+from mailferry.errors import (
     ConfigError,
     ErrorKind,
     ImapAuthError,
@@ -33,14 +30,17 @@ from shared.errors import (
     ImapError,
     TransientError,
 )
-from shared.imap import ImapConnectorFactory, SyncSession, connector_factory, folder_type
-from shared.messages import (
+from mailferry.imap import ImapConnectorFactory, SyncSession, connector_factory, folder_type
+from mailferry.messages import (
     AnyMessage,
     CredentialsInvalid,
     CredentialsRestored,
     SyncFolders,
     SyncMailbox,
 )
+from mailferry.services.fetcher import lease as leases
+from mailferry.services.fetcher import planning
+from mailferry.services.fetcher.attempt import Attempt, now
 
 log = structlog.get_logger(__name__)
 

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 
 import structlog
 
-from shared import db
-from shared.errors import LeaseHeld, LeaseLost
+from mailferry import db
+from mailferry.errors import LeaseHeld, LeaseLost
 
 log = structlog.get_logger(__name__)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 
-from services.fetcher.handlers import HANDLERS, FetcherDeps, command_given_up
-from shared import db, topology
-from shared.broker import Publisher
-from shared.config import Settings
-from shared.crypto import PasswordBox
-from shared.imap import connector_factory
-from shared.service import run_worker, start, worker_id
+from mailferry import db, topology
+from mailferry.broker import Publisher
+from mailferry.config import Settings
+from mailferry.crypto import PasswordBox
+from mailferry.imap import connector_factory
+from mailferry.service import run_worker, start, worker_id
+from mailferry.services.fetcher.handlers import HANDLERS, FetcherDeps, command_given_up
 
 
 def main(settings: Settings) -> None:

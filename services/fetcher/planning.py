@@ -14,11 +14,11 @@ from typing import Protocol
 
 import structlog
 
-from shared.domain import enabled_on_discovery
-from shared.errors import ImapError
-from shared.imap.manager import FolderStatus
-from shared.imap.sync import Body, Extensions, FlagState, MessageMeta, Ranges, uid_windows
-from shared.messages import (
+from mailferry.domain import enabled_on_discovery
+from mailferry.errors import ImapError
+from mailferry.imap.manager import FolderStatus
+from mailferry.imap.sync import Body, Extensions, FlagState, MessageMeta, Ranges, uid_windows
+from mailferry.messages import (
     AnyMessage,
     FetchedMessage,
     FlagChange,
@@ -29,7 +29,7 @@ from shared.messages import (
     MessagesExpunged,
     MessagesFetched,
 )
-from shared.repository import FolderState
+from mailferry.repository import FolderState
 
 log = structlog.get_logger(__name__)
 

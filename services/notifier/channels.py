@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from shared import topology
-from shared.broker import Publisher
-from shared.errors import ConfigError
+from mailferry import topology
+from mailferry.broker import Publisher
+from mailferry.errors import ConfigError
 
 _PORTS = {"smtp": 25, "smtp+starttls": 587, "smtps": 465}
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import structlog
 
-from shared.db import Connection
-from shared.domain import CREDENTIAL_CAPABILITY
-from shared.messages import CredentialsInvalid, CredentialsRestored
-from shared.mime import clean_text
+from mailferry.db import Connection
+from mailferry.domain import CREDENTIAL_CAPABILITY
+from mailferry.messages import CredentialsInvalid, CredentialsRestored
+from mailferry.mime import clean_text
 
 log = structlog.get_logger(__name__)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 
-from services.notifier.channels import RealtimePublisher, SmtpSender
-from services.notifier.handlers import HANDLERS, NotifierDeps, tick
-from shared import db, topology
-from shared.broker import Publisher
-from shared.config import Settings
-from shared.service import run_worker, start
+from mailferry import db, topology
+from mailferry.broker import Publisher
+from mailferry.config import Settings
+from mailferry.service import run_worker, start
+from mailferry.services.notifier.channels import RealtimePublisher, SmtpSender
+from mailferry.services.notifier.handlers import HANDLERS, NotifierDeps, tick
 
 
 def main(settings: Settings) -> None:

@@ -16,11 +16,10 @@ from typing import Any
 import psycopg
 import structlog
 
-from services.persister import store
-from shared import runs
-from shared.db import Connection
-from shared.errors import PermanentError, TransientError
-from shared.messages import (
+from mailferry import runs
+from mailferry.db import Connection
+from mailferry.errors import PermanentError, TransientError
+from mailferry.messages import (
     AnyMessage,
     FetcherEvent,
     FlagsChanged,
@@ -32,7 +31,8 @@ from shared.messages import (
     SyncFinished,
     SyncStarted,
 )
-from shared.mime import parse_message
+from mailferry.mime import parse_message
+from mailferry.services.persister import store
 
 log = structlog.get_logger(__name__)
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import psycopg
 import structlog
 
-from shared import db, search
-from shared.errors import MailferryError
+from mailferry import db, search
+from mailferry.errors import MailferryError
 
 log = structlog.get_logger(__name__)
 

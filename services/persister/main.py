@@ -7,12 +7,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from services.persister.handlers import HANDLERS, PersisterDeps, event_given_up
-from services.persister.indexer import Indexer
-from shared import db, topology
-from shared.broker import Publisher
-from shared.config import Settings
-from shared.service import run_worker, start
+from mailferry import db, topology
+from mailferry.broker import Publisher
+from mailferry.config import Settings
+from mailferry.service import run_worker, start
+from mailferry.services.persister.handlers import HANDLERS, PersisterDeps, event_given_up
+from mailferry.services.persister.indexer import Indexer
 
 
 def main(settings: Settings) -> None:

@@ -16,12 +16,12 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from shared import runs
-from shared.db import Connection, mailbox_lock_key
-from shared.domain import enabled_on_discovery
-from shared.imap import decode_folder_name
-from shared.messages import FetchedMessage, FlagChange, FolderInfo, FolderSelection, FolderSynced
-from shared.mime import ParsedMessage, clean_text
+from mailferry import runs
+from mailferry.db import Connection, mailbox_lock_key
+from mailferry.domain import enabled_on_discovery
+from mailferry.imap import decode_folder_name
+from mailferry.messages import FetchedMessage, FlagChange, FolderInfo, FolderSelection, FolderSynced
+from mailferry.mime import ParsedMessage, clean_text
 
 
 def current_token(conn: Connection, mailbox_id: int) -> int | None:

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import structlog
 
-from shared.config import Settings
-from shared.db import Connection
-from shared.messages import AnyMessage
-from shared.sync_requests import due_mailboxes, expire_stale_runs, request_syncs
+from mailferry.config import Settings
+from mailferry.db import Connection
+from mailferry.messages import AnyMessage
+from mailferry.sync_requests import due_mailboxes, expire_stale_runs, request_syncs
 
 log = structlog.get_logger(__name__)
 

@@ -7,12 +7,12 @@ import threading
 
 import structlog
 
-from services.scheduler.handlers import tick
-from shared import db
-from shared.broker import Publisher
-from shared.config import Settings
-from shared.errors import MailferryError
-from shared.service import start
+from mailferry import db
+from mailferry.broker import Publisher
+from mailferry.config import Settings
+from mailferry.errors import MailferryError
+from mailferry.service import start
+from mailferry.services.scheduler.handlers import tick
 
 log = structlog.get_logger(__name__)
 

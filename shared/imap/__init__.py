@@ -8,7 +8,7 @@ in bounded windows).
 
 The library API, in the shape of OroCRM ImapBundle's::
 
-    from shared.imap import (ImapConfig, ImapEmailFolderManager, ImapEmailManager,
+    from mailferry.imap import (ImapConfig, ImapEmailFolderManager, ImapEmailManager,
                              connector_factory)
 
     config = ImapConfig("imap.example.com", 993, "ssl", "user", "pwd")
@@ -30,7 +30,7 @@ always selected by its ``raw_name``.
 
 from __future__ import annotations
 
-from shared.imap.connection import (
+from mailferry.imap.connection import (
     Authenticator,
     ImapConfig,
     ImapConnector,
@@ -39,7 +39,7 @@ from shared.imap.connection import (
     Security,
     connector_factory,
 )
-from shared.imap.folders import (
+from mailferry.imap.folders import (
     Folder,
     ImapEmailFolderManager,
     decode_folder_name,
@@ -47,10 +47,10 @@ from shared.imap.folders import (
     folder_tree,
     folder_type,
 )
-from shared.imap.manager import Email, FolderStatus, ImapEmailManager
-from shared.imap.search import SearchQuery, SearchQueryBuilder
-from shared.imap.sync import SyncSession
-from shared.imap.wire import Limits
+from mailferry.imap.manager import Email, FolderStatus, ImapEmailManager
+from mailferry.imap.search import SearchQuery, SearchQueryBuilder
+from mailferry.imap.sync import SyncSession
+from mailferry.imap.wire import Limits
 
 __all__ = [
     "Authenticator",

@@ -43,7 +43,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shared.errors import ImapAddressRefused, ImapConnectionError
+from mailferry.errors import ImapAddressRefused, ImapConnectionError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

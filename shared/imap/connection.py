@@ -21,7 +21,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from shared.errors import (
+from mailferry.errors import (
     ConfigError,
     ImapAuthError,
     ImapConnectionError,
@@ -30,8 +30,8 @@ from shared.errors import (
     ImapTimeout,
     ImapTlsError,
 )
-from shared.imap import address, wire
-from shared.imap.wire import Limits
+from mailferry.imap import address, wire
+from mailferry.imap.wire import Limits
 
 Security = Literal["ssl", "starttls", "none"]
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from imapclient import imap_utf7
 
-from shared.errors import NotFound
-from shared.imap.connection import ImapConnector, imap_errors
-from shared.messages import FolderInfo, FolderType
+from mailferry.errors import NotFound
+from mailferry.imap.connection import ImapConnector, imap_errors
+from mailferry.messages import FolderInfo, FolderType
 
 _SPECIAL_USE: dict[bytes, FolderType] = {
     b"\\sent": "sent",

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, overload
 
-from shared.errors import ImapLimitExceeded, ImapProtocolError, NotFound
-from shared.imap import wire
-from shared.imap.connection import ImapConnector, imap_errors
-from shared.imap.folders import Folder, encode_folder_name
-from shared.imap.search import SearchQuery, SearchQueryBuilder, lowest_open_uid
-from shared.messages import FolderInfo
-from shared.mime import ParsedMessage, parse_message
+from mailferry.errors import ImapLimitExceeded, ImapProtocolError, NotFound
+from mailferry.imap import wire
+from mailferry.imap.connection import ImapConnector, imap_errors
+from mailferry.imap.folders import Folder, encode_folder_name
+from mailferry.imap.search import SearchQuery, SearchQueryBuilder, lowest_open_uid
+from mailferry.messages import FolderInfo
+from mailferry.mime import ParsedMessage, parse_message
 
 _CHUNK = 1000  # UIDs per FETCH: command lines stay short, responses bounded
 _HEADER_FIELDS = "FROM TO CC BCC SUBJECT DATE MESSAGE-ID"

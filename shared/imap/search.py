@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import TypeAlias
 
-from shared.imap.wire import ImapLiteral, uid_set
+from mailferry.imap.wire import ImapLiteral, uid_set
 
 __all__ = ["ImapLiteral", "SearchQuery", "SearchQueryBuilder", "WireQuery"]
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from shared.imap import wire
-from shared.imap.connection import ImapConnector, imap_errors
-from shared.imap.folders import list_folders
-from shared.imap.manager import FolderStatus, ImapEmailManager, number
-from shared.imap.search import SearchQueryBuilder
-from shared.messages import FolderInfo
-from shared.mime import parse_message
+from mailferry.imap import wire
+from mailferry.imap.connection import ImapConnector, imap_errors
+from mailferry.imap.folders import list_folders
+from mailferry.imap.manager import FolderStatus, ImapEmailManager, number
+from mailferry.imap.search import SearchQueryBuilder
+from mailferry.messages import FolderInfo
+from mailferry.mime import parse_message
 
 WINDOW = 20_000  # UIDs a window aims at: a SEARCH answer line of about 220 KB
 META_ITEMS = ("FLAGS", "INTERNALDATE", "RFC822.SIZE")

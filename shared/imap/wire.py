@@ -38,8 +38,8 @@ from imapclient import IMAPClient
 from imapclient.imapclient import SocketTimeout, seq_to_parenstr_upper
 from imapclient.response_parser import parse_fetch_response, parse_message_list
 
-from shared.errors import ImapLimitExceeded, ImapProtocolError, ImapTimeout
-from shared.imap.address import Target, connect
+from mailferry.errors import ImapLimitExceeded, ImapProtocolError, ImapTimeout
+from mailferry.imap.address import Target, connect
 
 _CHUNK = 256 * 1024
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from imapclient import IMAPClient
 
-from shared import db
+from mailferry import db
 from tests.support import services
 from tests.support.dovecot import Dovecot
 

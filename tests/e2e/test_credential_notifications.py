@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from shared import db, topology
-from shared.broker import connect
+from mailferry import db, topology
+from mailferry.broker import connect
 from tests.support import services
 from tests.support.dovecot import Dovecot
 

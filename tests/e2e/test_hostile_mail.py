@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from shared import db
-from shared.topology import WORK_QUEUES
+from mailferry import db
+from mailferry.topology import WORK_QUEUES
 from tests.support import services
 from tests.support.dovecot import Dovecot
 

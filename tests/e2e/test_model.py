@@ -72,8 +72,8 @@ from hypothesis.stateful import (
 )
 from imapclient import IMAPClient
 
-from services.persister import store as persister_store
-from shared import db
+from mailferry import db
+from mailferry.services.persister import store as persister_store
 from tests.support import services
 from tests.support.dovecot import Dovecot
 
@@ -508,7 +508,7 @@ class SyncModel(RuleBasedStateMachine):
 
 def _cli_parallel(env: dict[str, str], commands: list[list[str]]) -> list[Any]:
     """Run read-only mailferry commands at once (each one starts a Python interpreter)."""
-    procs = [subprocess.Popen([sys.executable, "-m", "services.cli.main", *args],
+    procs = [subprocess.Popen([sys.executable, "-m", "mailferry.services.cli.main", *args],
                               env={**os.environ, **env}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, cwd=services.REPO) for args in commands]
     out = []

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from shared import db, topology
+from mailferry import db, topology
 from tests.support import services
 from tests.support.dovecot import Dovecot
 
@@ -133,7 +133,7 @@ def test_sync_wait_on_a_terminal_draws_a_progress_bar_of_messages_and_folders(
     processes.start("persister")
     leader, follower = pty.openpty()  # stderr is a terminal: the bar is for people
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "sync", "--mailbox", str(mailbox_id),
+        [sys.executable, "-m", "mailferry.services.cli.main", "sync", "--mailbox", str(mailbox_id),
          "--wait", "--timeout", "120"],
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=follower, timeout=180,
         cwd=services.REPO)

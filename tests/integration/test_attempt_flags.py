@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from services.fetcher import lease as leases
-from services.persister import store
-from services.persister.handlers import PersisterDeps, handle
-from shared import db
-from shared.messages import FetchedMessage, MessagesExpunged, MessagesFetched, SyncStarted
+from mailferry import db
+from mailferry.messages import FetchedMessage, MessagesExpunged, MessagesFetched, SyncStarted
+from mailferry.services.fetcher import lease as leases
+from mailferry.services.persister import store
+from mailferry.services.persister.handlers import PersisterDeps, handle
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 RAW = b"Subject: one\r\n\r\nbody\r\n"

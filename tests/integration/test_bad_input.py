@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import db
+from mailferry import db
 from tests.support import services
 from tests.support.dovecot import Dovecot
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from shared import messages, topology
-from shared.broker import ATTEMPT_HEADER, ERROR_HEADER, Publisher, Unroutable, Worker, connect
-from shared.config import Settings
-from shared.errors import PermanentError
+from mailferry import messages, topology
+from mailferry.broker import ATTEMPT_HEADER, ERROR_HEADER, Publisher, Unroutable, Worker, connect
+from mailferry.config import Settings
+from mailferry.errors import PermanentError
 from tests.support import services
 
 DELAYS = (0.2, 0.4)

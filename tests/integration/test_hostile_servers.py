@@ -11,9 +11,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from shared.errors import ImapConnectionError, ImapLimitExceeded, ImapTimeout
-from shared.imap import ImapConfig, Limits, SyncSession, connector_factory
-from shared.messages import FolderInfo
+from mailferry.errors import ImapConnectionError, ImapLimitExceeded, ImapTimeout
+from mailferry.imap import ImapConfig, Limits, SyncSession, connector_factory
+from mailferry.messages import FolderInfo
 from tests.support.hostile_imap import HostileImapServer
 
 INBOX = FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/")

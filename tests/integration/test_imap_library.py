@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ImapAuthError, ImapConnectionError, ImapProtocolError, NotFound
-from shared.imap import (
+from mailferry.errors import ImapAuthError, ImapConnectionError, ImapProtocolError, NotFound
+from mailferry.imap import (
     ImapConfig,
     ImapConnector,
     ImapEmailFolderManager,

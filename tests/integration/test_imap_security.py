@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import imap
-from shared.errors import ImapAddressRefused, ImapAuthError, ImapConnectionError, ImapTlsError
-from shared.imap import connector_factory
+from mailferry import imap
+from mailferry.errors import ImapAddressRefused, ImapAuthError, ImapConnectionError, ImapTlsError
+from mailferry.imap import connector_factory
 from tests.support.dovecot import Dovecot
 
 

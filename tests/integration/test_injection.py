@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from services.notifier.channels import SmtpSender
-from services.notifier.handlers import NotifierDeps
-from services.notifier.handlers import handle as notify
-from shared import db
-from shared.messages import CredentialsInvalid
+from mailferry import db
+from mailferry.messages import CredentialsInvalid
+from mailferry.services.notifier.channels import SmtpSender
+from mailferry.services.notifier.handlers import NotifierDeps
+from mailferry.services.notifier.handlers import handle as notify
 from tests.support import services
 from tests.support.dovecot import Dovecot
 

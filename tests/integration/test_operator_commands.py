@@ -8,10 +8,10 @@ import uuid
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
-from shared import db, messages, repository, topology
-from shared.broker import ERROR_HEADER, Publisher, connect
-from shared.config import Settings
-from shared.crypto import PasswordBox
+from mailferry import db, messages, repository, topology
+from mailferry.broker import ERROR_HEADER, Publisher, connect
+from mailferry.config import Settings
+from mailferry.crypto import PasswordBox
 from tests.support import services
 
 
@@ -103,3 +103,24 @@ def test_a_dead_lettered_batch_of_mail_shows_its_json_part_and_replays_byte_for_
     assert replayed is not None
     assert replayed.content_type == messages.BLOBS_CONTENT_TYPE
     assert messages.decode(replayed.body) == event
+
+
+def test_dead_letters_of_any_shape_are_listed_and_replayed_without_a_crash(
+    env: dict[str, str], settings: Settings
+) -> None:
+    bodies = [b"[1, 2, 3]", b'"just a string"', b"42", b"null", b"[" * 100_000 + b"]" * 100_000,
+              b'{"type": ["SyncMailbox"], "mailbox_id": {"deep": [1]}}', b"\xff\xfe not utf-8",
+              b""]
+    publisher = Publisher(settings.broker_url, settings.retry_delays)
+    for body in bodies:
+        publisher.publish_raw(body, exchange=topology.DEAD_LETTER.name,
+                              routing_key=topology.FETCHER.name, type_=None,
+                              headers={ERROR_HEADER: "malformed message", "x-death": "odd"})
+    publisher.close()
+    listed = services.run_cli(["dead-letters", "list", "--json"], env)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(e["size"] for e in json.loads(listed.stdout)) == sorted(len(b) for b in bodies)
+    table = services.run_cli(["dead-letters", "list"], env)
+    assert table.returncode == 0 and b"Traceback" not in table.stderr, table.stderr
+    replayed = services.run_cli(["dead-letters", "replay"], env)
+    assert json.loads(replayed.stdout) == {"replayed": len(bodies)}

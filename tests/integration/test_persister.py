@@ -13,9 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.persister.handlers import PersisterDeps, handle
-from shared import db
-from shared.messages import (
+from mailferry import db
+from mailferry.messages import (
     FetchedMessage,
     FetcherEvent,
     FlagChange,
@@ -28,6 +27,7 @@ from shared.messages import (
     SyncFinished,
     SyncStarted,
 )
+from mailferry.services.persister.handlers import PersisterDeps, handle
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -182,7 +182,7 @@ def test_a_message_that_cannot_be_parsed_is_stored_with_its_exact_bytes(
 def test_big_messages_are_streamed_in_exactly_once_beside_small_ones_of_the_same_batch(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
-    from services.persister.store import COPY_RAW_FROM
+    from mailferry.services.persister.store import COPY_RAW_FROM
 
     mailbox_id = _mailbox(conn)
     run_id = _run(conn, mailbox_id)

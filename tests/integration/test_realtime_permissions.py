@@ -17,10 +17,10 @@ from urllib.parse import quote
 import pytest
 from amqp.exceptions import AccessRefused
 
-from services.notifier.channels import RealtimePublisher
-from shared import topology
-from shared.broker import Publisher, connect
-from shared.config import Settings
+from mailferry import topology
+from mailferry.broker import Publisher, connect
+from mailferry.config import Settings
+from mailferry.services.notifier.channels import RealtimePublisher
 from tests.support import services
 from tests.support.stomp import TRANSPORTS, Frame, StompClient
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from shared import db, runs
-from shared.errors import ErrorKind
-from shared.runs import RunKind, RunStatus
+from mailferry import db, runs
+from mailferry.errors import ErrorKind
+from mailferry.runs import RunKind, RunStatus
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 

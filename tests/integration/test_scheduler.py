@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.scheduler.handlers import tick
-from shared import db, messages, topology
-from shared.broker import Publisher, connect
-from shared.config import Settings
+from mailferry import db, messages, topology
+from mailferry.broker import Publisher, connect
+from mailferry.config import Settings
+from mailferry.services.scheduler.handlers import tick
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from services.notifier.channels import SmtpSender
-from shared.errors import ConfigError
+from mailferry.errors import ConfigError
+from mailferry.services.notifier.channels import SmtpSender
 from tests.support import services
 from tests.support.dovecot import make_tls_files
 

@@ -23,15 +23,10 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from services.notifier.handlers import NotifierDeps
-from services.notifier.handlers import handle as notify
-from services.persister import store
-from services.persister.handlers import PersisterDeps, event_given_up
-from services.persister.handlers import handle as persist
-from shared import db, repository
-from shared.domain import CREDENTIAL_CAPABILITY
-from shared.errors import PermanentError
-from shared.messages import (
+from mailferry import db, repository
+from mailferry.domain import CREDENTIAL_CAPABILITY
+from mailferry.errors import PermanentError
+from mailferry.messages import (
     AnyMessage,
     CredentialsInvalid,
     FetchedMessage,
@@ -43,8 +38,13 @@ from shared.messages import (
     SyncFinished,
     SyncStarted,
 )
-from shared.notifications import list_notifications, pop_notifications
-from shared.sync_requests import request_syncs
+from mailferry.notifications import list_notifications, pop_notifications
+from mailferry.services.notifier.handlers import NotifierDeps
+from mailferry.services.notifier.handlers import handle as notify
+from mailferry.services.persister import store
+from mailferry.services.persister.handlers import PersisterDeps, event_given_up
+from mailferry.services.persister.handlers import handle as persist
+from mailferry.sync_requests import request_syncs
 from tests.support import services
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)

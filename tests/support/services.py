@@ -116,7 +116,7 @@ class ServiceProcesses:
             index = sum(1 for name, _ in self.processes if name == service)
             log = open(self.log_dir / f"{service}-{index}.log", "wb")  # noqa: SIM115
             process = subprocess.Popen(
-                [sys.executable, "-m", "services.cli.main", service],
+                [sys.executable, "-m", "mailferry.services.cli.main", service],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             )
             self.processes.append((service, process))
@@ -154,7 +154,7 @@ class ServiceProcesses:
 def run_cli(args: list[str], env: Mapping[str, str], stdin: bytes | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args],
+        [sys.executable, "-m", "mailferry.services.cli.main", *args],
         env={**os.environ, **env}, input=stdin, capture_output=True, timeout=timeout, cwd=REPO,
     )
 

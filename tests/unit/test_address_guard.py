@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.errors import ImapAddressRefused, ImapConnectionError
-from shared.imap.address import Target, connect, refusal, resolve
+from mailferry.errors import ImapAddressRefused, ImapConnectionError
+from mailferry.imap.address import Target, connect, refusal, resolve
 
 HINT = "MAILFERRY_ALLOW_PRIVATE_NETWORKS=1"
 

@@ -9,11 +9,10 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from services.fetcher import planning
-from shared.errors import ImapConnectionError, ImapProtocolError
-from shared.imap.manager import FolderStatus
-from shared.imap.sync import Body, Extensions, FlagState, MessageMeta, Ranges, uid_windows
-from shared.messages import (
+from mailferry.errors import ImapConnectionError, ImapProtocolError
+from mailferry.imap.manager import FolderStatus
+from mailferry.imap.sync import Body, Extensions, FlagState, MessageMeta, Ranges, uid_windows
+from mailferry.messages import (
     AnyMessage,
     FlagsChanged,
     FolderInfo,
@@ -21,7 +20,8 @@ from shared.messages import (
     MessagesExpunged,
     MessagesFetched,
 )
-from shared.repository import FolderState
+from mailferry.repository import FolderState
+from mailferry.services.fetcher import planning
 
 INBOX = FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/", type="inbox")
 WHEN = datetime(2026, 11, 1, 9, 30, tzinfo=UTC)

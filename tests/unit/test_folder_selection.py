@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.domain import resolve_selection
-from shared.messages import FolderInfo, FolderType
+from mailferry.domain import resolve_selection
+from mailferry.messages import FolderInfo, FolderType
 
 
 def _folder(name: str, kind: FolderType = "other", delimiter: str = ".") -> FolderInfo:

@@ -10,8 +10,8 @@ from typing import cast
 import pytest
 from imapclient import IMAPClient
 
-from shared.errors import ConfigError
-from shared.imap import ImapConfig, PasswordAuth
+from mailferry.errors import ConfigError
+from mailferry.imap import ImapConfig, PasswordAuth
 
 
 class _Recorder:

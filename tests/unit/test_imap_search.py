@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.imap import ImapConfig, encode_folder_name
-from shared.imap.search import ImapLiteral, SearchQueryBuilder, lowest_open_uid
+from mailferry.imap import ImapConfig, encode_folder_name
+from mailferry.imap.search import ImapLiteral, SearchQueryBuilder, lowest_open_uid
 
 b = SearchQueryBuilder()
 

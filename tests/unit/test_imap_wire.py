@@ -13,10 +13,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from shared.errors import ImapLimitExceeded, ImapTimeout
-from shared.imap import wire
-from shared.imap.search import SearchQueryBuilder
-from shared.imap.wire import Limits
+from mailferry.errors import ImapLimitExceeded, ImapTimeout
+from mailferry.imap import wire
+from mailferry.imap.search import SearchQueryBuilder
+from mailferry.imap.wire import Limits
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR AUTH=PLAIN ESEARCH] Dovecot ready.\r\n"
 

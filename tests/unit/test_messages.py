@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from shared import messages
-from shared.messages import FetchedMessage, MalformedMessage, MessagesFetched
+from mailferry import messages
+from mailferry.messages import FetchedMessage, MalformedMessage, MessagesFetched
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 RUN = uuid.UUID(int=7)

@@ -1,4 +1,4 @@
-"""Tests for ``shared.mime``: the parser the persister trusts never to raise.
+"""Tests for ``mailferry.mime``: the parser the persister trusts never to raise.
 
 Three kinds of evidence, because the parser's promise is about *any* input:
 
@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import shared.mime
-from shared.mime import MAX_PARTS, Attachment, ParsedMessage, clean_text, parse_message
+import mailferry.mime
+from mailferry.mime import MAX_PARTS, Attachment, ParsedMessage, clean_text, parse_message
 from tests.support.corpus import (
     CORPUS,
     corpus_files,
@@ -688,7 +688,7 @@ def test_errors_of_a_message_with_thousands_of_broken_parts_are_capped() -> None
         b"--b\r\nContent-Type: text/plain; charset=x-bogus-%d\r\n\r\n\xff\r\n" % i for i in range(1_000)
     )
     parsed = parse_message(mime("Content-Type: multipart/mixed; boundary=b", body=parts))
-    assert len(parsed.parse_errors) <= shared.mime.MAX_ERRORS + 1
+    assert len(parsed.parse_errors) <= mailferry.mime.MAX_ERRORS + 1
     assert parsed.parse_errors[-1].endswith("further parse errors not recorded")
 
 
@@ -728,7 +728,7 @@ def test_a_catch_all_returns_what_was_parsed_before_an_internal_error(
     def explode(*_args: object) -> None:
         raise RuntimeError("boom\x00")
 
-    monkeypatch.setattr(shared.mime, "_walk", explode)
+    monkeypatch.setattr(mailferry.mime, "_walk", explode)
     parsed = parse_message(mime("Subject: kept", "Message-ID: <id@x>"))
     assert (parsed.subject, parsed.message_id) == ("kept", "id@x")
     assert "parse aborted by an internal error (RuntimeError: boom\ufffd)" in parsed.parse_errors

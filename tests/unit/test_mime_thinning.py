@@ -1,4 +1,4 @@
-"""Large attachments are thinned before parsing (shared.mime._thin): the result is the parse of
+"""Large attachments are thinned before parsing (mailferry.mime._thin): the result is the parse of
 the whole message, proven on the real-world corpus and on generated structures, for a fraction
 of the memory."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import shared.mime
-from shared.mime import parse_message
+import mailferry.mime
+from mailferry.mime import parse_message
 from tests.support.corpus import file_params, messages_in
 
 
@@ -41,7 +41,7 @@ def _attachment_message(sizes: list[int], *, nested: bool = False, boundary: str
 
 @pytest.fixture
 def thin_everything(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shared.mime, "THIN_PART", 1)
+    monkeypatch.setattr(mailferry.mime, "THIN_PART", 1)
 
 
 @pytest.mark.parametrize("path", file_params())
@@ -55,7 +55,7 @@ def test_generated_attachments_parse_the_same_thinned_and_are_thinned(
     nested: bool, thin_everything: None,
 ) -> None:
     raw = _attachment_message([10, 3000, 70000], nested=nested)
-    thinned, sizes = shared.mime._thin(raw)
+    thinned, sizes = mailferry.mime._thin(raw)
     assert sorted(sizes.values()) == [10, 3000, 70000]
     assert len(thinned) < len(raw) / 10
     whole = parse_message(raw, thin_above=1 << 40)

@@ -9,16 +9,16 @@ import pytest
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
-from services.cli.main import _progress_line, _visible
-from shared import messages
-from shared.config import Settings
-from shared.crypto import PasswordBox
-from shared.domain import enabled_on_discovery, first_sync_since
-from shared.errors import ConfigError
-from shared.imap import decode_folder_name, folder_type
-from shared.imap.wire import uid_set
-from shared.logging import mask_url, redact
-from shared.messages import FolderInfo
+from mailferry import messages
+from mailferry.config import Settings
+from mailferry.crypto import PasswordBox
+from mailferry.domain import enabled_on_discovery, first_sync_since
+from mailferry.errors import ConfigError
+from mailferry.imap import decode_folder_name, folder_type
+from mailferry.imap.wire import uid_set
+from mailferry.logging import mask_url, redact
+from mailferry.messages import FolderInfo
+from mailferry.services.cli.main import _progress_line, _visible
 
 
 @pytest.mark.parametrize(("uids", "expected"), [

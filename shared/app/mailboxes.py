@@ -1,0 +1,471 @@
+"""Users, mailboxes and their folders: the product's rules, callable by any entry point.
+
+The CLI, a host application (a CRM embedding mailferry) and the tests call these same functions;
+each takes its adapters as arguments (a database connection, a publish callable, a
+:class:`~shared.crypto.PasswordBox`, the settings), validates its input first, and raises only
+mailferry's own errors (``shared.errors``), each one clear line.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mailferry import db, repository
+from mailferry.app import validation as valid
+from mailferry.app.publishing import Publish
+from mailferry.config import Settings
+from mailferry.crypto import PasswordBox
+from mailferry.errors import ConfigError, MailferryError, NotFound
+from mailferry.imap import Folder, ImapEmailFolderManager, connector_factory
+from mailferry.sync_requests import Requested, request_syncs
+
+# --- users ------------------------------------------------------------------------------------
+
+
+def add_user(conn: db.Connection, email: str, *, name: str | None = None,
+             capabilities: Iterable[str] = ()) -> int:
+    """Create a person who owns mailboxes and is told when their credentials stop working.
+
+    ``email`` must be exactly one address: it becomes the To: header of notification emails.
+    Returns the new user's id; an existing email (any case) is an error."""
+    valid.email_address(email, "email")
+    if name is not None:
+        valid.display_name(name, "name")
+    caps = sorted(set(capabilities))
+    for cap in caps:
+        valid.printable(cap, "capability")
+    row = conn.execute(
+        """INSERT INTO users (email, name, capabilities) VALUES (%s, %s, %s)
+           ON CONFLICT DO NOTHING RETURNING id""",
+        (email, name, caps),
+    ).fetchone()
+    if row is None:
+        raise MailferryError(f"a user with email {email} already exists")
+    return int(row["id"])
+
+
+def list_users(conn: db.Connection) -> list[dict[str, Any]]:
+    """Rows with id, email, name, enabled, capabilities, by id."""
+    return conn.execute(
+        "SELECT id, email, name, enabled, capabilities FROM users ORDER BY id").fetchall()
+
+
+def user_id_by_email(conn: db.Connection, email: str) -> int:
+    valid.text(email, "email")
+    row = conn.execute("SELECT id FROM users WHERE lower(email) = lower(%s)", (email,)).fetchone()
+    if row is None:
+        raise NotFound(f"no user with email {email}; create it with `mailferry user add`")
+    return int(row["id"])
+
+
+# --- mailboxes --------------------------------------------------------------------------------
+
+
+def get_mailbox(conn: db.Connection, mailbox_id: int) -> repository.Mailbox:
+    """The mailbox, or NotFound (also for one being removed, and for ids no row can have)."""
+    mailbox = repository.get_mailbox(conn, mailbox_id) if valid.record_id(mailbox_id) else None
+    if mailbox is None:
+        raise NotFound(f"no mailbox with id {mailbox_id}")
+    return mailbox
+
+
+def add_mailbox(conn: db.Connection, box: PasswordBox, *, owner_email: str | None, host: str,
+                port: int, security: str, username: str, password: str,
+                folders: Sequence[str] | None = None, name: str | None = None,
+                first_sync_days: int | None = None) -> int:
+    """Register a mailbox (``owner_email`` None: a system mailbox, owned by no one); its first
+    sync happens at the next schedule tick. ``folders``: the folders enabled when first listed
+    (None: inbox and sent). The password is stored encrypted. Returns the new id."""
+    valid.host(host)
+    valid.port(port)
+    valid.security(security)
+    valid.username(username)
+    valid.password(password)
+    if name is not None:
+        valid.display_name(name)
+    if first_sync_days is not None:
+        valid.first_sync_days(first_sync_days)
+    selection = valid.folder_names([f.strip() for f in folders if f.strip()]) if folders else None
+    owner_id = user_id_by_email(conn, owner_email) if owner_email is not None else None
+    row = conn.execute(
+        """INSERT INTO mailboxes (owner_id, name, host, port, security, username,
+                                  password_encrypted, initial_folders, first_sync_days)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+        (owner_id, name or f"{username}@{host}", host, port, security, username,
+         box.encrypt(password), selection or None, first_sync_days),
+    ).fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
+@dataclass(frozen=True)
+class MailboxChanges:
+    """What to change; None leaves a setting as it is."""
+
+    host: str | None = None
+    port: int | None = None
+    security: str | None = None
+    username: str | None = None
+    password: str | None = None
+    name: str | None = None
+    sync_enabled: bool | None = None
+    first_sync_days: int | None = None
+
+    #: Settings that decide whether mailferry can log in at all.
+    CONNECTION = ("host", "port", "security", "username", "password")
+
+    def validate(self) -> None:
+        if self.host is not None:
+            valid.host(self.host)
+        if self.port is not None:
+            valid.port(self.port)
+        if self.security is not None:
+            valid.security(self.security)
+        if self.username is not None:
+            valid.username(self.username)
+        if self.password is not None:
+            valid.password(self.password)
+        if self.name is not None:
+            valid.display_name(self.name)
+        if self.first_sync_days is not None:
+            valid.first_sync_days(self.first_sync_days)
+
+    @property
+    def reconnects(self) -> bool:
+        return any(getattr(self, field) is not None for field in self.CONNECTION)
+
+
+@dataclass(frozen=True)
+class Updated:
+    id: int
+    run_id: uuid.UUID | None  # the sync started because the connection settings changed
+
+
+def update_mailbox(conn: db.Connection, box: PasswordBox | None, publish: Publish,
+                   mailbox_id: int, changes: MailboxChanges, *,
+                   requested_by: str = "cli") -> Updated:
+    """Change a mailbox's settings.
+
+    New connection settings (host, port, security, username, password) clear the "credentials
+    invalid" state and start a sync at once (if its sync is enabled): the person who fixed them
+    learns at once whether they work. ``box`` is needed only for a new password."""
+    changes.validate()
+    get_mailbox(conn, mailbox_id)
+    columns: dict[str, Any] = {
+        "host": changes.host, "port": changes.port, "security": changes.security,
+        "username": changes.username, "name": changes.name,
+        "sync_enabled": changes.sync_enabled, "first_sync_days": changes.first_sync_days}
+    if changes.password is not None:
+        if box is None:
+            raise ConfigError("a new password needs the encryption key (MAILFERRY_SECRET_KEY)")
+        columns["password_encrypted"] = box.encrypt(changes.password)
+    columns = {k: v for k, v in columns.items() if v is not None}
+    if not columns:
+        raise ConfigError("nothing to change")
+    reconnect = changes.reconnects
+    assignments = ", ".join(f"{column} = %({column})s" for column in columns)
+    row = conn.execute(
+        f"""UPDATE mailboxes SET {assignments}, updated_at = now(),
+                   credentials_invalid_at = CASE WHEN %(reconnect)s THEN NULL
+                                                 ELSE credentials_invalid_at END
+             WHERE id = %(id)s AND removing_at IS NULL RETURNING sync_enabled""",
+        {**columns, "reconnect": reconnect, "id": mailbox_id},
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no mailbox with id {mailbox_id}")
+    run_id = None
+    if reconnect and row["sync_enabled"]:
+        run_id = request_syncs(conn, publish, [mailbox_id], requested_by=requested_by)[0].run_id
+    return Updated(mailbox_id, run_id)
+
+
+_MAILBOX_LIST = """
+SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m.sync_enabled,
+       m.last_sync_at, m.last_sync_status, m.last_error,
+       m.credentials_invalid_at IS NOT NULL AS credentials_invalid,
+       (SELECT count(*) FROM folders f WHERE f.mailbox_id = m.id AND f.sync_enabled)
+           AS folders_enabled,
+       (SELECT count(*) FROM messages g WHERE g.mailbox_id = m.id) AS messages,
+       m.folder_report
+  FROM mailboxes m LEFT JOIN users u ON u.id = m.owner_id
+ ORDER BY m.id"""
+
+
+def list_mailboxes(conn: db.Connection) -> list[dict[str, Any]]:
+    """Mailboxes with their sync state (never their passwords), and ``folder_notes``: what
+    became of their folder selection (:func:`selection_notes`, joined by "; ", or None)."""
+    rows = conn.execute(_MAILBOX_LIST).fetchall()
+    for row in rows:
+        row["folder_notes"] = "; ".join(selection_notes(row["folder_report"])) or None
+    return rows
+
+
+def selection_notes(report: dict[str, Any] | None) -> list[str]:
+    """What became of the --folders selection: "Sent -> INBOX.Sent" where the server's name
+    differs, and the names that select nothing (unmatched, or an enabled folder vanished)."""
+    report = report or {}
+    notes = [f"{s['name']} -> {s['resolved_as']}" for s in report.get("selection") or ()
+             if s.get("resolved_as") and s["resolved_as"] != s["name"]]
+    notes += [f"no folder {name!r} on the server" for name in report.get("unmatched") or ()]
+    notes += [f"enabled folder {name!r} vanished from the server"
+              for name in report.get("vanished") or ()]
+    return notes
+
+
+def folder_report(conn: db.Connection, mailbox_id: int) -> dict[str, Any] | None:
+    row = conn.execute("SELECT folder_report FROM mailboxes WHERE id = %s",
+                       (mailbox_id,)).fetchone()
+    return row["folder_report"] if row else None
+
+
+# --- check ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """A successful login: the "check connection" button's answer."""
+
+    server: str
+    security: str
+    username: str
+    seconds: float
+    capabilities: list[str]
+    tree: list[Folder]
+
+    def as_dict(self) -> dict[str, Any]:
+        """``folders`` flat (``name`` the full path), ``tree`` nested (``name`` the last part,
+        ``path`` the full name, ``children``)."""
+        folders = [f for root in self.tree for f in root.walk()]
+        return {
+            "ok": True,
+            "server": self.server,
+            "security": self.security,
+            "seconds": self.seconds,
+            "capabilities": self.capabilities,
+            "folders": [{"name": f.path, "raw_name": f.raw_name, "delimiter": f.delimiter,
+                         "flags": list(f.flags), "type": f.type, "selectable": f.selectable,
+                         "uidvalidity": None} for f in folders],
+            "tree": [root.to_dict() for root in self.tree],
+        }
+
+
+def check_mailbox(conn: db.Connection, box: PasswordBox, settings: Settings,
+                  mailbox_id: int) -> CheckResult:
+    """Log in now and list the folder tree and the server's capabilities. A refused login, an
+    unreachable server or a bad certificate raise ``ImapError`` (``kind`` says which)."""
+    mailbox = get_mailbox(conn, mailbox_id)
+    valid.host(mailbox.host, f"mailbox {mailbox_id}'s stored host")  # stored before validation
+    config = mailbox.imap_config(box, timeout=settings.imap_timeout,
+                                 ca_file=settings.imap_ca_file,
+                                 allow_private_networks=settings.allow_private_networks,
+                                 limits=settings.imap_limits())
+    started = time.monotonic()
+    with connector_factory.create_imap_connector(config) as connector:
+        tree = ImapEmailFolderManager(connector).get_folders(None, recursive=True)
+        capabilities = sorted(connector.capabilities())
+    return CheckResult(server=config.address, security=config.security, username=config.username,
+                       seconds=round(time.monotonic() - started, 3), capabilities=capabilities,
+                       tree=list(tree))
+
+
+# --- folders ----------------------------------------------------------------------------------
+
+
+def set_folders(conn: db.Connection, publish: Publish, mailbox_id: int, *,
+                enable: Sequence[str] = (), disable: Sequence[str] = (),
+                requested_by: str = "cli") -> bool:
+    """Enable or disable folders' sync, by name as shown or raw name; all or none change.
+
+    A change queues a folder sync at once (SyncFolders: the folder list, not the mail), as users
+    expect after changing a mailbox's sync settings. Returns whether anything was asked."""
+    get_mailbox(conn, mailbox_id)
+    valid.folder_names([*enable, *disable])
+    with conn.transaction():
+        for names, value in ((enable, True), (disable, False)):
+            for folder in names:
+                row = conn.execute(
+                    """UPDATE folders SET sync_enabled = %s
+                        WHERE mailbox_id = %s AND (name = %s OR raw_name = %s)
+                          AND (selectable OR NOT %s)
+                    RETURNING id""",
+                    (value, mailbox_id, folder, folder, value),
+                ).fetchone()
+                if row is None:
+                    known = conn.execute(
+                        "SELECT name FROM folders WHERE mailbox_id = %s AND selectable ORDER BY name",
+                        (mailbox_id,),
+                    ).fetchall()
+                    raise NotFound(
+                        f"mailbox {mailbox_id} has no selectable folder {folder!r}"
+                        + (f"; known: {', '.join(r['name'] for r in known)}" if known else
+                           "; no folders known yet: run `mailferry sync --mailbox "
+                           f"{mailbox_id} --wait` first")
+                    )
+    if not (enable or disable):
+        return False
+    request_syncs(conn, publish, [mailbox_id], requested_by=requested_by, folders_only=True)
+    return True
+
+
+def list_folders(conn: db.Connection, mailbox_id: int) -> list[dict[str, Any]]:
+    """The mailbox's folders with their sync state and how many messages each holds."""
+    get_mailbox(conn, mailbox_id)
+    return conn.execute(
+        """SELECT f.name, f.raw_name, f.delimiter, f.type, f.selectable, f.sync_enabled,
+                  f.uidvalidity, f.last_uid, f.last_synced_at, f.gone_at, f.last_error,
+                  (SELECT count(*) FROM message_folders mf WHERE mf.folder_id = f.id
+                      AND mf.expunged_at IS NULL) AS messages
+             FROM folders f WHERE f.mailbox_id = %s ORDER BY f.name""",
+        (mailbox_id,),
+    ).fetchall()
+
+
+# --- syncs ------------------------------------------------------------------------------------
+
+
+def request_sync(conn: db.Connection, publish: Publish, mailbox_ids: Sequence[int] | None, *,
+                 force: bool = False, requested_by: str = "cli",
+                 wait_behind_folder_runs: float = 30.0) -> list[Requested]:
+    """Sync these mailboxes now (None: every enabled one); the manual counterpart of the
+    schedule. A mailbox with a run already queued or running gets that run back. A disabled
+    mailbox, or one with invalid credentials, is synced only with ``force``."""
+    if mailbox_ids is None:
+        ids = [r["id"] for r in conn.execute(
+            """SELECT id FROM mailboxes WHERE (sync_enabled OR %s) AND removing_at IS NULL
+                ORDER BY id""", (force,)).fetchall()]
+    else:
+        ids = list(dict.fromkeys(mailbox_ids))
+        for mailbox_id in ids:
+            mailbox = get_mailbox(conn, mailbox_id)
+            if not mailbox.sync_enabled and not force:
+                raise ConfigError(f"mailbox {mailbox_id} has sync disabled; use --force")
+    return request_syncs(conn, publish, ids, requested_by=requested_by, force=force,
+                         wait_behind_folder_runs=wait_behind_folder_runs)
+
+
+def run_states(conn: db.Connection, run_ids: Sequence[uuid.UUID]) -> list[dict[str, Any]]:
+    """The runs' states by mailbox, with the progress of their current attempt (its fencing
+    token): folders_total, messages_found, folders_done, messages_done."""
+    return conn.execute(
+        """SELECT r.id AS run_id, r.mailbox_id, r.status, r.messages_stored, r.error_kind,
+                  r.error, r.started_at, r.finished_at,
+                  r.folders_total, r.messages_found,
+                  (SELECT count(*) FROM sync_folders f WHERE f.run_id = r.id
+                      AND f.lease_token = r.progress_token AND f.completed) AS folders_done,
+                  (SELECT coalesce(sum(b.messages), 0) FROM sync_batches b
+                    WHERE b.run_id = r.id AND b.lease_token = r.progress_token
+                  ) AS messages_done
+             FROM sync_runs r WHERE r.id = ANY(%s) ORDER BY r.mailbox_id""",
+        (list(run_ids),),
+    ).fetchall()
+
+
+def folder_reports(conn: db.Connection, mailbox_ids: Sequence[int]) -> dict[int, Any]:
+    return {r["id"]: r["folder_report"] for r in conn.execute(
+        "SELECT id, folder_report FROM mailboxes WHERE id = ANY(%s)",
+        (list(mailbox_ids),)).fetchall()}
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+def list_messages(conn: db.Connection, mailbox_id: int,
+                  folder: str | None = None) -> list[dict[str, Any]]:
+    """One entry per message and folder it is in (expunged ones left out)."""
+    get_mailbox(conn, mailbox_id)
+    if folder is not None:
+        valid.text(folder, "folder")
+    return conn.execute(
+        """SELECT g.id, f.name AS folder, mf.uid, mf.uidvalidity, g.message_id, g.subject,
+                  g.from_addr AS "from", g.to_addrs AS "to", g.sent_at AS date, mf.seen,
+                  mf.flags, COALESCE(g.size, mf.size) AS size, encode(g.sha256, 'hex') AS sha256,
+                  mf.internal_date, cardinality(g.parse_errors) AS parse_errors,
+                  mf.skipped_reason
+             FROM message_folders mf
+             JOIN folders f ON f.id = mf.folder_id
+             LEFT JOIN messages g ON g.id = mf.message_id
+            WHERE f.mailbox_id = %s AND mf.expunged_at IS NULL
+              AND (%s::text IS NULL OR f.name = %s OR f.raw_name = %s)
+            ORDER BY f.name, mf.uid""",
+        (mailbox_id, folder, folder, folder),
+    ).fetchall()
+
+
+def raw_message(conn: db.Connection, message_id: int) -> bytes:
+    """The message's RFC 822 bytes exactly as the server sent them."""
+    row = conn.execute(
+        """SELECT r.data FROM messages g JOIN raw_messages r ON r.sha256 = g.sha256
+            WHERE g.id = %s""",
+        (message_id,),
+    ).fetchone() if valid.record_id(message_id) else None
+    if row is None:
+        raise NotFound(f"no message with id {message_id}")
+    return bytes(row["data"])
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def rotate_keys(conn: db.Connection, box: PasswordBox) -> int:
+    """Re-encrypt every stored password with the box's first key; returns how many. A mailbox
+    being removed has no password left to rotate."""
+    with conn.transaction():
+        rows = conn.execute(
+            """SELECT id, password_encrypted FROM mailboxes WHERE removing_at IS NULL
+                ORDER BY id FOR UPDATE""").fetchall()
+        for row in rows:
+            conn.execute("UPDATE mailboxes SET password_encrypted = %s WHERE id = %s",
+                         (box.rotate(row["password_encrypted"]), row["id"]))
+    return len(rows)
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def status(conn: db.Connection, settings: Settings) -> dict[str, Any]:
+    """Counts and the ten latest runs from PostgreSQL, queue depths from RabbitMQ (an
+    unreachable broker is reported in ``queues``, not raised)."""
+    counts = conn.execute(
+        """SELECT (SELECT count(*) FROM users) AS users,
+                  (SELECT count(*) FROM mailboxes) AS mailboxes,
+                  (SELECT count(*) FROM mailboxes WHERE credentials_invalid_at IS NOT NULL)
+                      AS mailboxes_with_invalid_credentials,
+                  (SELECT count(*) FROM messages) AS messages,
+                  (SELECT count(*) FROM raw_messages) AS raw_messages,
+                  (SELECT COALESCE(sum(size), 0)::bigint FROM raw_messages) AS raw_bytes"""
+    ).fetchone()
+    runs = conn.execute(
+        """SELECT status, count(*) AS n FROM sync_runs GROUP BY status ORDER BY status"""
+    ).fetchall()
+    recent = conn.execute(
+        """SELECT id AS run_id, mailbox_id, status, requested_by, requested_at, finished_at,
+                  messages_stored, error FROM sync_runs ORDER BY requested_at DESC LIMIT 10"""
+    ).fetchall()
+    return {**(counts or {}), "runs": {r["status"]: r["n"] for r in runs},
+            "recent_runs": recent, "queues": queue_depths(settings)}
+
+
+def queue_depths(settings: Settings) -> dict[str, int | str]:
+    from mailferry import broker, topology
+
+    depths: dict[str, int | str] = {}
+    conn = broker.connect(settings.broker_url)
+    try:
+        channel = conn.channel()
+        for work in topology.WORK_QUEUES:
+            for name in (work.name, work.dead_letter_name):
+                try:
+                    depths[name] = channel.queue_declare(name, passive=True).message_count
+                except Exception:
+                    channel = conn.channel()
+                    depths[name] = "not declared"
+    except Exception as exc:
+        depths["error"] = f"RabbitMQ unreachable: {exc}"
+    finally:
+        conn.release()
+    return depths
+

@@ -1,0 +1,43 @@
+"""The README's host-application example (a CRM adding a mailbox and asking for a sync in
+Python, no CLI) must run as printed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from mailferry import db
+from tests.support import services
+from tests.support.dovecot import Dovecot
+
+
+def _example() -> str:
+    readme = (services.REPO / "README.md").read_text()
+    section = readme.split("## Embedding it in a host application", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "the host application section has no Python example"
+    return match.group(1)
+
+
+def test_the_readme_host_application_example_adds_a_mailbox_and_queues_its_sync(
+    tmp_path: Path, env: dict[str, str], conn: db.Connection,
+) -> None:
+    with Dovecot(tmp_path / "dovecot") as server:
+        server.add_user("carol", "secret")
+        script = tmp_path / "host_app.py"
+        script.write_text(_example())
+        result = subprocess.run(
+            [sys.executable, str(script), server.host, str(server.port), "carol", "secret"],
+            capture_output=True, timeout=60, cwd=services.REPO, env={**os.environ, **env})
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "refused: email: must be one email address" in out, out
+    assert "user 1, mailbox 1" in out, out
+    assert re.search(r"logged in to .*: \['INBOX'", out), out
+    assert re.search(r"sync queued: run [0-9a-f-]{36}", out), out
+    assert conn.execute("SELECT email FROM users").fetchall() == [{"email": "carol@example.com"}]
+    assert conn.execute("SELECT mailbox_id, status, requested_by FROM sync_runs").fetchall() == [
+        {"mailbox_id": 1, "status": "queued", "requested_by": "crm"}]
