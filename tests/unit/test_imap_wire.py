@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -175,3 +176,55 @@ def test_a_slow_drip_is_cut_at_the_command_deadline_however_often_bytes_arrive()
 
 def test_uid_sets_are_compressed_into_ranges() -> None:
     assert wire.uid_set([7, 1, 2, 3, 9, 8]) == "1:3,7:9"
+
+
+EXCHANGE_GREETING = (b"* OK The Microsoft Exchange IMAP4 service is ready. "
+                     b"[TQBXADIAUABSADAAMgBDAEEAMAAwADEANgAuAGUAdQByAHAAcgBkADAAMgAu]\r\n")
+
+
+def test_a_greeting_without_capabilities_asks_for_them_once_as_exchange_needs() -> None:
+    answer = (b"* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS MOVE ID "
+              b"UNSELECT CHILDREN IDLE NAMESPACE LITERAL+\r\nTAG OK CAPABILITY completed.\r\n")
+    with server([answer], greeting=EXCHANGE_GREETING, state="NONAUTH") as (client, sent):
+        assert client.has_capability("AUTH=XOAUTH2")
+        assert not client.has_capability("CONDSTORE")
+    assert [line.split(b" ", 1)[1] for line in sent] == [b"CAPABILITY\r\n"]
+
+
+def test_gmail_shaped_list_answers_give_names_flags_and_delimiters() -> None:
+    answer = (b'* LIST (\\HasNoChildren) "/" "INBOX"\r\n'
+              b'* LIST (\\HasChildren \\Noselect) "/" "[Gmail]"\r\n'
+              b'* LIST (\\All \\HasNoChildren) "/" "[Gmail]/All Mail"\r\n'
+              b'* LIST (\\HasNoChildren \\Sent) "/" "[Gmail]/Sent Mail"\r\n'
+              b'* LIST (\\HasNoChildren) "/" {18}\r\nProjets/\xc3\xa9t\xc3\xa9 2026\r\n'
+              b"TAG OK Success\r\n")
+    with server([answer], state="AUTH") as (client, _):
+        listed = client.list_folders()
+    names = [name for _, _, name in listed]
+    assert names[:4] == [b"INBOX", b"[Gmail]", b"[Gmail]/All Mail", b"[Gmail]/Sent Mail"]
+    assert names[4] == "Projets/été 2026".encode()  # a literal name, 8-bit as some servers send
+    assert listed[1][0] == (b"\\HasChildren", b"\\Noselect")
+    assert listed[3][1] == b"/"
+
+
+def test_cyrus_shaped_fetch_items_in_any_order_with_a_literal_in_the_middle() -> None:
+    body = b"From: a@example.org\r\n\r\nbody\r\n"
+    answer = (b"* 12 FETCH (FLAGS (\\Seen $Label1) BODY[] {%d}\r\n" % len(body) + body
+              + b" UID 812 INTERNALDATE \"30-Nov-2026 05:00:00 +0100\" RFC822.SIZE %d)\r\n"
+              % len(body) + b"TAG OK Completed (0.001 sec)\r\n")
+    with server([answer]) as (client, _):
+        data = wire.uid_fetch(client, "812", ["FLAGS", "BODY.PEEK[]", "INTERNALDATE",
+                                                "RFC822.SIZE"], wanted={812}.__contains__)
+    assert data[812][b"BODY[]"] == body
+    assert data[812][b"FLAGS"] == (b"\\Seen", b"$Label1")
+    assert data[812][b"RFC822.SIZE"] == len(body)
+    assert data[812][b"INTERNALDATE"].utcoffset().total_seconds() == 3600
+
+
+def test_data_sent_in_clear_text_after_a_starttls_ok_ends_the_connection() -> None:
+    injected = b"TAG OK Begin TLS negotiation now\r\n* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN]\r\n"
+    with server([injected], state="NONAUTH",
+                greeting=b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n") as (client, _):
+        with pytest.raises(Exception, match="clear text after STARTTLS"):
+            wire.engine(client).starttls(ssl.create_default_context())
+        assert wire.broken(client)
