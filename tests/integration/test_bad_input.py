@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mailferry import db
-from tests.support import services
-from tests.support.dovecot import Dovecot
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 
 
 @pytest.fixture
