@@ -113,7 +113,7 @@ def run_times(conn: psycopg.Connection[Any], run_id: str) -> dict[str, Any]:
 
 
 def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    case: dict[str, Any] = {"messages": n, "mode": mode}
+    case: dict[str, Any] = {"messages": n, "mode": mode, "rtt_ms": args.rtt_ms}
     base = work / f"{mode}-{n}"
     with Dovecot(base / "dovecot", capabilities_hidden=MODES[mode]) as server:
         server.add_user(USER, PASSWORD)
@@ -124,7 +124,7 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
             client.select_folder("INBOX", readonly=True)
             if len(client.search(["ALL"])) != n:
                 raise RuntimeError("Dovecot does not see the messages written")
-        proxy = TcpProxy(server.host, server.port)
+        proxy = TcpProxy(server.host, server.port, latency=args.rtt_ms / 2000)
         proxy.start()
         with services.private_database() as database_url, \
                 services.private_vhost() as (_, broker_url), \
@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resyncs", type=int, default=7, help="re-syncs per case (default 7)")
     parser.add_argument("--new-messages", type=int, default=5, help="(default 5)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rtt-ms", type=float, default=0.0,
+                        help="round trip the proxy adds between fetcher and Dovecot (e.g. 50; default 0)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per sync")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = parser.parse_args(argv)
