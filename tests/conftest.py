@@ -13,6 +13,8 @@ from mailferry import db
 from mailferry.config import Settings
 from mailferry.devkit import services
 
+pytest_plugins = ["tests.bad_settings"]
+
 
 @pytest.fixture(scope="session")
 def migrated_template() -> Iterator[str]:
