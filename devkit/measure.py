@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +58,20 @@ def machine() -> dict[str, Any]:
             "load_1min": load}
 
 
-def wait_for_consumers(broker_url: str, wanted: dict[str, int], timeout: float = 60.0) -> None:
-    """Block until every work queue has its consumers: the clock must not include start-up."""
+def wait_for_consumers(broker_url: str, wanted: dict[str, int], timeout: float = 60.0,
+                       check: Callable[[], None] | None = None) -> dict[str, int]:
+    """Block until every work queue has its consumers: the clock must not include start-up.
+
+    Asked over AMQP (a passive declare) rather than the management API, whose consumer counts lag
+    by its statistics interval (5 s). ``check`` runs between polls (e.g. raise if a service died).
+    Returns the consumer counts seen."""
     deadline = time.monotonic() + timeout
     conn = broker.connect(broker_url)
     try:
         channel = conn.channel()
         while True:
+            if check is not None:
+                check()
             counts: dict[str, int] = {}
             for queue in wanted:
                 try:
@@ -73,7 +80,7 @@ def wait_for_consumers(broker_url: str, wanted: dict[str, int], timeout: float =
                     channel = conn.channel()
                     counts[queue] = 0
             if all(counts[q] >= n for q, n in wanted.items()):
-                return
+                return counts
             if time.monotonic() > deadline:
                 raise RuntimeError(f"services not consuming after {timeout:g}s: {counts}")
             time.sleep(0.2)

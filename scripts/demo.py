@@ -47,11 +47,11 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 from cryptography.fernet import Fernet
-from kombu.connection import Connection
 
 from mailferry.crypto import generate_key
-from mailferry.devkit import mail
+from mailferry.devkit import mail, measure
 from mailferry.devkit.dovecot import Dovecot, DovecotError
+from mailferry.devkit.services import rabbit_api
 from mailferry.topology import WORK_QUEUES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,21 +133,6 @@ def _masked(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def rabbit_api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One call to RabbitMQ's management API (urllib: the demo needs no extra package)."""
-    request = urllib.request.Request(
-        f"{RABBIT_API}{path}", method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"},
-    )
-    manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
-    manager.add_password(None, RABBIT_API, RABBIT_USER, RABBIT_PASSWORD)
-    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
-    with opener.open(request, timeout=15) as response:
-        payload = response.read()
-    return json.loads(payload) if payload else None
 
 
 def check_postgres(database: Database) -> None:
@@ -381,25 +366,13 @@ class Demo:
         """
         wanted = {work.name: n for work, n in zip(WORK_QUEUES, (FETCHERS, PERSISTERS, 1),
                                                   strict=True)}
-        deadline = time.monotonic() + timeout
-        seen: dict[str, int] = {}
-        with Connection(self.env["MAILFERRY_BROKER_URL"], connect_timeout=10) as conn:
-            channel = conn.channel()
-            while time.monotonic() < deadline:
-                self.check_alive()
-                for name in wanted:
-                    try:
-                        seen[name] = channel.queue_declare(name, passive=True).consumer_count
-                    except Exception:  # not declared yet: the channel is closed, open another
-                        channel = conn.channel()
-                        seen[name] = 0
-                if all(seen[name] >= n for name, n in wanted.items()):
-                    for name in wanted:
-                        note(f"{name}: {seen[name]} consumer(s)")
-                    return
-                time.sleep(0.2)
-        raise DemoError(f"the services did not start consuming within {timeout:.0f}s "
-                        f"(consumers: {seen or 'none'}); see {SERVICES_LOG}\n" + log_tail())
+        try:
+            seen = measure.wait_for_consumers(self.env["MAILFERRY_BROKER_URL"], wanted, timeout,
+                                              check=self.check_alive)
+        except RuntimeError as exc:
+            raise DemoError(f"{exc}; see {SERVICES_LOG}\n" + log_tail()) from exc
+        for name in wanted:
+            note(f"{name}: {seen[name]} consumer(s)")
 
     def check_alive(self) -> None:
         if self.supervisor is not None and self.supervisor.poll() is not None:
