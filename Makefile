@@ -17,7 +17,7 @@ deps:
 	scripts/setup-deps.sh
 
 test: setup deps
-	$(BIN)/ruff check shared services tests bench scripts
+	$(BIN)/ruff check shared services tests bench scripts devkit
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 

@@ -36,12 +36,10 @@ Run it with ``.venv/bin/python bench/hostile.py`` (about 3 minutes on 2 cores);
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import hashlib
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -52,19 +50,16 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from cryptography.fernet import Fernet
+
+from mailferry import db, topology
+from mailferry.devkit import mail, services
+from mailferry.devkit.dovecot import Dovecot
+from mailferry.devkit.hostile_imap import FolderSpec, HostileImapServer, MiB
+from mailferry.devkit.measure import json_lines, machine, peak_memory_mb, wait_for_consumers
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the project's packages importable
-    sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import psycopg  # noqa: E402
-from cryptography.fernet import Fernet  # noqa: E402
-from initial_sync import _cli, _json_lines, machine, peak_memory_mb, wait_for_consumers  # noqa: E402
-
-from mailferry import db, topology  # noqa: E402
-from tests.support import services  # noqa: E402
-from tests.support.dovecot import Dovecot  # noqa: E402
-from tests.support.hostile_imap import FolderSpec, HostileImapServer, MiB  # noqa: E402
 
 OWNER = "owner@example.com"
 PASSWORD = "pw"
@@ -82,18 +77,6 @@ def rss_mb(pid: int) -> float | None:
 # --- 1. huge messages, through the pipeline ------------------------------------------------------
 
 
-def genuine_message(size: int) -> bytes:
-    """A valid message of about ``size`` bytes: a text part and a base64 attachment."""
-    payload = random.Random(60).randbytes(size * 3 // 4 * 76 // 78 - 1024)  # CRLF every 76
-    encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
-    return (b"From: big@example.com\r\nTo: user@example.com\r\nSubject: sixty megabytes\r\n"
-            b"Message-ID: <big@bench.test>\r\nMIME-Version: 1.0\r\n"
-            b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
-            b"Content-Type: text/plain\r\n\r\nsee attached\r\n--b\r\n"
-            b"Content-Type: application/octet-stream; name=big.bin\r\n"
-            b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + b"--b--\r\n")
-
-
 @contextlib.contextmanager
 def deployment(base: Path, extra: dict[str, str] | None = None,
                ) -> Iterator[tuple[dict[str, str], psycopg.Connection[Any], services.ServiceProcesses]]:
@@ -106,7 +89,7 @@ def deployment(base: Path, extra: dict[str, str] | None = None,
                "MAILFERRY_SECRET_KEY": Fernet.generate_key().decode(),
                "MAILFERRY_LOG_LEVEL": "info", "MAILFERRY_LOG_FORMAT": "json",
                "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1", **(extra or {})}
-        _cli(["user", "add", "--email", OWNER], env)
+        services.cli_json(["user", "add", "--email", OWNER], env)
         (base / "logs").mkdir(parents=True)
         processes = services.ServiceProcesses(env, base / "logs")
         try:
@@ -120,7 +103,7 @@ def deployment(base: Path, extra: dict[str, str] | None = None,
 
 
 def add_mailbox(env: dict[str, str], port: int, user: str, *more: str) -> int:
-    return int(_cli(["mailbox", "add", "--owner", OWNER, "--host", "127.0.0.1", "--port",
+    return int(services.cli_json(["mailbox", "add", "--owner", OWNER, "--host", "127.0.0.1", "--port",
                      str(port), "--security", "none", "--username", user, "--password-stdin",
                      "--folders", "INBOX", *more], env, stdin=f"{PASSWORD}\n".encode())["id"])
 
@@ -130,11 +113,11 @@ def synced(env: dict[str, str], conn: psycopg.Connection[Any], processes: servic
     """One ``sync --wait`` and its figures; the services' peak RSS read before they stop."""
     pids = {name: p.pid for name, p in processes.processes}
     rest = rss_mb(pids["fetcher"])
-    [run] = _cli(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout", str(timeout),
+    [run] = services.cli_json(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout", str(timeout),
                   "--json"], env, timeout=timeout + 60)
     times = conn.execute("SELECT extract(epoch FROM finished_at - requested_at) FROM sync_runs "
                          "WHERE id = %s", (run["run_id"],)).fetchone()
-    fetched = [e.get("seconds") for e in _json_lines(processes.log_dir / "fetcher-0.log")
+    fetched = [e.get("seconds") for e in json_lines(processes.log_dir / "fetcher-0.log")
                if e.get("event") == "sync.fetched" and e.get("run_id") == str(run["run_id"])]
     return {"status": run["status"], "error": run["error"],
             "fetcher_s": fetched[-1] if fetched else None,
@@ -152,13 +135,13 @@ def huge_messages(base: Path, timeout: float) -> dict[str, Any]:
         mailbox_id = add_mailbox(env, server.port, "liar")
         print("[lying-80mib] syncing ...", flush=True)
         figures = synced(env, conn, procs, mailbox_id, timeout)
-        [row] = _cli(["messages", "list", "--mailbox", str(mailbox_id), "--json"], env)
+        [row] = services.cli_json(["messages", "list", "--mailbox", str(mailbox_id), "--json"], env)
         figures["stored"] = {k: row[k] for k in ("size", "sha256", "skipped_reason")}
         figures["ok"] = (figures["status"] == "done" and row["sha256"] is None
                          and row["size"] == 80 * MiB and bool(row["skipped_reason"]))
         out["lying-80mib"] = figures
 
-    big = genuine_message(60 * MiB)
+    big = mail.attachment_message(60 * MiB)
     with Dovecot(base / "dovecot") as dovecot, \
             deployment(base / "genuine") as (env, conn, procs):
         dovecot.add_user("big", PASSWORD)
@@ -166,7 +149,7 @@ def huge_messages(base: Path, timeout: float) -> dict[str, Any]:
         mailbox_id = add_mailbox(env, dovecot.port, "big")
         print(f"[genuine-60mib] syncing {len(big) / MiB:.1f} MiB ...", flush=True)
         figures = synced(env, conn, procs, mailbox_id, timeout)
-        [row] = _cli(["messages", "list", "--mailbox", str(mailbox_id), "--json"], env)
+        [row] = services.cli_json(["messages", "list", "--mailbox", str(mailbox_id), "--json"], env)
         figures["stored"] = {k: row[k] for k in ("size", "skipped_reason")}
         figures["ok"] = (figures["status"] == "done"
                          and row["sha256"] == hashlib.sha256(big).hexdigest())

@@ -29,16 +29,8 @@ Run it with ``make bench`` or ``.venv/bin/python bench/initial_sync.py --message
 from __future__ import annotations
 
 import argparse
-import base64
-import contextlib
-import email.header
-import email.utils
-import html
 import json
 import os
-import platform
-import quopri
-import random
 import shutil
 import signal
 import statistics
@@ -47,22 +39,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from cryptography.fernet import Fernet
+
+from mailferry import broker, db, topology
+from mailferry.devkit import mail, services
+from mailferry.devkit.dovecot import Dovecot, dovecot_version
+from mailferry.devkit.measure import cpu_seconds, json_lines, machine, peak_memory_mb, wait_for_consumers
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the project's packages importable
-    sys.path.insert(0, str(REPO))
-
-import psycopg  # noqa: E402
-from cryptography.fernet import Fernet  # noqa: E402
-
-from mailferry import broker, db, topology  # noqa: E402
-from tests.support import services  # noqa: E402
-from tests.support.dovecot import Dovecot, dovecot_version  # noqa: E402
 
 USER = "bench"
 PASSWORD = "bench-secret"
@@ -70,242 +59,7 @@ OWNER_EMAIL = "bench@example.com"
 PROFILE_RATE = 100  # py-spy samples per second
 TARGET_RATIO = 2.0  # the issue's goal: pipeline <= 2 x mbsync at N = 20,000
 
-# Sizes: log-normal with a median of 6 KB and a mean of about 16.5 KB, i.e. 20,000 messages are
-# about 330 MB as measured on real mailboxes (DESIGN.md). sigma follows from mean/median:
-# mean = median * exp(sigma^2 / 2)  =>  sigma = sqrt(2 * ln(16.5 / 6)) ~ 1.42.
-SIZE_MEDIAN = 6_000
-SIZE_SIGMA = 1.42
-SIZE_MIN = 700
-SIZE_MAX = 20 * 1024 * 1024  # far below the fetcher's 64 MB limit: every message is carried
-ATTACHMENT_FROM = 32 * 1024  # larger messages are multipart/mixed with a base64 attachment
-YEAR_DAYS = 360  # internal dates within the last year, so the first-sync window holds them all
-
-_WORD_TEXT = (
-    "the of and to in is that for it as was with be by on not he this are or his from at which "
-    "but have an they you were her all she there would their we him been has when who will more "
-    "no if out so said what up its about into than them can only other new some could time these "
-    "two may then do first any my now such like our over man me even most made after also did "
-    "many before must through back years where much your way well down should because each just "
-    "invoice meeting quarter release budget server deploy schedule review contract shipment "
-    "report customer ticket order payment draft agenda minutes"
-)
-_WORDS = _WORD_TEXT.split()
-_ACCENTED_WORDS = ("café", "déjà", "naïve", "Grüße", "über", "señor", "façade", "smörgåsbord",
-                   "Привет", "日本語", "Ελλάδα", "zürich", "crème", "brûlée")
-_SUBJECTS_ASCII = (
-    "Quarterly report", "Re: meeting on Monday", "Invoice {n}", "Fwd: contract draft",
-    "Your order {n} has shipped", "Release notes {n}", "Re: Re: budget review",
-    "Ticket #{n}: server unreachable", "Lunch?", "Minutes of the board meeting",
-)
-_SUBJECTS_UNICODE = (
-    "Réunion de lundi", "Überweisung bestätigt {n}", "Счёт за март {n}", "会議の議事録",
-    "Café ☕ demain ?", "Ελληνικά νέα {n}", "Facture n° {n}", "Año nuevo, ¿qué tal?",
-)
-_NAMES = ("Alice Martin", "Bob Stone", "Chloé Dubois", "Dmitri Ivanov", "Eve Adams",
-          "Frank Müller", "Grace Hopper", "Hiro Tanaka", "Inès García", "Jack White")
-_OOXML = "application/vnd.openxmlformats-officedocument"
-_ATTACHMENTS = (
-    ("report.pdf", "application/pdf"),
-    ("photo.jpg", "image/jpeg"),
-    ("archive.zip", "application/zip"),
-    ("slides.pptx", f"{_OOXML}.presentationml.presentation"),
-    ("données.xlsx", f"{_OOXML}.spreadsheetml.sheet"),
-)
-
-
-# --- messages --------------------------------------------------------------------------------
-
-
-@dataclass
-class Corpus:
-    """What was written to the Maildir, for the checks and the summary."""
-
-    count: int = 0
-    total_bytes: int = 0
-    sizes: list[int] = field(default_factory=list)
-    kinds: dict[str, int] = field(default_factory=dict)
-    unicode_subjects: int = 0
-
-
-class MessageFactory:
-    """Deterministic realistic messages: the same seed gives the same bytes (apart from dates,
-    which are relative to now so the first-sync window of 365 days always covers them)."""
-
-    def __init__(self, seed: int, now: datetime) -> None:
-        self.rng = random.Random(seed)
-        self.seed = seed
-        self.now = now
-        # A pool of wrapped paragraphs, assembled into bodies: generating every word of 300 MB of
-        # text one by one would make the set-up slower than the thing measured.
-        self.paragraphs = [self._paragraph() for _ in range(256)]
-
-    def _paragraph(self) -> str:
-        words = []
-        for _ in range(self.rng.randint(40, 160)):
-            pool = _ACCENTED_WORDS if self.rng.random() < 0.03 else _WORDS
-            words.append(self.rng.choice(pool))
-        words[0] = words[0].capitalize()
-        lines, line = [], ""
-        for word in words:
-            if len(line) + len(word) + 1 > 72:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}" if line else word
-        lines.append(line + ".")
-        return "\n".join(lines)
-
-    def _text(self, budget: int) -> str:
-        """Paragraphs up to about ``budget`` characters (at least one)."""
-        out: list[str] = []
-        size = 0
-        while size < budget or not out:
-            paragraph = self.rng.choice(self.paragraphs)
-            out.append(paragraph)
-            size += len(paragraph) + 2
-        return "\n\n".join(out)[: max(budget, 40)]
-
-    def _text_part(self, text: str, subtype: str = "plain") -> str:
-        """One text part; half quoted-printable, half 8bit UTF-8, both common in the wild."""
-        if self.rng.random() < 0.5:
-            body = quopri.encodestring(text.encode("utf-8")).decode("ascii")
-            cte = "quoted-printable"
-        else:
-            body, cte = text, "8bit"
-        return (f"Content-Type: text/{subtype}; charset=utf-8\n"
-                f"Content-Transfer-Encoding: {cte}\n\n{body}\n")
-
-    def _html(self, text: str) -> str:
-        paragraphs = "".join(f"<p>{html.escape(p)}</p>\n" for p in text.split("\n\n"))
-        return f"<html><head><meta charset=\"utf-8\"></head><body>\n{paragraphs}</body></html>"
-
-    def _address(self) -> str:
-        name = self.rng.choice(_NAMES)
-        local = name.split()[0].lower().encode("ascii", "ignore").decode() or "user"
-        mailbox = f"{local}.{self.rng.randint(1, 999)}@example.{self.rng.choice(('com', 'org'))}"
-        if name.isascii():
-            return f"{name} <{mailbox}>"
-        return f"{email.header.Header(name, 'utf-8').encode()} <{mailbox}>"
-
-    def message(self, index: int) -> tuple[bytes, datetime, list[str], str, bool]:
-        """(raw bytes with CRLF line ends, internal date, flags, kind, non-ASCII subject)."""
-        rng = self.rng
-        target = int(min(max(rng.lognormvariate(0, SIZE_SIGMA) * SIZE_MEDIAN, SIZE_MIN), SIZE_MAX))
-        when = self.now - timedelta(seconds=rng.uniform(60, YEAR_DAYS * 86400))
-        unicode_subject = rng.random() < 0.15
-        template = rng.choice(_SUBJECTS_UNICODE if unicode_subject else _SUBJECTS_ASCII)
-        subject = template.format(n=rng.randint(1000, 99999))
-        encoded_subject = (email.header.Header(subject, "utf-8").encode(linesep="\n")
-                           if unicode_subject else subject)
-        boundary = f"=_bench_{self.seed}_{index}_{rng.getrandbits(32):08x}"
-        headers = (
-            f"Return-Path: <sender{index}@example.com>\n"
-            f"Received: from mx.example.com (mx.example.com [192.0.2.{index % 250 + 1}])\n"
-            f"\tby imap.example.net with ESMTPS id {rng.getrandbits(48):012x};\n"
-            f"\t{email.utils.format_datetime(when)}\n"
-            f"From: {self._address()}\n"
-            f"To: {self._address()}\n"
-            + (f"Cc: {self._address()}\n" if rng.random() < 0.3 else "")
-            + f"Subject: {encoded_subject}\n"
-            f"Date: {email.utils.format_datetime(when - timedelta(seconds=rng.randint(1, 600)))}\n"
-            f"Message-ID: <{index}.{self.seed}.{rng.getrandbits(64):016x}@bench.mailferry.test>\n"
-            "MIME-Version: 1.0\n"
-        )
-        room = max(target - len(headers) - 200, 40)
-        if target >= ATTACHMENT_FROM:
-            kind = "multipart/mixed"
-            text = self._text(rng.randint(200, 3000))
-            name, ctype = rng.choice(_ATTACHMENTS)
-            disposition = (f'attachment; filename="{name}"' if name.isascii()
-                           else f"attachment; filename*=utf-8''{_percent(name)}")
-            payload = base64.encodebytes(rng.randbytes(max((room - len(text)) * 57 // 78, 1)))
-            body = (
-                f'Content-Type: multipart/mixed; boundary="{boundary}"\n\n'
-                "This is a multi-part message in MIME format.\n\n"
-                f"--{boundary}\n{self._text_part(text)}\n"
-                f"--{boundary}\nContent-Type: {ctype}; name=\"{name}\"\n"
-                f"Content-Transfer-Encoding: base64\nContent-Disposition: {disposition}\n\n"
-                f"{payload.decode('ascii')}\n--{boundary}--\n"
-            )
-        elif rng.random() < 0.5:
-            kind = "text/plain"
-            body = self._text_part(self._text(room))
-        else:
-            kind = "multipart/alternative"
-            text = self._text(room * 2 // 5)
-            body = (
-                f'Content-Type: multipart/alternative; boundary="{boundary}"\n\n'
-                f"--{boundary}\n{self._text_part(text)}\n"
-                f"--{boundary}\n{self._text_part(self._html(text), 'html')}\n"
-                f"--{boundary}--\n"
-            )
-        raw = (headers + body).replace("\n", "\r\n").encode("utf-8")
-        flags = [flag for flag, p in (("\\Seen", 0.7), ("\\Answered", 0.1), ("\\Flagged", 0.05))
-                 if rng.random() < p]
-        return raw, when, flags, kind, unicode_subject
-
-
-def _percent(text: str) -> str:
-    """RFC 2231 percent-encoding of a UTF-8 filename."""
-    return "".join(chr(b) if (chr(b).isalnum() and b < 128) or chr(b) in ".-_" else f"%{b:02X}"
-                   for b in text.encode("utf-8"))
-
-
-def generate(factory: MessageFactory, count: int, corpus: Corpus
-             ) -> Iterator[tuple[bytes, datetime, list[str]]]:
-    """Messages for ``Dovecot.fill_maildir``, recording sizes on the way (nothing kept in memory:
-    330 MB of messages need not live in the benchmark process)."""
-    for index in range(count):
-        raw, when, flags, kind, unicode_subject = factory.message(index)
-        corpus.count += 1
-        corpus.total_bytes += len(raw)
-        corpus.sizes.append(len(raw))
-        corpus.kinds[kind] = corpus.kinds.get(kind, 0) + 1
-        corpus.unicode_subjects += unicode_subject
-        yield raw, when, flags
-
-
 # --- measuring -------------------------------------------------------------------------------
-
-
-def peak_memory_mb(pid: int) -> float | None:
-    """VmHWM, the process's peak resident set, in MB; read before the process is stopped."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a live process: says which service did the work."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
-
-
-def machine() -> dict[str, Any]:
-    """Enough about the machine to compare figures between runs."""
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory_kb = 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory_kb = int(line.split()[1])
-    # The load before the run: other processes on a shared machine skew every figure.
-    load = round(os.getloadavg()[0], 2)
-    return {"nproc": os.cpu_count(), "memory_gb": round(memory_kb / 1024 / 1024, 1), "cpu": cpu,
-            "kernel": platform.release(), "python": platform.python_version(),
-            "load_1min": load}
 
 
 class CpuAccount:
@@ -436,29 +190,6 @@ class QueueSampler:
         return self.samples[::step]
 
 
-def wait_for_consumers(broker_url: str, wanted: dict[str, int], timeout: float = 60.0) -> None:
-    """Block until every work queue has its consumers: the clock must not include start-up."""
-    deadline = time.monotonic() + timeout
-    conn = broker.connect(broker_url)
-    try:
-        channel = conn.channel()
-        while True:
-            counts: dict[str, int] = {}
-            for queue in wanted:
-                try:
-                    counts[queue] = int(channel.queue_declare(queue, passive=True).consumer_count)
-                except Exception:  # not declared yet: the channel is closed by the broker
-                    channel = conn.channel()
-                    counts[queue] = 0
-            if all(counts[q] >= n for q, n in wanted.items()):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"services not consuming after {timeout:g}s: {counts}")
-            time.sleep(0.2)
-    finally:
-        conn.release()
-
-
 def _service_pids(processes: services.ServiceProcesses) -> dict[str, int]:
     """"fetcher", "persister", ... or "persister-0", "persister-1" when there are several."""
     names = [name for name, _ in processes.processes]
@@ -471,34 +202,17 @@ def _service_pids(processes: services.ServiceProcesses) -> dict[str, int]:
     return out
 
 
-def _cli(args: list[str], env: dict[str, str], stdin: bytes | None = None,
-         timeout: float = 300) -> Any:
-    """Run the mailferry CLI and return its JSON output; any failure stops the benchmark."""
-    result = services.run_cli(args, env, stdin=stdin, timeout=timeout)
-    if result.returncode != 0:
-        raise RuntimeError(f"mailferry {' '.join(args)} failed ({result.returncode}): "
-                           f"{result.stderr.decode(errors='replace')[-2000:]}")
-    return json.loads(result.stdout)
-
-
-def _json_lines(path: Path) -> Iterator[dict[str, Any]]:
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                yield json.loads(line)
-
-
 def log_breakdown(log_dir: Path) -> dict[str, Any]:
     """With ``--log-level info``: the fetcher's own duration and the persister's busy time per
     event type (``event.applied`` lines carry ``seconds``, parse and SQL together)."""
     out: dict[str, Any] = {}
     for path in sorted(log_dir.glob("fetcher-*.log")):
-        for entry in _json_lines(path):
+        for entry in json_lines(path):
             if entry.get("event") == "sync.fetched":
                 out.setdefault("fetcher_seconds", []).append(entry.get("seconds"))
     busy: dict[str, float] = {}
     for path in sorted(log_dir.glob("persister-*.log")):
-        for entry in _json_lines(path):
+        for entry in json_lines(path):
             if entry.get("event") == "event.applied":
                 kind = str(entry.get("type"))
                 busy[kind] = busy.get(kind, 0.0) + float(entry.get("seconds") or 0)
@@ -597,7 +311,7 @@ def profile_breakdown(path: Path) -> dict[str, float]:
 # --- the two contenders ----------------------------------------------------------------------
 
 
-def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected: Corpus
+def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected: mail.Written
                  ) -> dict[str, Any]:
     """The four services as processes on a private database and vhost; time one initial sync."""
     result: dict[str, Any] = {}
@@ -611,8 +325,8 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
             "MAILFERRY_LOG_FORMAT": "json",
             "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1",  # Dovecot listens on 127.0.0.1
         }
-        _cli(["user", "add", "--email", OWNER_EMAIL], env)
-        mailbox_id = int(_cli(
+        services.cli_json(["user", "add", "--email", OWNER_EMAIL], env)
+        mailbox_id = int(services.cli_json(
             ["mailbox", "add", "--owner", OWNER_EMAIL, "--host", server.host, "--port",
              str(server.port), "--security", "none", "--username", USER, "--password-stdin",
              "--folders", "INBOX"],
@@ -637,7 +351,7 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
             with QueueSampler(broker_url, database_url, mailbox_id) as sampler:
                 account.start()
                 started = time.monotonic()
-                synced = services.run_cli(
+                synced = services.runservices.cli_json(
                     ["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout",
                      str(args.timeout), "--json"], env, timeout=args.timeout + 60)
                 cli_seconds = time.monotonic() - started
@@ -838,7 +552,7 @@ def _mb(n: float) -> float:
     return round(n / 1e6, 1)
 
 
-def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: Corpus, fill_seconds: float,
+def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: mail.Written, fill_seconds: float,
               pipeline: dict[str, Any], mbsyncs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The figures of the report, flat enough for one JSON line."""
     sizes = sorted(corpus.sizes)
@@ -966,10 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Dovecot(work / "dovecot") as server:
             server.add_user(USER, PASSWORD)
-            corpus = Corpus()
-            factory = MessageFactory(args.seed, datetime.now(UTC))
+            corpus = mail.Written()
+            factory = mail.MessageFactory(args.seed, datetime.now(UTC))
             started = time.monotonic()
-            server.fill_maildir(USER, "INBOX", generate(factory, args.messages, corpus))
+            server.fill_maildir(USER, "INBOX", mail.generate(factory, args.messages, corpus))
             fill_seconds = time.monotonic() - started
             # Let Dovecot index the new files once, so neither contender pays for it.
             with server.session(USER) as client:

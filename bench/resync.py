@@ -39,28 +39,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psycopg
 from cryptography.fernet import Fernet
-from initial_sync import (
-    OWNER_EMAIL,
-    PASSWORD,
-    USER,
-    Corpus,
-    MessageFactory,
-    _cli,
-    _json_lines,
-    generate,
-    machine,
-    peak_memory_mb,
-    wait_for_consumers,
-)
 
 from mailferry import db, topology
-from tests.support import services
-from tests.support.dovecot import Dovecot, dovecot_version
-from tests.support.tcp_proxy import Command, TcpProxy
+from mailferry.devkit import mail, services
+from mailferry.devkit.dovecot import Dovecot, dovecot_version
+from mailferry.devkit.measure import json_lines, machine, peak_memory_mb, wait_for_consumers
+from mailferry.devkit.tcp_proxy import Command, TcpProxy
 
+USER, PASSWORD, OWNER_EMAIL = "bench", "bench-secret", "bench@example.com"
 TARGET_FETCHER_SECONDS = 0.100  # the issue: an unchanged folder costs the fetcher < 100 ms
 # "Barely differ" between N = 1,000 and N = 20,000, made concrete here: within 20 ms or 25%.
 SAME_ABSOLUTE, SAME_RELATIVE = 0.020, 0.25
@@ -107,7 +95,7 @@ def fetcher_seconds(log: Path, run_id: str, timeout: float = 5.0) -> float | Non
     """``seconds`` of the fetcher's ``sync.fetched`` line for this run."""
     deadline = time.monotonic() + timeout
     while True:
-        for entry in _json_lines(log):
+        for entry in json_lines(log):
             if entry.get("event") == "sync.fetched" and entry.get("run_id") == run_id:
                 return float(entry["seconds"])
         if time.monotonic() > deadline:
@@ -125,18 +113,18 @@ def run_times(conn: psycopg.Connection[Any], run_id: str) -> dict[str, Any]:
 
 
 def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    case: dict[str, Any] = {"messages": n, "mode": mode}
+    case: dict[str, Any] = {"messages": n, "mode": mode, "rtt_ms": args.rtt_ms}
     base = work / f"{mode}-{n}"
     with Dovecot(base / "dovecot", capabilities_hidden=MODES[mode]) as server:
         server.add_user(USER, PASSWORD)
-        corpus = Corpus()
-        factory = MessageFactory(args.seed, datetime.now(UTC))
-        server.fill_maildir(USER, "INBOX", generate(factory, n, corpus))
+        corpus = mail.Written()
+        factory = mail.MessageFactory(args.seed, datetime.now(UTC))
+        server.fill_maildir(USER, "INBOX", mail.generate(factory, n, corpus))
         with server.session(USER) as client:  # Dovecot indexes the new files once, here
             client.select_folder("INBOX", readonly=True)
             if len(client.search(["ALL"])) != n:
                 raise RuntimeError("Dovecot does not see the messages written")
-        proxy = TcpProxy(server.host, server.port)
+        proxy = TcpProxy(server.host, server.port, latency=args.rtt_ms / 2000)
         proxy.start()
         with services.private_database() as database_url, \
                 services.private_vhost() as (_, broker_url), \
@@ -146,8 +134,8 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
                    "MAILFERRY_SECRET_KEY": Fernet.generate_key().decode(),
                    "MAILFERRY_LOG_LEVEL": "info", "MAILFERRY_LOG_FORMAT": "json",
                    "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1"}  # Dovecot and the proxy: 127.0.0.1
-            _cli(["user", "add", "--email", OWNER_EMAIL], env)
-            mailbox_id = int(_cli(
+            services.cli_json(["user", "add", "--email", OWNER_EMAIL], env)
+            mailbox_id = int(services.cli_json(
                 ["mailbox", "add", "--owner", OWNER_EMAIL, "--host", "127.0.0.1", "--port",
                  str(proxy.port), "--security", "none", "--username", USER, "--password-stdin",
                  "--folders", "INBOX"], env, stdin=f"{PASSWORD}\n".encode())["id"])
@@ -166,7 +154,7 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
                 def synced() -> dict[str, Any]:
                     """One ``sync --wait`` through the pipeline, with its figures."""
                     proxy.take()  # what came before (sessions still closing) is not this run's
-                    out = _cli(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout",
+                    out = services.cli_json(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout",
                                 str(args.timeout), "--json"], env, timeout=args.timeout + 60)
                     run_id = out[0]["run_id"]
                     imap = traffic(proxy)
@@ -219,7 +207,7 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
     return case
 
 
-def new_message(server: Dovecot, factory: MessageFactory, index: int, env: dict[str, str],
+def new_message(server: Dovecot, factory: mail.MessageFactory, index: int, env: dict[str, str],
                 conn: psycopg.Connection[Any], mailbox_id: int, proxy: TcpProxy,
                 fetcher_log: Path, args: argparse.Namespace) -> dict[str, Any]:
     """APPEND one message, start ``mailferry sync``, poll until its placement row is there."""
@@ -386,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resyncs", type=int, default=7, help="re-syncs per case (default 7)")
     parser.add_argument("--new-messages", type=int, default=5, help="(default 5)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rtt-ms", type=float, default=0.0,
+                        help="round trip the proxy adds between fetcher and Dovecot (e.g. 50; default 0)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per sync")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = parser.parse_args(argv)

@@ -47,19 +47,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from mailferry import db, search
+from mailferry.devkit import services
+from mailferry.devkit.mail import MessageFactory
+from mailferry.devkit.measure import machine
+from mailferry.messages import FetchedMessage
+from mailferry.mime import parse_message
+from mailferry.search import compile_query, search_messages, search_sql
+from mailferry.services.persister import store
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the project's packages importable
-    sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from initial_sync import MessageFactory, machine  # noqa: E402
-
-from mailferry import db, search  # noqa: E402
-from mailferry.messages import FetchedMessage  # noqa: E402
-from mailferry.mime import parse_message  # noqa: E402
-from mailferry.search import compile_query, search_messages, search_sql  # noqa: E402
-from mailferry.services.persister import store  # noqa: E402
-from tests.support import services  # noqa: E402
 
 VOCABULARY = 50_000
 PEOPLE = 2_000

@@ -8,7 +8,7 @@ work on the machine:
 - a database ``mailferry_demo`` (dropped and created again on every run) on the local PostgreSQL,
   and a RabbitMQ vhost ``mailferry-demo`` (deleted and created again), so other databases and vhosts
   are never touched;
-- a private Dovecot IMAP server under ``.demo/dovecot`` (``tests.support.dovecot``, the harness of
+- a private Dovecot IMAP server under ``.demo/dovecot`` (``mailferry.devkit.dovecot``, the harness of
   the tests) holding about 200 generated messages, some with attachments, some \\Seen, in INBOX,
   Sent and the non-ASCII nested folder "Projets/Été", plus 20 messages older than a year that the
   first sync must skip and an "Archive" folder that is only synchronized once enabled;
@@ -37,29 +37,24 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, formataddr
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import psycopg
+from cryptography.fernet import Fernet
+
+from mailferry.crypto import generate_key
+from mailferry.devkit import mail, measure
+from mailferry.devkit.dovecot import Dovecot, DovecotError
+from mailferry.devkit.services import rabbit_api
+from mailferry.topology import WORK_QUEUES
+
 REPO = Path(__file__).resolve().parents[1]
-# ``python scripts/demo.py`` puts scripts/ first on sys.path; the Dovecot harness lives in tests/.
-sys.path.insert(0, str(REPO))
-
-import psycopg  # noqa: E402
-from cryptography.fernet import Fernet  # noqa: E402
-from kombu.connection import Connection  # noqa: E402
-
-from mailferry.crypto import generate_key  # noqa: E402
-from mailferry.topology import WORK_QUEUES  # noqa: E402
-from tests.support.dovecot import Dovecot, DovecotError, MaildirMessage  # noqa: E402
 
 DEMO_DIR = REPO / ".demo"
 SECRET_KEY_FILE = DEMO_DIR / "secret_key"
@@ -138,21 +133,6 @@ def _masked(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def rabbit_api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One call to RabbitMQ's management API (urllib: the demo needs no extra package)."""
-    request = urllib.request.Request(
-        f"{RABBIT_API}{path}", method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"},
-    )
-    manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
-    manager.add_password(None, RABBIT_API, RABBIT_USER, RABBIT_PASSWORD)
-    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
-    with opener.open(request, timeout=15) as response:
-        payload = response.read()
-    return json.loads(payload) if payload else None
 
 
 def check_postgres(database: Database) -> None:
@@ -290,89 +270,6 @@ def _demo_processes() -> list[int]:
 
 # --- generated mail -------------------------------------------------------------------------------
 
-PEOPLE = [
-    ("Camille Martin", "camille.martin@example.org"),
-    ("Léa Dubois", "lea.dubois@example.net"),
-    ("Hugo Lefèvre", "hugo.lefevre@example.org"),
-    ("Zoé Moreau", "zoe@example.com"),
-    ("Noah Garnier", "noah.garnier@example.net"),
-    ("Inès Roussel", "ines.roussel@example.org"),
-    ("Paul Fontaine", "paul@example.com"),
-    ("Chloé Faure", "chloe.faure@example.net"),
-]
-SUBJECTS = [
-    "Réunion de lundi", "Budget {year}", "Compte rendu du comité", "Déjeuner vendredi ?",
-    "Relecture du devis n°{n}", "Planning de l'été", "Facture {n}", "Photos du séminaire",
-    "Question sur le contrat", "Mise à jour du projet Hélios", "Billets de train pour Lyon",
-    "Accès au serveur de test", "Café ☕ demain matin ?", "Nouvelle version de la maquette",
-]
-LINES = [
-    "Bonjour,",
-    "Voici les éléments dont nous avons parlé ce matin.",
-    "Peux-tu me dire ce que tu en penses d'ici jeudi ?",
-    "J'ai mis à jour le document partagé avec les dernières remarques.",
-    "La réunion est déplacée à 14 h, même salle.",
-    "Merci pour ton retour rapide, c'est très clair.",
-    "Il reste deux points à régler avant la livraison.",
-    "Je te joins le fichier, dis-moi s'il manque quelque chose.",
-]
-# A 1x1 PNG and the start of a PDF: enough for a client to show "image" and "document".
-PNG = bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-    "1f15c4890000000d49444154789c6300010000050001"
-    "0d0a2db40000000049454e44ae426082"
-)
-PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
-
-
-def message(rng: random.Random, folder: str, n: int, when: datetime) -> bytes:
-    """One plausible message; every 12th one carries an attachment."""
-    sent = folder == "Sent"
-    other = rng.choice(PEOPLE)
-    me = ("Demo", OWNER_EMAIL)
-    sender, recipient = (me, other) if sent else (other, me)
-    subject = rng.choice(SUBJECTS).format(year=when.year, n=1000 + n)
-    if rng.random() < 0.25:
-        subject = f"Re: {subject}"
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = formataddr(sender)
-    msg["To"] = formataddr(recipient)
-    msg["Subject"] = subject
-    msg["Date"] = format_datetime(when)
-    msg["Message-ID"] = f"<demo.{zlib.crc32(folder.encode()):08x}.{n}@mailferry.example>"
-    body = [LINES[0], "", *rng.sample(LINES[1:], 3), "", f"— {sender[0]}"]
-    msg.set_content("\n".join(body) + "\n")
-    if n % 12 == 5:
-        kind = (n // 12) % 3
-        if kind == 0:
-            rows = "poste;montant\nsalle;1200\nrepas;845,50\ntransport;310\n"
-            msg.add_attachment(rows.encode(), maintype="text", subtype="csv",
-                               filename="budget-été.csv")
-        elif kind == 1:
-            msg.add_attachment(PDF, maintype="application", subtype="pdf",
-                               filename="compte-rendu.pdf")
-        else:
-            msg.add_attachment(PNG, maintype="image", subtype="png", filename="photo.png")
-    return msg.as_bytes()
-
-
-def mail_for(rng: random.Random, folder: str, recent: int, old: int,
-             now: datetime) -> list[MaildirMessage]:
-    """``recent`` messages within the last ~11 months and ``old`` ones 13 months to 3 years old."""
-    out: list[MaildirMessage] = []
-    for n in range(recent + old):
-        if n < recent:
-            when = now - timedelta(days=rng.uniform(0, 330), minutes=rng.randrange(1440))
-        else:
-            when = now - timedelta(days=rng.uniform(400, 1100))
-        seen = folder == "Sent" or rng.random() < 0.6
-        flags = [r"\Seen"] if seen else []
-        if rng.random() < 0.05:
-            flags.append(r"\Flagged")
-        out.append((message(rng, folder, n, when.replace(microsecond=0)), when, flags))
-    return out
-
-
 def start_dovecot(stack: contextlib.ExitStack) -> Dovecot:
     shutil.rmtree(DOVECOT_DIR, ignore_errors=True)  # fresh mail: UIDs start at 1 again
     try:
@@ -385,10 +282,14 @@ def start_dovecot(stack: contextlib.ExitStack) -> Dovecot:
     rng = random.Random(20240601)  # the same mailbox on every run
     now = datetime.now(UTC)
     for folder, (recent, old) in SYNCED.items():
-        written = server.fill_maildir(IMAP_USER, folder, mail_for(rng, folder, recent, old, now))
+        written = server.fill_maildir(
+            IMAP_USER, folder,
+            mail.dated_mail(rng, folder, recent, old, now, owner=OWNER_EMAIL))
         note(f"{folder:<12} {written:>4} messages ({old} of them older than a year)")
     for folder, count in UNSELECTED.items():
-        written = server.fill_maildir(IMAP_USER, folder, mail_for(rng, folder, count, 0, now))
+        written = server.fill_maildir(
+            IMAP_USER, folder,
+            mail.dated_mail(rng, folder, count, 0, now, owner=OWNER_EMAIL))
         note(f"{folder:<12} {written:>4} messages (not selected for sync)")
     server.create_folder(IMAP_USER, "Trash")
     note(f"user {IMAP_USER!r}, password {IMAP_PASSWORD!r}")
@@ -465,25 +366,13 @@ class Demo:
         """
         wanted = {work.name: n for work, n in zip(WORK_QUEUES, (FETCHERS, PERSISTERS, 1),
                                                   strict=True)}
-        deadline = time.monotonic() + timeout
-        seen: dict[str, int] = {}
-        with Connection(self.env["MAILFERRY_BROKER_URL"], connect_timeout=10) as conn:
-            channel = conn.channel()
-            while time.monotonic() < deadline:
-                self.check_alive()
-                for name in wanted:
-                    try:
-                        seen[name] = channel.queue_declare(name, passive=True).consumer_count
-                    except Exception:  # not declared yet: the channel is closed, open another
-                        channel = conn.channel()
-                        seen[name] = 0
-                if all(seen[name] >= n for name, n in wanted.items()):
-                    for name in wanted:
-                        note(f"{name}: {seen[name]} consumer(s)")
-                    return
-                time.sleep(0.2)
-        raise DemoError(f"the services did not start consuming within {timeout:.0f}s "
-                        f"(consumers: {seen or 'none'}); see {SERVICES_LOG}\n" + log_tail())
+        try:
+            seen = measure.wait_for_consumers(self.env["MAILFERRY_BROKER_URL"], wanted, timeout,
+                                              check=self.check_alive)
+        except RuntimeError as exc:
+            raise DemoError(f"{exc}; see {SERVICES_LOG}\n" + log_tail()) from exc
+        for name in wanted:
+            note(f"{name}: {seen[name]} consumer(s)")
 
     def check_alive(self) -> None:
         if self.supervisor is not None and self.supervisor.poll() is not None:

@@ -11,7 +11,9 @@ from cryptography.fernet import Fernet
 
 from mailferry import db
 from mailferry.config import Settings
-from tests.support import services
+from mailferry.devkit import services
+
+pytest_plugins = ["tests.bad_settings"]
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ import pytest
 from imapclient import IMAPClient
 
 from mailferry import db
-from tests.support import services
-from tests.support.dovecot import Dovecot
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 
 FOLDERS = ("INBOX", "Work")
 State = dict[tuple[str, int], tuple[str, tuple[str, ...]]]

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.support import faults, services
-from tests.support.dovecot import Dovecot
-from tests.support.tcp_proxy import TcpProxy
+from mailferry.devkit import faults, services
+from mailferry.devkit.dovecot import Dovecot
+from mailferry.devkit.tcp_proxy import TcpProxy
 
 USER, PASSWORD = "dora", "courier"
 

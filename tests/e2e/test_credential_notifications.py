@@ -17,8 +17,8 @@ from aiosmtpd.controller import Controller
 
 from mailferry import db, topology
 from mailferry.broker import connect
-from tests.support import services
-from tests.support.dovecot import Dovecot
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 
 PASSWORD = "Tr0ub4dor-3"
 

@@ -37,9 +37,9 @@ from kombu.connection import Connection
 from kombu.entity import Exchange
 from kombu.messaging import Producer
 
-from tests.support import faults, services
-from tests.support.dovecot import Dovecot
-from tests.support.tcp_proxy import TcpProxy
+from mailferry.devkit import faults, mail, services
+from mailferry.devkit.dovecot import Dovecot
+from mailferry.devkit.tcp_proxy import TcpProxy
 
 USER, PASSWORD = "alice", "secret"
 FOLDERS = ("INBOX", "Work")
@@ -316,7 +316,7 @@ def test_poison_events_are_dead_lettered_with_their_reason_and_the_mailbox_still
                  "MessagesFetched")
         # Well-formed, in this very run, but the database refuses it every time: a server that
         # announced a UIDVALIDITY beyond 64 bits (RFC 3501 allows 32).
-        raw = faults.generated_message(99999, rng)
+        raw = mail.plain_message(99999, rng)
         poison = {
             "type": "MessagesFetched", "version": 1, "run_id": run_id, "mailbox_id": mailbox_id,
             "lease_token": token, "folder": "INBOX", "uidvalidity": 2**64, "batch_no": 999,

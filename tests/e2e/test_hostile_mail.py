@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 
 from mailferry import db
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 from mailferry.topology import WORK_QUEUES
-from tests.support import services
-from tests.support.dovecot import Dovecot
 
 NORMAL = (b"X-Case: normal-after\r\nSubject: plain and simple\r\n"
           b"Message-ID: <normal@example.com>\r\n\r\nhi\r\n")

@@ -1,6 +1,6 @@
 """Hostile IMAP servers queued beside a healthy mailbox, through the whole pipeline (the services
 as processes, real RabbitMQ and PostgreSQL, a real Dovecot for the healthy mailbox, one
-``tests/support/hostile_imap.py`` server per hostile mailbox).
+``devkit/hostile_imap.py`` server per hostile mailbox).
 
 DESIGN invariant 9: a server is untrusted input, so every attempt has bounded time and bounded
 memory, and one hostile or broken server fails its own run and nothing else. Here that means:
@@ -30,10 +30,10 @@ from typing import Any
 import pytest
 
 from mailferry import db
+from mailferry.devkit import faults, services
+from mailferry.devkit.dovecot import Dovecot
+from mailferry.devkit.hostile_imap import HostileImapServer, MiB
 from mailferry.topology import NOTIFIER
-from tests.support import faults, services
-from tests.support.dovecot import Dovecot
-from tests.support.hostile_imap import HostileImapServer, MiB
 
 COMMAND_TIMEOUT = 3.0
 SYNC_DEADLINE = 10.0

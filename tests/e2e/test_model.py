@@ -73,9 +73,9 @@ from hypothesis.stateful import (
 from imapclient import IMAPClient
 
 from mailferry import db
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 from mailferry.services.persister import store as persister_store
-from tests.support import services
-from tests.support.dovecot import Dovecot
 
 PROFILES: dict[str, dict[str, int]] = {
     "default": {"max_examples": 4, "stateful_step_count": 12},

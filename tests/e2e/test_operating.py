@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from mailferry import db, topology
-from tests.support import services
-from tests.support.dovecot import Dovecot
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import services
-from tests.support.corpus import corpus_messages
-from tests.support.dovecot import Dovecot
+from mailferry.devkit import services
+from mailferry.devkit.corpus import corpus_messages
+from mailferry.devkit.dovecot import Dovecot
 
 ENABLED = ("INBOX", "Sent", "Données/Été")
 DISABLED = "Archive"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import faults, services
-from tests.support.dovecot import Dovecot
+from mailferry.devkit import faults, services
+from mailferry.devkit.dovecot import Dovecot
 
 FOLDERS = ("INBOX",)
 ENV = {"MAILFERRY_LEASE_SECONDS": "4", "MAILFERRY_BATCH_MAX_MESSAGES": "100",

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import faults, services
-from tests.support.dovecot import Dovecot
-from tests.support.tcp_proxy import Command, TcpProxy, Traffic
+from mailferry.devkit import faults, services
+from mailferry.devkit.dovecot import Dovecot
+from mailferry.devkit.tcp_proxy import Command, TcpProxy, Traffic
 
 USER, PASSWORD = "carol", "round trips"
 FOLDERS = ("INBOX", "Work")

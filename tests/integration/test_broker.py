@@ -14,8 +14,8 @@ import pytest
 from mailferry import messages, topology
 from mailferry.broker import ATTEMPT_HEADER, ERROR_HEADER, Publisher, Unroutable, Worker, connect
 from mailferry.config import Settings
+from mailferry.devkit import services
 from mailferry.errors import PermanentError
-from tests.support import services
 
 DELAYS = (0.2, 0.4)
 

@@ -1,7 +1,7 @@
 """Proves the private Dovecot harness behaves the way the other tests rely on.
 
 Every other integration test, the demo and the benchmarks stand on
-``tests.support.dovecot``; if the harness drifts (a Dovecot upgrade, a config
+``mailferry.devkit.dovecot``; if the harness drifts (a Dovecot upgrade, a config
 typo) these tests say so directly instead of through confusing sync failures.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 
-from tests.support.dovecot import Dovecot
+from mailferry.devkit.dovecot import Dovecot
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"

@@ -12,8 +12,8 @@ from pydantic import SecretStr
 
 from mailferry import app, db
 from mailferry.crypto import PasswordBox
+from mailferry.devkit import services
 from mailferry.services.cli import main as cli_main
-from tests.support import services
 
 HOSTILE = {
     "empty": "",

@@ -21,7 +21,7 @@ import imapclient
 import pytest
 from imapclient.exceptions import LoginError
 
-from tests.support.hostile_imap import (
+from mailferry.devkit.hostile_imap import (
     DEFAULT_DATE,
     FolderSpec,
     HostileImapServer,

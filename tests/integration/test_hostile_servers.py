@@ -1,4 +1,4 @@
-"""mailferry's IMAP layer against servers that misbehave on purpose (tests/support/hostile_imap.py):
+"""mailferry's IMAP layer against servers that misbehave on purpose (devkit/hostile_imap.py):
 every hostile answer ends in a clear error of its own kind, within its deadline, with memory bounded
 by the limits on the bytes received, never by what the server declared."""
 
@@ -11,10 +11,10 @@ from contextlib import contextmanager
 
 import pytest
 
+from mailferry.devkit.hostile_imap import HostileImapServer
 from mailferry.errors import ImapConnectionError, ImapLimitExceeded, ImapTimeout
 from mailferry.imap import ImapConfig, Limits, SyncSession, connector_factory
 from mailferry.messages import FolderInfo
-from tests.support.hostile_imap import HostileImapServer
 
 INBOX = FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/")
 MiB = 1024 * 1024

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 from mailferry.errors import ImapAuthError, ImapConnectionError, ImapProtocolError, NotFound
 from mailferry.imap import (
     ImapConfig,
@@ -24,8 +26,6 @@ from mailferry.imap import (
     SearchQueryBuilder,
     connector_factory,
 )
-from tests.support import services
-from tests.support.dovecot import Dovecot
 
 USER, PASSWORD = "alice", "secret"
 

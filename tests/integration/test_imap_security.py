@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from mailferry import imap
+from mailferry.devkit.dovecot import Dovecot
 from mailferry.errors import ImapAddressRefused, ImapAuthError, ImapConnectionError, ImapTlsError
 from mailferry.imap import connector_factory
-from tests.support.dovecot import Dovecot
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ from email.message import EmailMessage
 import pytest
 
 from mailferry import db, search
+from mailferry.devkit import services
 from mailferry.messages import FetchedMessage
 from mailferry.mime import parse_message
 from mailferry.search import BadQuery, compile_query, search_messages
 from mailferry.services.persister import store
 from mailferry.services.persister.indexer import Indexer
-from tests.support import services
 
 BASE = datetime(2026, 10, 1, 9, 0, tzinfo=UTC)
 _uids = itertools.count(1)

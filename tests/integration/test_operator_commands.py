@@ -12,7 +12,7 @@ from mailferry import db, messages, repository, topology
 from mailferry.broker import ERROR_HEADER, Publisher, connect
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
-from tests.support import services
+from mailferry.devkit import services
 
 
 def _dead_letter(settings: Settings, message: messages.SyncMailbox, reason: str) -> None:

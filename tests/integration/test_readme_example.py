@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import services
-from tests.support.dovecot import Dovecot
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 
 
 def _example() -> str:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from mailferry import db
-from tests.support import services
-from tests.support.dovecot import Dovecot
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 
 
 def _example() -> str:

@@ -20,9 +20,9 @@ from amqp.exceptions import AccessRefused
 from mailferry import topology
 from mailferry.broker import Publisher, connect
 from mailferry.config import Settings
+from mailferry.devkit import services
+from mailferry.devkit.stomp import TRANSPORTS, Frame, StompClient
 from mailferry.services.notifier.channels import RealtimePublisher
-from tests.support import services
-from tests.support.stomp import TRANSPORTS, Frame, StompClient
 
 INTRUDER, VICTIM = 42, 43
 EXCHANGE = f"/exchange/{topology.NOTIFICATIONS.name}"

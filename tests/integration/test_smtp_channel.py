@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import make_tls_files
 from mailferry.errors import ConfigError
 from mailferry.services.notifier.channels import SmtpSender
-from tests.support import services
-from tests.support.dovecot import make_tls_files
 
 
 class _Recorder:

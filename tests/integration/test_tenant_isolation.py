@@ -24,6 +24,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from mailferry import db, repository
+from mailferry.devkit import services
 from mailferry.domain import CREDENTIAL_CAPABILITY
 from mailferry.errors import PermanentError
 from mailferry.messages import (
@@ -45,7 +46,6 @@ from mailferry.services.persister import store
 from mailferry.services.persister.handlers import PersisterDeps, event_given_up
 from mailferry.services.persister.handlers import handle as persist
 from mailferry.sync_requests import request_syncs
-from tests.support import services
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 SAME = b"Subject: same\r\nMessage-ID: <same@example.com>\r\n\r\nidentical bytes in two mailboxes\r\n"

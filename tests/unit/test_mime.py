@@ -25,8 +25,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import mailferry.mime
-from mailferry.mime import MAX_PARTS, Attachment, ParsedMessage, clean_text, parse_message
-from tests.support.corpus import (
+from mailferry.devkit.corpus import (
     CORPUS,
     corpus_files,
     file_params,
@@ -34,6 +33,7 @@ from tests.support.corpus import (
     needs_corpus,
     require,
 )
+from mailferry.mime import MAX_PARTS, Attachment, ParsedMessage, clean_text, parse_message
 
 
 def corpus_message(relative: str) -> ParsedMessage:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import mailferry.mime
+from mailferry.devkit.corpus import file_params, messages_in
 from mailferry.mime import parse_message
-from tests.support.corpus import file_params, messages_in
 
 
 def _attachment_message(sizes: list[int], *, nested: bool = False, boundary: str = "b1",

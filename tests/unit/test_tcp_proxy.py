@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.support.tcp_proxy import Command, _CommandReader
+from mailferry.devkit.tcp_proxy import Command, _CommandReader
 
 
 def _read(*chunks: bytes) -> list[str]:

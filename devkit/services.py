@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import psycopg
@@ -30,7 +30,7 @@ RABBIT_AMQP = os.environ.get("MAILFERRY_TEST_RABBIT_AMQP", "amqp://guest:guest@1
 RABBIT_API = os.environ.get("MAILFERRY_TEST_RABBIT_API", "http://127.0.0.1:15672/api")
 RABBIT_USER = os.environ.get("MAILFERRY_TEST_RABBIT_USER", "guest")
 RABBIT_PASSWORD = os.environ.get("MAILFERRY_TEST_RABBIT_PASSWORD", "guest")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
 
@@ -157,6 +157,16 @@ def run_cli(args: list[str], env: Mapping[str, str], stdin: bytes | None = None,
         [sys.executable, "-m", "mailferry.services.cli.main", *args],
         env={**os.environ, **env}, input=stdin, capture_output=True, timeout=timeout, cwd=REPO,
     )
+
+
+def cli_json(args: list[str], env: dict[str, str], stdin: bytes | None = None,
+         timeout: float = 300) -> Any:
+    """Run the mailferry CLI and return its JSON output; any failure stops the benchmark."""
+    result = run_cli(args, env, stdin=stdin, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"mailferry {' '.join(args)} failed ({result.returncode}): "
+                           f"{result.stderr.decode(errors='replace')[-2000:]}")
+    return json.loads(result.stdout)
 
 
 def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1) -> T:

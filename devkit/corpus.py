@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("MAILFERRY_TEST_CORPUS") or REPO.parent / "shared" / "corpus")
 REQUIRED = os.environ.get("MAILFERRY_REQUIRE_CORPUS") == "1"
 MISSING = f"the real-world corpus is not at {CORPUS} (set MAILFERRY_TEST_CORPUS to its folder)"

@@ -20,12 +20,12 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from mailferry import db
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
 from mailferry.messages import CredentialsInvalid
 from mailferry.services.notifier.channels import SmtpSender
 from mailferry.services.notifier.handlers import NotifierDeps
 from mailferry.services.notifier.handlers import handle as notify
-from tests.support import services
-from tests.support.dovecot import Dovecot
 
 #: Created over IMAP (imapclient quotes them); each gets one message "in <name>".
 FOLDERS = (

@@ -47,7 +47,6 @@ import contextlib
 import errno
 import fcntl
 import grp
-import ipaddress
 import json
 import os
 import pwd
@@ -62,7 +61,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -325,104 +324,21 @@ def _virtual_size(raw: bytes) -> int:
 
 
 def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
-    """Create a throw-away CA and a server certificate for 127.0.0.1/localhost.
+    """Create a throw-away CA and a server certificate for 127.0.0.1/localhost (trustme).
 
     A separate CA (rather than one self-signed leaf) keeps the chain valid even
     under strict X.509 verification (e.g. Python 3.13's VERIFY_X509_STRICT).
     Returns (ca_file, cert_file, key_file).
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    import trustme
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(UTC) - timedelta(minutes=5)
-    not_after = now + timedelta(days=30)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailferry test CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(not_after)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address(HOST)),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    ca_file = directory / "ca.pem"
-    cert_file = directory / "server.pem"
-    key_file = directory / "server.key"
-    pem = serialization.Encoding.PEM
-    _write_atomically(ca_file, ca_cert.public_bytes(pem), 0o644)
-    _write_atomically(cert_file, cert.public_bytes(pem), 0o644)
-    _write_atomically(
-        key_file,
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        0o600,
-    )
+    ca = trustme.CA(organization_name="mailferry test CA")
+    leaf = ca.issue_cert("localhost", HOST)
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    _write_atomically(ca_file, ca.cert_pem.bytes(), 0o644)
+    _write_atomically(cert_file, b"".join(blob.bytes() for blob in leaf.cert_chain_pems), 0o644)
+    _write_atomically(key_file, leaf.private_key_pem.bytes(), 0o600)
     return ca_file, cert_file, key_file
 
 
@@ -1033,7 +949,7 @@ ssl_key = <{self._key_file}
             if not self.courier_namespace  # Courier-IMAP has no SPECIAL-USE
         )
         return f"""\
-# Generated by tests/support/dovecot.py - private test instance, do not edit.
+# Generated by devkit/dovecot.py - private test instance, do not edit.
 instance_name = {self._instance_name}
 base_dir = {self._run_dir}
 state_dir = {self.state_dir}

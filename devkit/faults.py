@@ -20,8 +20,8 @@ from urllib.parse import quote
 import psycopg
 from psycopg.rows import dict_row
 
-from tests.support import services
-from tests.support.dovecot import Dovecot
+from mailferry.devkit import mail, services
+from mailferry.devkit.dovecot import Dovecot
 
 # (folder raw name, uid) -> (sha256 hex of the raw bytes, sorted flags without \Recent)
 State = dict[tuple[str, int], tuple[str | None, tuple[str, ...]]]
@@ -113,30 +113,12 @@ def assert_store_equals_server(server: Dovecot, user: str, database_url: str, ma
 
 # -- mail and mailboxes -------------------------------------------------------------------------
 
-_WORDS = ("ferry", "mail", "queue", "harbour", "crate", "lease", "token", "broker", "tide",
-          "anchor", "cargo", "pier", "rope", "signal", "storm", "lantern", "route", "deck")
-
-
-def generated_message(n: int, rng: random.Random, size: int = 2500) -> bytes:
-    """A plain message of about ``size`` bytes (a few KB), unique by its number."""
-    lines = []
-    total = 0
-    while total < size:
-        line = " ".join(rng.choice(_WORDS) for _ in range(12))
-        lines.append(line)
-        total += len(line) + 2
-    body = "\r\n".join(lines)
-    return (f"From: sender{n % 37}@example.com\r\nTo: alice@example.com\r\n"
-            f"Subject: generated message {n}\r\nMessage-ID: <gen-{n}@faults.test>\r\n"
-            f"Date: Mon, 02 Nov 2026 10:00:00 +0000\r\n\r\n{body}\r\n").encode()
-
-
 def fill(server: Dovecot, user: str, folder: str, numbers: Iterable[int], rng: random.Random,
          flags: Sequence[str] = ()) -> int:
     """Write generated messages straight into the Maildir (thousands per second)."""
     now = datetime.now(UTC)
     return server.fill_maildir(
-        user, folder, ((generated_message(n, rng, rng.randint(1500, 4500)), now, flags)
+        user, folder, ((mail.plain_message(n, rng, rng.randint(1500, 4500)), now, flags)
                        for n in numbers))
 
 

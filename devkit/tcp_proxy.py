@@ -12,6 +12,11 @@ Faults: the proxy forwards bytes until told to misbehave:
   moment once N more bytes went through (the client blocks in its read, as behind a stalled
   network), :meth:`TcpProxy.resume` lets them flow again. Links opened later flow normally.
 
+Latency: ``TcpProxy(host, port, latency=0.025)`` holds every chunk, each way, for that one-way
+delay before forwarding it (a 50 ms round trip, as to a mail provider across a country), without
+limiting throughput: chunks queue with their due time and flow in order, as on a long fat pipe.
+``latency`` can also be changed while links are open.
+
 Cuts and pauses count the server-to-client direction only: it is where a large response
 (FETCH BODY[]) is, and so where a cut hurts.
 
@@ -27,11 +32,13 @@ handshake (implicit TLS) or that sent STARTTLS is counted in bytes only.
 from __future__ import annotations
 
 import contextlib
+import queue
 import re
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import NamedTuple
@@ -128,10 +135,54 @@ def _command_text(line: bytes) -> str | None:
     return line[len(match.group(1)) + 1:].decode(errors="replace")
 
 
+class _Delayed:
+    """Forwards chunks to ``sock`` ``latency()`` seconds after they were handed over, in order.
+
+    A thread of its own, so that a chunk waiting out its delay never holds back the reading of the
+    next one: the delay adds to each chunk's time, not to the link's throughput.
+    """
+
+    def __init__(self, sock: socket.socket, latency: Callable[[], float]) -> None:
+        self._sock = sock
+        self._latency = latency
+        self._queue: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def sendall(self, data: bytes) -> None:
+        delay = self._latency()
+        if delay <= 0 and self._thread is None:
+            self._sock.sendall(data)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="proxy-delay", daemon=True)
+            self._thread.start()
+        self._queue.put((time.monotonic() + delay, data))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every queued chunk is sent (before a shutdown that must come after them)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        broken = False
+        while (item := self._queue.get()) is not None:
+            due, data = item
+            time.sleep(max(0.0, due - time.monotonic()))
+            if not broken:
+                try:
+                    self._sock.sendall(data)
+                except OSError:  # the link was dropped: the rest has nowhere to go
+                    broken = True
+
+
 class _Link:
-    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+    def __init__(self, client: socket.socket, server: socket.socket,
+                 latency: Callable[[], float] = lambda: 0.0) -> None:
         self.client = client
         self.server = server
+        self.to_client = _Delayed(client, latency)
+        self.to_server = _Delayed(server, latency)
         self.flowing = threading.Event()
         self.flowing.set()
         self.closed = threading.Event()
@@ -159,8 +210,9 @@ class _Link:
 class TcpProxy:
     """Listens on 127.0.0.1:<port> and forwards each connection to ``target``."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, latency: float = 0.0) -> None:
         self.target = (target_host, target_port)
+        self.latency = latency  # seconds each chunk is held, each way (round trip: twice this)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.host = "127.0.0.1"
         self.port: int = self._listener.getsockname()[1]
@@ -190,6 +242,8 @@ class TcpProxy:
 
     def stop(self) -> None:
         self._stopping.set()
+        with contextlib.suppress(OSError):  # wakes the accept() that a close alone leaves blocked
+            self._listener.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._listener.close()
         self.cut(count=False)
@@ -281,7 +335,7 @@ class TcpProxy:
             for sock in (client, server):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            link = _Link(client, server)
+            link = _Link(client, server, lambda: self.latency)
             with self._lock:
                 self._links.append(link)
                 self.accepted += 1
@@ -300,10 +354,11 @@ class TcpProxy:
                 # 40 ms to ENABLE and UID SEARCH that a direct connection does not pay.
                 with contextlib.suppress(OSError):
                     link.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                link.server.sendall(data)
+                link.to_server.sendall(data)
                 self._record(link, data)
         except OSError:
             pass
+        link.to_server.flush()
         with contextlib.suppress(OSError):
             link.server.shutdown(socket.SHUT_WR)
         self._pump_done(link)
@@ -320,7 +375,7 @@ class TcpProxy:
                     link.flowing.wait()
                     if link.closed.is_set():
                         return
-                    link.client.sendall(send)
+                    link.to_client.sendall(send)
                 if action == "cut":
                     self.cut()
                     self.cut_done.set()
@@ -332,10 +387,11 @@ class TcpProxy:
                         return
                     rest = data[len(send):]
                     if rest:
-                        link.client.sendall(rest)
+                        link.to_client.sendall(rest)
         except OSError:
             pass
         finally:
+            link.to_client.flush()
             with contextlib.suppress(OSError):
                 link.client.shutdown(socket.SHUT_WR)
             self._pump_done(link)
