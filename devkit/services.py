@@ -151,6 +151,19 @@ class ServiceProcesses:
         self.processes.clear()
 
 
+def mailbox_row(conn: Any, *, name: str = "m", owner: int | None = None,
+                username: str = "u", host: str = "h", lease_token: int = 1) -> int:
+    """A mailbox row straight in the store (no password: ``\\x00``), for tests of what reads
+    or writes the store without going through the CLI."""
+    row = conn.execute(
+        """INSERT INTO mailboxes (owner_id, name, host, port, security, username,
+                                  password_encrypted, lease_token)
+           VALUES (%s, %s, %s, 993, 'ssl', %s, '\\x00', %s) RETURNING id""",
+        (owner, name, host, username, lease_token)).fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
 def run_cli(args: list[str], env: Mapping[str, str], stdin: bytes | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(

@@ -24,17 +24,6 @@ BASE = datetime(2026, 10, 1, 9, 0, tzinfo=UTC)
 _uids = itertools.count(1)
 
 
-def _mailbox(conn: db.Connection, name: str = "m") -> int:
-    row = conn.execute(
-        """INSERT INTO mailboxes (name, host, port, security, username, password_encrypted,
-                                  lease_token)
-           VALUES (%s, 'h', 993, 'ssl', 'u', '\\x00', 1) RETURNING id""",
-        (name,),
-    ).fetchone()
-    assert row is not None
-    return int(row["id"])
-
-
 def _raw(subject: str, body: str, *, sender: str = "Someone <someone@example.net>",
          to: Sequence[str] = ("Me <me@example.org>",), cc: Sequence[str] = (),
          days: int = 0, html: str | None = None) -> bytes:
@@ -74,7 +63,7 @@ def _ids(conn: db.Connection, mailbox_id: int, query: str, **kwargs: object) -> 
 @pytest.fixture
 def corpus(conn: db.Connection) -> dict[str, int]:
     """A mailbox with a few known messages; name -> messages.id."""
-    mb = _mailbox(conn)
+    mb = services.mailbox_row(conn)
     return {
         "mailbox": mb,
         "invoice": _store(conn, mb, _raw(
@@ -204,7 +193,7 @@ def test_a_subject_hit_ranks_before_a_body_only_hit(
 
 
 def test_equal_ranks_come_newest_first_and_the_limit_applies(conn: db.Connection) -> None:
-    mb = _mailbox(conn)
+    mb = services.mailbox_row(conn)
     ids = [_store(conn, mb, _raw("Weekly digest", "nothing new", days=d)) for d in range(5)]
     assert _ids(conn, mb, "digest") == ids[::-1]
     assert _ids(conn, mb, "digest", limit=2) == ids[::-1][:2]
@@ -216,7 +205,7 @@ def test_equal_ranks_come_newest_first_and_the_limit_applies(conn: db.Connection
 def test_another_mailbox_with_the_same_words_never_leaks(
     conn: db.Connection, corpus: dict[str, int]
 ) -> None:
-    other = _mailbox(conn, "other")
+    other = services.mailbox_row(conn, name="other")
     # the very same bytes too: stored once, but a message row per mailbox
     same = _raw("Invoice 2026-117 for October", "Please find the invoice attached.",
                 sender="Alice Martin <alice.martin@example.com>", days=1)
@@ -232,7 +221,7 @@ def test_another_mailbox_with_the_same_words_never_leaks(
 def test_expunged_placements_are_not_shown_and_fully_expunged_messages_are_not_found(
     conn: db.Connection
 ) -> None:
-    mb = _mailbox(conn)
+    mb = services.mailbox_row(conn)
     raw = _raw("Moved report", "budget figures")
     moved = _store(conn, mb, raw, folder="INBOX")
     _store(conn, mb, raw, folder="Archive")
@@ -252,7 +241,7 @@ def test_expunged_placements_are_not_shown_and_fully_expunged_messages_are_not_f
 def test_a_five_megabyte_body_is_stored_and_its_beginning_is_searchable(
     conn: db.Connection
 ) -> None:
-    mb = _mailbox(conn)
+    mb = services.mailbox_row(conn)
     words = " ".join(f"w{i:07d}" for i in range(600_000))  # 5.4 MB of distinct words
     message = _store(conn, mb, _raw("Huge log", "needle " + words + " haystackend"))
     assert _ids(conn, mb, "needle") == [message]
@@ -271,7 +260,7 @@ def _waiting(conn: db.Connection, mailbox_id: int) -> int:
 def test_storing_a_message_leaves_its_indexing_for_later_yet_a_search_finds_it_at_once(
     conn: db.Connection
 ) -> None:
-    mb = _mailbox(conn)
+    mb = services.mailbox_row(conn)
     message = _store(conn, mb, _raw("Quarterly figures", "the numbers"))
     assert _waiting(conn, mb) == 1  # the insert did not pay for the vectors
     assert _ids(conn, mb, "quarterly") == [message]
@@ -281,7 +270,7 @@ def test_storing_a_message_leaves_its_indexing_for_later_yet_a_search_finds_it_a
 def test_a_search_indexes_only_its_own_mailbox_and_at_most_its_budget(
     conn: db.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mine, other = _mailbox(conn, "mine"), _mailbox(conn, "other")
+    mine, other = services.mailbox_row(conn, name="mine"), services.mailbox_row(conn, name="other")
     for n in range(5):
         _store(conn, mine, _raw(f"report {n}", "weekly report"))
     _store(conn, other, _raw("report", "weekly report"))
@@ -292,7 +281,7 @@ def test_a_search_indexes_only_its_own_mailbox_and_at_most_its_budget(
 
 
 def test_a_message_postgresql_cannot_index_does_not_stop_the_others(conn: db.Connection) -> None:
-    mb = _mailbox(conn)
+    mb = services.mailbox_row(conn)
     before = _store(conn, mb, _raw("alpha report", "text"))
     poison = _store(conn, mb, _raw("poison report", "text"))
     after = _store(conn, mb, _raw("omega report", "text"))
@@ -318,7 +307,7 @@ def test_a_message_postgresql_cannot_index_does_not_stop_the_others(conn: db.Con
 def test_the_background_indexer_waits_while_events_flow_then_catches_up(
     conn: db.Connection, database_url: str
 ) -> None:
-    mb = _mailbox(conn)
+    mb = services.mailbox_row(conn)
     for n in range(3):
         _store(conn, mb, _raw(f"note {n}", "text"))
     last_event = [time.monotonic() + 3600.0]  # an event "just now", for the next hour

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailferry import db
+from mailferry.devkit import services
 from mailferry.messages import (
     FetchedMessage,
     FetcherEvent,
@@ -30,17 +31,6 @@ from mailferry.messages import (
 from mailferry.services.persister.handlers import PersisterDeps, handle
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
-
-
-def _mailbox(conn: db.Connection, token: int = 1) -> int:
-    row = conn.execute(
-        """INSERT INTO mailboxes (name, host, port, security, username, password_encrypted,
-                                  lease_token)
-           VALUES ('m', 'h', 993, 'ssl', 'u', '\\x00', %s) RETURNING id""",
-        (token,),
-    ).fetchone()
-    assert row is not None
-    return int(row["id"])
 
 
 def _run(conn: db.Connection, mailbox_id: int) -> uuid.UUID:
@@ -101,7 +91,7 @@ def deps(database_url: str) -> PersisterDeps:
 def test_a_sync_in_order_stores_messages_and_moves_checkpoints(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
-    mailbox_id = _mailbox(conn)
+    mailbox_id = services.mailbox_row(conn)
     for event in _stream(mailbox_id, _run(conn, mailbox_id)):
         handle(event, deps)
     state = _state(conn)
@@ -119,7 +109,7 @@ def test_a_sync_in_order_stores_messages_and_moves_checkpoints(
 def test_any_order_with_duplicates_converges_to_the_same_state(
     conn: db.Connection, deps: PersisterDeps, seed: int
 ) -> None:
-    mailbox_id = _mailbox(conn)
+    mailbox_id = services.mailbox_row(conn)
     run_id = _run(conn, mailbox_id)
     for event in _stream(mailbox_id, run_id):
         handle(event, deps)
@@ -138,7 +128,7 @@ def test_any_order_with_duplicates_converges_to_the_same_state(
 def test_a_checkpoint_waits_for_all_announced_batches(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
-    mailbox_id = _mailbox(conn)
+    mailbox_id = services.mailbox_row(conn)
     stream = _stream(mailbox_id, _run(conn, mailbox_id))
     missing_batch = stream.pop(3)  # INBOX batch 1
     for event in stream:
@@ -155,7 +145,7 @@ def test_a_checkpoint_waits_for_all_announced_batches(
 def test_events_of_an_attempt_whose_lease_was_taken_over_are_refused(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
-    mailbox_id = _mailbox(conn, token=2)
+    mailbox_id = services.mailbox_row(conn, lease_token=2)
     stale = _stream(mailbox_id, _run(conn, mailbox_id), token=1)
     for event in stale:
         handle(event, deps)
@@ -166,7 +156,7 @@ def test_events_of_an_attempt_whose_lease_was_taken_over_are_refused(
 def test_a_message_that_cannot_be_parsed_is_stored_with_its_exact_bytes(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
-    mailbox_id = _mailbox(conn)
+    mailbox_id = services.mailbox_row(conn)
     run_id = _run(conn, mailbox_id)
     hostile = b"\x00\xff\xfeSubject: \x00bad\xc3(\r\n\r\n\x00body\xff"
     common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
@@ -184,7 +174,7 @@ def test_big_messages_are_streamed_in_exactly_once_beside_small_ones_of_the_same
 ) -> None:
     from mailferry.services.persister.store import COPY_RAW_FROM
 
-    mailbox_id = _mailbox(conn)
+    mailbox_id = services.mailbox_row(conn)
     run_id = _run(conn, mailbox_id)
     big = b"Subject: big\r\n\r\n" + bytes(range(256)) * (COPY_RAW_FROM // 256 + 1)
     small = b"Subject: small\r\n\r\nhi\r\n"
@@ -203,7 +193,7 @@ def test_big_messages_are_streamed_in_exactly_once_beside_small_ones_of_the_same
 def test_folders_gone_from_the_server_are_deleted_unless_they_hold_synced_mail(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
-    mailbox_id = _mailbox(conn)
+    mailbox_id = services.mailbox_row(conn)
     for event in _stream(mailbox_id, _run(conn, mailbox_id)):
         handle(event, deps)
     conn.execute("INSERT INTO folders (mailbox_id, name, raw_name) VALUES (%s, 'Empty', 'Empty')",
@@ -220,7 +210,7 @@ def test_every_permutation_of_a_small_stream_converges(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
     """Exhaustive for the events that race most: the last batch, its FolderSynced, SyncFinished."""
-    mailbox_id = _mailbox(conn)
+    mailbox_id = services.mailbox_row(conn)
     results = []
     for order in itertools.permutations(range(3)):
         conn.execute("DELETE FROM folders; DELETE FROM messages; DELETE FROM raw_messages; "
@@ -285,7 +275,7 @@ def test_any_permutation_and_duplication_of_a_sync_converges_to_the_same_state(
     conn: db.Connection, deps: PersisterDeps, data: st.DataObject
 ) -> None:
     if conn.execute("SELECT count(*) AS n FROM mailboxes").fetchone() == {"n": 0}:
-        _mailbox(conn)
+        services.mailbox_row(conn)
     expected = _two_runs(conn, deps, list(range(9)))
     order = data.draw(st.permutations(range(9)))
     duplicates = data.draw(st.lists(st.integers(0, 8), max_size=6))
@@ -303,7 +293,7 @@ def test_any_permutation_and_duplication_of_a_sync_converges_to_the_same_state(
 def test_a_late_insert_cannot_resurrect_an_expunged_uid(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
-    mailbox_id = _mailbox(conn)
+    mailbox_id = services.mailbox_row(conn)
     run_id = _run(conn, mailbox_id)
     common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
     handle(MessagesExpunged(**common, folder="INBOX", uidvalidity=7, batch_no=1, uids=(5,)), deps)
@@ -314,7 +304,7 @@ def test_a_late_insert_cannot_resurrect_an_expunged_uid(
 
 
 def test_older_flags_never_overwrite_newer_ones(conn: db.Connection, deps: PersisterDeps) -> None:
-    mailbox_id = _mailbox(conn, token=3)
+    mailbox_id = services.mailbox_row(conn, lease_token=3)
     for event in _stream(mailbox_id, _run(conn, mailbox_id), token=3):
         handle(event, deps)
     run_id = _run(conn, mailbox_id)

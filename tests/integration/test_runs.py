@@ -6,18 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from mailferry import db, runs
+from mailferry.devkit import services
 from mailferry.errors import ErrorKind
 from mailferry.runs import RunKind, RunStatus
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
-
-
-def _mailbox(conn: db.Connection) -> int:
-    row = conn.execute(
-        """INSERT INTO mailboxes (name, host, port, security, username, password_encrypted)
-           VALUES ('m', 'h', 993, 'ssl', 'u', '\\x00') RETURNING id""").fetchone()
-    assert row is not None
-    return int(row["id"])
 
 
 def _queued(conn: db.Connection, mailbox_id: int) -> runs.Run:
@@ -30,7 +23,7 @@ def _queued(conn: db.Connection, mailbox_id: int) -> runs.Run:
 
 
 def test_a_mailbox_has_at_most_one_active_run(conn: db.Connection) -> None:
-    mailbox = _mailbox(conn)
+    mailbox = services.mailbox_row(conn)
     first = _queued(conn, mailbox)
     assert runs.request(conn, mailbox, kind=RunKind.FOLDERS, force=False,
                         requested_by="cli") is None
@@ -41,7 +34,7 @@ def test_a_mailbox_has_at_most_one_active_run(conn: db.Connection) -> None:
 def test_a_run_starts_lists_announces_and_finishes_done_proving_the_credentials(
     conn: db.Connection,
 ) -> None:
-    mailbox = _mailbox(conn)
+    mailbox = services.mailbox_row(conn)
     conn.execute("UPDATE mailboxes SET credentials_invalid_at = now() WHERE id = %s", (mailbox,))
     run = _queued(conn, mailbox)
     run = runs.record(conn, run, runs.Progress(started_at=NOW, token=3))
@@ -61,7 +54,7 @@ def test_a_run_starts_lists_announces_and_finishes_done_proving_the_credentials(
 def test_a_refused_login_fails_the_run_and_marks_the_credentials_invalid(
     conn: db.Connection,
 ) -> None:
-    mailbox = _mailbox(conn)
+    mailbox = services.mailbox_row(conn)
     run = _queued(conn, mailbox)
     runs.fail(conn, run.id, mailbox, ErrorKind.AUTH, "login refused", NOW)
     failed = runs.get(conn, run.id)
@@ -72,7 +65,7 @@ def test_a_refused_login_fails_the_run_and_marks_the_credentials_invalid(
 
 
 def test_a_closed_run_is_never_reopened_or_closed_again(conn: db.Connection) -> None:
-    mailbox = _mailbox(conn)
+    mailbox = services.mailbox_row(conn)
     run = _queued(conn, mailbox)
     runs.give_up(conn, run.id, mailbox, "retries exhausted")
     runs.record(conn, run, runs.Progress(started_at=NOW, token=9))
@@ -83,7 +76,7 @@ def test_a_closed_run_is_never_reopened_or_closed_again(conn: db.Connection) -> 
 
 
 def test_giving_up_on_a_run_of_another_mailbox_changes_nothing(conn: db.Connection) -> None:
-    alice, bob = _mailbox(conn), _mailbox(conn)
+    alice, bob = services.mailbox_row(conn), services.mailbox_row(conn)
     run = _queued(conn, bob)
     runs.give_up(conn, run.id, alice, "forged")
     still = runs.get(conn, run.id)
@@ -91,7 +84,7 @@ def test_giving_up_on_a_run_of_another_mailbox_changes_nothing(conn: db.Connecti
 
 
 def test_a_run_left_active_past_the_timeout_expires(conn: db.Connection) -> None:
-    mailbox = _mailbox(conn)
+    mailbox = services.mailbox_row(conn)
     run = _queued(conn, mailbox)
     assert runs.expire(conn, 3600) == 0
     assert runs.expire(conn, 0) == 1
@@ -100,7 +93,7 @@ def test_a_run_left_active_past_the_timeout_expires(conn: db.Connection) -> None
 
 
 def test_progress_counts_only_the_attempt_that_planned(conn: db.Connection) -> None:
-    mailbox = _mailbox(conn)
+    mailbox = services.mailbox_row(conn)
     run = _queued(conn, mailbox)
     runs.planned(conn, run.id, 4, folders=3)
     runs.found(conn, run.id, 4, 10)

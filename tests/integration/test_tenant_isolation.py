@@ -85,16 +85,6 @@ def _user(conn: db.Connection, email: str, capabilities: list[str] | None = None
     return int(row["id"])
 
 
-def _mailbox(conn: db.Connection, name: str, owner: int | None) -> int:
-    row = conn.execute(
-        """INSERT INTO mailboxes (owner_id, name, host, port, security, username,
-                                  password_encrypted, lease_token)
-           VALUES (%s, %s, 'imap.example.com', 993, 'ssl', %s, '\\x00', 1) RETURNING id""",
-        (owner, name, name)).fetchone()
-    assert row is not None
-    return int(row["id"])
-
-
 def _sync(conn: db.Connection, mailbox_id: int, inbox: list[tuple[bytes, tuple[str, ...]]],
           shared: bytes) -> tuple[uuid.UUID, list[AnyMessage]]:
     """A complete sync of INBOX (uidvalidity 7) and SHARED_FOLDER (uidvalidity 9)."""
@@ -127,8 +117,9 @@ def _build(conn: db.Connection, cli_env: dict[str, str], database_url: str) -> W
     _user(conn, "carol@example.com", [CREDENTIAL_CAPABILITY])  # may fix system mailboxes
     _user(conn, "dave@example.com", [CREDENTIAL_CAPABILITY], enabled=False)
     _user(conn, "eve@example.com")  # owns nothing, may fix nothing
-    mailboxes = {"alice": _mailbox(conn, "alice", alice), "bob": _mailbox(conn, "bob", bob),
-                 "system": _mailbox(conn, "system", None)}
+    mailboxes = {name: services.mailbox_row(conn, name=name, owner=owner, username=name,
+                                            host="imap.example.com")
+                 for name, owner in (("alice", alice), ("bob", bob), ("system", None))}
     deps = PersisterDeps(connection=db.Reconnecting(database_url))
     runs = {}
     contents = {
