@@ -34,7 +34,6 @@ def enabled_on_discovery(folder: FolderInfo, initial_folders: Sequence[str] | No
 
 def resolve_selection(folders: Sequence[FolderInfo], names: Sequence[str],
                       personal_prefix: str = "", type_of: dict[str, FolderType] | None = None,
-                      renamed: dict[str, FolderInfo] | None = None,
                       ) -> tuple[FolderSelection, ...]:
     """Each selected name's folder on this server, or ``None`` when it has none.
 
@@ -42,19 +41,14 @@ def resolve_selection(folders: Sequence[FolderInfo], names: Sequence[str],
     personal namespace (RFC 2342: ``Sent`` is ``INBOX.Sent`` on Courier, whose prefix is
     ``INBOX.``); the one folder under that namespace whose last path segment is the name; the one
     folder there whose type the name stands for (``Sent`` for the ``\\Sent`` folder, whatever
-    its name). A name of a folder renamed in this listing (``renamed``: old raw name -> new
-    folder) selects the new one. Ambiguity resolves nothing: a guess would sync the wrong folder
-    silently.
+    its name). Ambiguity resolves nothing: a guess would sync the wrong folder silently.
     """
-    moved = {old.casefold(): new for old, new in (renamed or {}).items()}
     selectable = [f for f in folders if f.selectable]
     under = [f for f in selectable if f.name.casefold().startswith(personal_prefix.casefold())]
     out: list[FolderSelection] = []
     for name in names:
         wanted = name.casefold()
         exact = [f for f in selectable if wanted in (f.name.casefold(), f.raw_name.casefold())]
-        if not exact and wanted in moved:
-            exact = [moved[wanted]]
         prefixed = [f for f in selectable
                     if personal_prefix and f.name.casefold() == (personal_prefix + name).casefold()]
         leaf = [f for f in under if _leaf(f).casefold() == wanted]

@@ -146,8 +146,7 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
     if mailbox.initial_folders is not None:
         selection = resolve_selection(
             folders, mailbox.initial_folders, session.personal_namespace(),
-            {n.casefold(): folder_type(n, None, ()) for n in mailbox.initial_folders},
-            planning.renames(folders, renamed, states))
+            {n.casefold(): folder_type(n, None, ()) for n in mailbox.initial_folders})
         unmatched = [sel.name for sel in selection if sel.raw_name is None]
         if unmatched:
             log.warning("folders.selection_unmatched", names=unmatched)

@@ -150,22 +150,6 @@ def detect_renames(session: Session, folders: list[FolderInfo], states: dict[str
     return out, renamed
 
 
-def renames(folders: Sequence[FolderInfo], renamed: set[str],
-            states: dict[str, FolderState]) -> dict[str, FolderInfo]:
-    """Old raw name -> the folder it became, for the renames :func:`detect_renames` found."""
-    listed = {f.raw_name for f in folders}
-    by_uidvalidity = {s.uidvalidity: name for name, s in states.items()
-                      if name not in listed and s.uidvalidity is not None}
-    out: dict[str, FolderInfo] = {}
-    for f in folders:
-        if f.raw_name not in renamed:
-            continue
-        old = f.renamed_from or (by_uidvalidity.get(f.uidvalidity) if f.uidvalidity else None)
-        if old is not None:
-            out[old] = f
-    return out
-
-
 def folders_to_sync(folders: Sequence[FolderInfo], renamed: set[str],
                     states: dict[str, FolderState], initial_folders: Sequence[str] | None,
                     selection: Sequence[FolderSelection] | None = None) -> list[FolderInfo]:

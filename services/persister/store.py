@@ -165,48 +165,25 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
     rows = sorted(folders, key=lambda f: f.raw_name)
     listed = [f.raw_name for f in rows]
     renamed = 0
-    # Renames found by UIDVALIDITY or by content: the mailbox's --folders selection follows them.
+    # A renamed folder's row takes the new name and keeps its settings, checkpoint and mail.
+    # (The --folders selection names folders; a name left by a rename is reported as matching
+    # nothing, as any other.) Renames are recognised by the fetcher: by
+    # UIDVALIDITY, which most servers keep on RENAME (RFC 3501 6.3.5), or by content (Courier
+    # gives a new one; the next sync finds the messages again without downloading them).
     old_names = {r["uidvalidity"]: r["raw_name"] for r in conn.execute(
         """SELECT raw_name, uidvalidity FROM folders
             WHERE mailbox_id = %s AND NOT (raw_name = ANY(%s)) AND uidvalidity IS NOT NULL""",
         (mailbox_id, listed)).fetchall()}
     for f in rows:
         old = f.renamed_from or (old_names.get(f.uidvalidity) if f.uidvalidity else None)
-        if old is not None:
-            conn.execute(
-                """UPDATE mailboxes SET initial_folders = array_replace(initial_folders, %s, %s)
-                    WHERE id = %s AND %s = ANY(initial_folders)""",
-                (old, f.raw_name, mailbox_id, old))
-    for f in rows:
-        if f.renamed_from is not None:
-            # Recognised by its content (the server gave it a new UIDVALIDITY): the vanished
-            # row takes the new name and keeps its settings and mail; the next sync finds its
-            # messages again under their new UIDs without downloading them.
-            renamed += len(conn.execute(
-                """UPDATE folders SET raw_name = %s, name = %s, gone_at = NULL
-                    WHERE mailbox_id = %s AND raw_name = %s AND NOT (raw_name = ANY(%s))
-                      AND NOT EXISTS (SELECT 1 FROM folders
-                                       WHERE mailbox_id = %s AND raw_name = %s)
-                RETURNING id""",
-                (f.raw_name, clean_text(f.name), mailbox_id, f.renamed_from, listed, mailbox_id,
-                 f.raw_name),
-            ).fetchall())
+        if old is None or old in listed:
             continue
-        if f.uidvalidity is None:
-            continue
-        # A renamed folder keeps its UIDVALIDITY: the vanished folder row takes the new name
-        # and keeps its settings, checkpoint and mail.
         renamed += len(conn.execute(
             """UPDATE folders SET raw_name = %s, name = %s, gone_at = NULL
-                WHERE id = (SELECT id FROM folders
-                             WHERE mailbox_id = %s AND uidvalidity = %s
-                               AND NOT (raw_name = ANY(%s))
-                             LIMIT 1)
-                  AND NOT EXISTS (SELECT 1 FROM folders
-                                   WHERE mailbox_id = %s AND raw_name = %s)
+                WHERE mailbox_id = %s AND raw_name = %s
+                  AND NOT EXISTS (SELECT 1 FROM folders WHERE mailbox_id = %s AND raw_name = %s)
             RETURNING id""",
-            (f.raw_name, clean_text(f.name), mailbox_id, f.uidvalidity, listed, mailbox_id,
-             f.raw_name),
+            (f.raw_name, clean_text(f.name), mailbox_id, old, mailbox_id, f.raw_name),
         ).fetchall())
     for f in rows:
         conn.execute(

@@ -106,7 +106,9 @@ def test_a_folder_renamed_with_a_new_uidvalidity_keeps_its_selection_and_mail_wi
     assert faults.sql(database_url, "SELECT id FROM messages ORDER BY id") == stored_before
     faults.assert_store_equals_server(courier, USER, database_url, mailbox_id,
                                       ["INBOX", "INBOX.Projects 2026"])
-    assert _mailbox(env, mailbox_id)["folder_notes"] is None
+    # the selection names folders: the old name now selects nothing, and says so
+    assert _mailbox(env, mailbox_id)["folder_notes"] == (
+        "no folder 'INBOX.Projects' on the server")
 
 
 def test_a_vanished_folder_whose_rename_cannot_be_decided_enables_nothing_and_is_shown(

@@ -215,7 +215,6 @@ def test_a_vanished_enabled_folder_is_recognised_by_its_newest_message_ids() -> 
     folders, renamed = planning.detect_renames(session, listed, states, lambda _s: ["a", "c"])
     assert renamed == {"Work 2"}
     assert [f.renamed_from for f in folders] == ["Work", None]
-    assert planning.renames(folders, renamed, states) == {"Work": folders[0]}
 
 
 def test_a_rename_that_two_folders_could_be_is_not_guessed() -> None:

@@ -37,13 +37,6 @@ def test_a_name_standing_for_a_type_resolves_only_when_one_folder_has_that_type(
     assert resolve_selection(two, ["Sent"], "INBOX.", TYPES)[0].raw_name is None
 
 
-def test_a_folder_renamed_in_this_listing_is_selected_under_its_new_name() -> None:
-    new = _folder("INBOX.Projekte")
-    [found] = resolve_selection([new], ["INBOX.Projects"], "INBOX.", TYPES,
-                                {"INBOX.Projects": new})
-    assert found.raw_name == "INBOX.Projekte"
-
-
 def test_unselectable_folders_are_never_selected() -> None:
     folders = [FolderInfo(name="INBOX.Sent", raw_name="INBOX.Sent", delimiter=".",
                           type="sent", selectable=False)]
