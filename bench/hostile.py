@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from cryptography.fernet import Fernet
 
 from mailferry import db, topology
 from mailferry.devkit import mail, services
@@ -85,10 +84,8 @@ def deployment(base: Path, extra: dict[str, str] | None = None,
             services.private_vhost() as (_, broker_url), \
             psycopg.connect(database_url, autocommit=True) as conn:
         db.migrate(database_url)
-        env = {"MAILFERRY_DATABASE_URL": database_url, "MAILFERRY_BROKER_URL": broker_url,
-               "MAILFERRY_SECRET_KEY": Fernet.generate_key().decode(),
-               "MAILFERRY_LOG_LEVEL": "info", "MAILFERRY_LOG_FORMAT": "json",
-               "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1", **(extra or {})}
+        env = services.deployment_env(database_url, broker_url, fast=False,
+                                      MAILFERRY_LOG_LEVEL="info", **(extra or {}))
         services.cli_json(["user", "add", "--email", OWNER], env)
         (base / "logs").mkdir(parents=True)
         processes = services.ServiceProcesses(env, base / "logs")

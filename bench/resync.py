@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from cryptography.fernet import Fernet
 
 from mailferry import db, topology
 from mailferry.devkit import mail, services
@@ -130,10 +129,9 @@ def run_case(n: int, mode: str, args: argparse.Namespace, work: Path) -> dict[st
                 services.private_vhost() as (_, broker_url), \
                 psycopg.connect(database_url, autocommit=True) as conn:
             db.migrate(database_url)
-            env = {"MAILFERRY_DATABASE_URL": database_url, "MAILFERRY_BROKER_URL": broker_url,
-                   "MAILFERRY_SECRET_KEY": Fernet.generate_key().decode(),
-                   "MAILFERRY_LOG_LEVEL": "info", "MAILFERRY_LOG_FORMAT": "json",
-                   "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1"}  # Dovecot and the proxy: 127.0.0.1
+            # Dovecot and the proxy are on 127.0.0.1: private networks allowed
+            env = services.deployment_env(database_url, broker_url, fast=False,
+                                          MAILFERRY_LOG_LEVEL="info")
             services.cli_json(["user", "add", "--email", OWNER_EMAIL], env)
             mailbox_id = int(services.cli_json(
                 ["mailbox", "add", "--owner", OWNER_EMAIL, "--host", "127.0.0.1", "--port",

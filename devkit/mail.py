@@ -242,11 +242,12 @@ def plain_message(n: int, rng: random.Random, size: int = 2500) -> bytes:
             f"Date: Mon, 02 Nov 2026 10:00:00 +0000\r\n\r\n{body}\r\n").encode()
 
 
-def attachment_message(size: int, seed: int = 60) -> bytes:
+def attachment_message(size: int, seed: int = 60, subject: str = "sixty megabytes") -> bytes:
     """A valid message of about ``size`` bytes: a text part and a base64 attachment."""
     payload = random.Random(seed).randbytes(size * 3 // 4 * 76 // 78 - 1024)  # CRLF every 76
     encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
-    return (b"From: big@example.com\r\nTo: user@example.com\r\nSubject: sixty megabytes\r\n"
+    return (b"From: big@example.com\r\nTo: user@example.com\r\nSubject: " + subject.encode()
+            + b"\r\n"
             b"Message-ID: <big@bench.test>\r\nMIME-Version: 1.0\r\n"
             b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
             b"Content-Type: text/plain\r\n\r\nsee attached\r\n--b\r\n"

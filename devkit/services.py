@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,22 +56,35 @@ def private_database(template: str | None = None) -> Iterator[str]:
 
 
 def deployment_env(database_url: str, broker_url: str, secret_key: str | None = None,
-                   **overrides: str) -> dict[str, str]:
-    """The MAILFERRY_* environment of one isolated deployment: short ticks, delays and leases,
-    so that tests wait seconds, not minutes; ``overrides`` by variable name."""
+                   fast: bool = True, **overrides: str) -> dict[str, str]:
+    """The MAILFERRY_* environment of one isolated deployment on loopback. ``fast`` (tests):
+    short ticks, delays and leases, so that tests wait seconds, not minutes; without it
+    (benchmarks) the production defaults. ``overrides`` by variable name."""
+    quick = {
+        "MAILFERRY_SCHEDULER_TICK": "1",
+        "MAILFERRY_RETRY_DELAYS": "1,2,4",
+        "MAILFERRY_LEASE_SECONDS": "10",
+        "MAILFERRY_NOTIFIER_TICK": "0.5",
+        "MAILFERRY_NOTIFY_RETRY_BASE": "1",
+    }
     return {
         "MAILFERRY_DATABASE_URL": database_url,
         "MAILFERRY_BROKER_URL": broker_url,
         "MAILFERRY_SECRET_KEY": secret_key or Fernet.generate_key().decode(),
         "MAILFERRY_ALLOW_PRIVATE_NETWORKS": "1",
         "MAILFERRY_LOG_FORMAT": "json",
-        "MAILFERRY_SCHEDULER_TICK": "1",
-        "MAILFERRY_RETRY_DELAYS": "1,2,4",
-        "MAILFERRY_LEASE_SECONDS": "10",
-        "MAILFERRY_NOTIFIER_TICK": "0.5",
-        "MAILFERRY_NOTIFY_RETRY_BASE": "1",
+        **(quick if fast else {}),
         **overrides,
     }
+
+
+def readme_example(heading: str) -> str:
+    """The first Python block under a README heading: examples people copy must run."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split(f"## {heading}", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, f"the README section {heading!r} has no Python example"
+    return match.group(1)
 
 
 def rabbit_api(method: str, path: str, body: Mapping[str, object] | None = None) -> object:

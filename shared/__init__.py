@@ -65,38 +65,7 @@ _WHERE = {
     **dict.fromkeys(("Settings", "load_settings"), "mailferry.config"),
 }
 
-__all__ = [
-    "Email",
-    "Folder",
-    "FolderStatus",
-    "ImapConfig",
-    "ImapConnector",
-    "ImapConnectorFactory",
-    "ImapEmailFolderManager",
-    "ImapEmailManager",
-    "Limits",
-    "SearchQuery",
-    "SearchQueryBuilder",
-    "Settings",
-    "add_mailbox",
-    "add_user",
-    "check_mailbox",
-    "connector_factory",
-    "list_dead_letters",
-    "list_folders",
-    "list_mailboxes",
-    "list_notifications",
-    "load_settings",
-    "pop_notifications",
-    "publisher",
-    "remove_mailbox",
-    "remove_user",
-    "replay_dead_letters",
-    "request_sync",
-    "set_folders",
-    "status",
-    "update_mailbox",
-]
+__all__ = sorted(_WHERE)  # the names are re-exported lazily (see __getattr__)
 
 
 def __getattr__(name: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from mailferry import db
 from mailferry.devkit import services
@@ -18,10 +19,7 @@ def test_a_sync_with_a_wrong_password_is_recorded_as_failed_and_writes_nothing(
     processes.start("fetcher")
     processes.start("persister")
     processes.start("notifier")
-    result = services.run_cli(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout", "60",
-                               "--json"], env)
-    assert result.returncode == 1, result.stderr.decode() + processes.logs()
-    [run] = json.loads(result.stdout)
+    run = _failed_sync(env, mailbox_id, processes)
     assert run["status"] == "failed"
     assert run["error_kind"] == "auth"
     mailbox = conn.execute("SELECT * FROM mailboxes WHERE id = %s", (mailbox_id,)).fetchone()
@@ -42,12 +40,19 @@ def test_a_sync_of_a_closed_port_is_recorded_as_a_connection_failure(
     mailbox_id = add_alice_mailbox(env, "127.0.0.1", services.free_port(), "secret")
     processes.start("fetcher")
     processes.start("persister")
-    result = services.run_cli(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout", "60",
-                               "--json"], env)
-    assert result.returncode == 1, result.stderr.decode() + processes.logs()
-    [run] = json.loads(result.stdout)
+    run = _failed_sync(env, mailbox_id, processes)
     assert (run["status"], run["error_kind"]) == ("failed", "connection")
     assert "connection refused" in run["error"]
     mailbox = conn.execute("SELECT credentials_invalid_at FROM mailboxes").fetchone()
     assert mailbox == {"credentials_invalid_at": None}
     assert conn.execute("SELECT count(*) AS n FROM message_folders").fetchone() == {"n": 0}
+
+
+def _failed_sync(env: dict[str, str], mailbox_id: int,
+                 processes: services.ServiceProcesses) -> dict[str, Any]:
+    """``sync --wait`` of a mailbox that cannot sync: exit code 1 and its run."""
+    result = services.run_cli(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout", "60",
+                               "--json"], env)
+    assert result.returncode == 1, result.stderr.decode() + processes.logs()
+    [run] = json.loads(result.stdout)
+    return dict(run)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import pty
-import random
 import re
 import subprocess
 import sys
@@ -21,6 +19,7 @@ import pytest
 from mailferry import db, topology
 from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
+from mailferry.devkit.mail import attachment_message
 
 
 @pytest.fixture
@@ -177,12 +176,7 @@ def test_unknown_ids_and_missing_arguments_exit_with_usage_errors_in_one_line(
 def test_a_40_mb_message_arrives_byte_for_byte_beside_small_ones(
     env: dict[str, str], server: Dovecot, processes: services.ServiceProcesses,
 ) -> None:
-    attachment = base64.encodebytes(random.Random(40).randbytes(30 * 1024 * 1024))
-    big = (b"Subject: big\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n"
-           b"\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b\r\n"
-           b"Content-Type: application/octet-stream; name=big.bin\r\n"
-           b"Content-Transfer-Encoding: base64\r\n\r\n"
-           + attachment.replace(b"\n", b"\r\n") + b"--b--\r\n")
+    big = attachment_message(42 * 1024 * 1024, seed=40, subject="big")
     assert len(big) > 40 * 1024 * 1024
     with server.session("bob") as imap:
         imap.append("INBOX", big)
@@ -207,16 +201,10 @@ def test_an_80_mib_message_costs_the_persister_about_3_times_its_size_in_memory(
     """The bytes cross the broker as bytes (not base64 inside JSON) and the parser is fed in
     chunks, so the persister holds a few copies of a message at most (the AMQP body, the
     decoded message, the parser's lines and payload), not ten."""
-    attachment = base64.encodebytes(random.Random(80).randbytes(60 * 1024 * 1024))
-    big = (b"Subject: huge\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n"
-           b"\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b\r\n"
-           b"Content-Type: application/octet-stream; name=huge.bin\r\n"
-           b"Content-Transfer-Encoding: base64\r\n\r\n"
-           + attachment.replace(b"\n", b"\r\n") + b"--b--\r\n")
+    big = attachment_message(82 * 1024 * 1024, seed=80)
     assert len(big) > 80 * 1024 * 1024
     with server.session("bob") as imap:
         imap.append("INBOX", big)
-    del attachment
     mailbox_id = _mailbox(env, server)
     processes.env["MAILFERRY_MAX_MESSAGE_BYTES"] = str(128 * 1024 * 1024)
     processes.start("fetcher")

@@ -57,6 +57,14 @@ def _add(env: dict[str, str], server: Dovecot, user: str) -> int:
                               owner=f"{user}@example.com")
 
 
+def _pipeline(env: dict[str, str], processes: services.ServiceProcesses) -> dict[str, str]:
+    """The scheduler, a fetcher and a persister running with this file's settings."""
+    processes.env.update(ENV)
+    for service in ("scheduler", "fetcher", "persister"):
+        processes.start(service)
+    return {**env, **ENV}
+
+
 def _synced(database_url: str, mailbox_id: int) -> bool:
     return bool(faults.sql(database_url, "SELECT 1 FROM sync_runs WHERE mailbox_id = %s "
                            "AND status = 'done' AND kind = 'mailbox'", (mailbox_id,)))
@@ -66,10 +74,7 @@ def test_removing_a_mailbox_during_its_sync_leaves_nothing_and_spares_identical_
     env: dict[str, str], database_url: str, server: Dovecot,
     processes: services.ServiceProcesses,
 ) -> None:
-    env = {**env, **ENV}
-    processes.env.update(ENV)
-    for service in ("scheduler", "fetcher", "persister"):
-        processes.start(service)
+    env = _pipeline(env, processes)
     bob = _add(env, server, "bob")
     assert services.eventually(lambda: _synced(database_url, bob), timeout=120), processes.logs()
     alice = _add(env, server, "alice")
@@ -99,10 +104,7 @@ def test_a_removal_killed_half_way_completes_when_run_again(
     env: dict[str, str], database_url: str, server: Dovecot,
     processes: services.ServiceProcesses,
 ) -> None:
-    env = {**env, **ENV}
-    processes.env.update(ENV)
-    for service in ("scheduler", "fetcher", "persister"):
-        processes.start(service)
+    env = _pipeline(env, processes)
     bob, alice = _add(env, server, "bob"), _add(env, server, "alice")
     assert services.eventually(lambda: _synced(database_url, alice) and _synced(database_url, bob),
                                timeout=180), processes.logs()

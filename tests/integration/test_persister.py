@@ -33,6 +33,14 @@ from mailferry.services.persister.handlers import PersisterDeps, handle
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
 
+def _stored_stream(conn: db.Connection, deps: PersisterDeps) -> int:
+    """A mailbox whose whole example sync (:func:`_stream`) was stored in order."""
+    mailbox_id = services.mailbox_row(conn)
+    for event in _stream(mailbox_id, _run(conn, mailbox_id)):
+        handle(event, deps)
+    return mailbox_id
+
+
 def _run(conn: db.Connection, mailbox_id: int) -> uuid.UUID:
     run_id = uuid.uuid4()
     conn.execute("INSERT INTO sync_runs (id, mailbox_id, status, requested_by) "
@@ -91,9 +99,7 @@ def deps(database_url: str) -> PersisterDeps:
 def test_a_sync_in_order_stores_messages_and_moves_checkpoints(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
-    mailbox_id = services.mailbox_row(conn)
-    for event in _stream(mailbox_id, _run(conn, mailbox_id)):
-        handle(event, deps)
+    _stored_stream(conn, deps)
     state = _state(conn)
     assert state["folders"] == [
         {"name": "INBOX", "type": "inbox", "sync_enabled": True, "uidvalidity": 7, "last_uid": 5},
@@ -193,9 +199,7 @@ def test_big_messages_are_streamed_in_exactly_once_beside_small_ones_of_the_same
 def test_folders_gone_from_the_server_are_deleted_unless_they_hold_synced_mail(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
-    mailbox_id = services.mailbox_row(conn)
-    for event in _stream(mailbox_id, _run(conn, mailbox_id)):
-        handle(event, deps)
+    mailbox_id = _stored_stream(conn, deps)
     conn.execute("INSERT INTO folders (mailbox_id, name, raw_name) VALUES (%s, 'Empty', 'Empty')",
                  (mailbox_id,))
     run_id = _run(conn, mailbox_id)

@@ -11,14 +11,6 @@ from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
 
 
-def _example() -> str:
-    readme = (services.REPO / "README.md").read_text()
-    section = readme.split("## Using it as a library", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "the library section has no Python example"
-    return match.group(1)
-
-
 def test_the_readme_library_example_runs_against_a_real_server(tmp_path: Path) -> None:
     with Dovecot(tmp_path / "dovecot") as server:
         server.add_user("demo", "demo")
@@ -28,7 +20,7 @@ def test_the_readme_library_example_runs_against_a_real_server(tmp_path: Path) -
                                  b"Message-ID: <1@x>\r\n\r\nhello\r\n")
             imap.append("INBOX", b"Subject: seen\r\n\r\nread\r\n", flags=[b"\\Seen"])
         script = tmp_path / "example.py"
-        script.write_text(_example())
+        script.write_text(services.readme_example("Using it as a library"))
         result = subprocess.run(
             [sys.executable, str(script), server.host, str(server.port), "demo", "demo"],
             capture_output=True, timeout=60, cwd=services.REPO)

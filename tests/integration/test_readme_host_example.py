@@ -14,21 +14,13 @@ from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
 
 
-def _example() -> str:
-    readme = (services.REPO / "README.md").read_text()
-    section = readme.split("## Embedding it in a host application", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "the host application section has no Python example"
-    return match.group(1)
-
-
 def test_the_readme_host_application_example_adds_a_mailbox_and_queues_its_sync(
     tmp_path: Path, env: dict[str, str], conn: db.Connection,
 ) -> None:
     with Dovecot(tmp_path / "dovecot") as server:
         server.add_user("carol", "secret")
         script = tmp_path / "host_app.py"
-        script.write_text(_example())
+        script.write_text(services.readme_example("Embedding it in a host application"))
         result = subprocess.run(
             [sys.executable, str(script), server.host, str(server.port), "carol", "secret"],
             capture_output=True, timeout=60, cwd=services.REPO, env={**os.environ, **env})
