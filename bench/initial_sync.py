@@ -351,7 +351,7 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
             with QueueSampler(broker_url, database_url, mailbox_id) as sampler:
                 account.start()
                 started = time.monotonic()
-                synced = services.runservices.cli_json(
+                synced = services.run_cli(
                     ["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout",
                      str(args.timeout), "--json"], env, timeout=args.timeout + 60)
                 cli_seconds = time.monotonic() - started

@@ -196,6 +196,11 @@ def cli_json(args: list[str], env: dict[str, str], stdin: bytes | None = None,
     return json.loads(result.stdout)
 
 
+def cli(env: dict[str, str], *args: str, stdin: bytes | None = None) -> Any:
+    """``mailferry ARGS...``'s JSON output, the way tests write it; a failure raises."""
+    return cli_json(list(args), env, stdin=stdin)
+
+
 def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1) -> T:
     """Poll until ``check`` returns something truthy (the pipeline is asynchronous)."""
     deadline = time.monotonic() + timeout

@@ -74,20 +74,14 @@ def notifier_env(env: dict[str, str], smtp_port: int) -> dict[str, str]:
             "MAILFERRY_SMTP_FROM": "mailferry@example.com", "MAILFERRY_REALTIME": "1"}
 
 
-def _cli(env: dict[str, str], *args: str, stdin: bytes | None = None) -> Any:
-    result = services.run_cli(list(args), env, stdin=stdin)
-    assert result.returncode == 0, result.stderr.decode()
-    return json.loads(result.stdout)
-
-
 def _user(env: dict[str, str], email: str, *capabilities: str) -> int:
     flags = [arg for c in capabilities for arg in ("--capability", c)]
-    return int(_cli(env, "user", "add", "--email", email, *flags)["id"])
+    return int(services.cli(env, "user", "add", "--email", email, *flags)["id"])
 
 
 def _mailbox(env: dict[str, str], server: Dovecot, owner: str | None) -> int:
     who = ["--owner", owner] if owner else ["--system"]
-    return int(_cli(env, "mailbox", "add", *who, "--host", server.host, "--port",
+    return int(services.cli(env, "mailbox", "add", *who, "--host", server.host, "--port",
                     str(server.port), "--security", "none", "--username", "shared",
                     "--password-stdin", stdin=PASSWORD.encode() + b"\n")["id"])
 
@@ -99,7 +93,7 @@ def _sync(env: dict[str, str], mailbox_id: int) -> str:
 
 
 def _pending(env: dict[str, str], email: str) -> list[str]:
-    return [n["kind"] for n in _cli(env, "notifications", "list", "--user", email, "--json")]
+    return [n["kind"] for n in services.cli(env, "notifications", "list", "--user", email, "--json")]
 
 
 def _pending_at_least(env: dict[str, str], email: str, count: int) -> list[str]:
@@ -166,7 +160,7 @@ def test_the_owner_is_told_once_on_every_channel_and_told_again_when_it_works(
     assert smtp.recipients() == ["owner@example.com", "owner@example.com"]
     assert _pending(env, "owner@example.com") == ["credentials_invalid", "credentials_restored"]
     assert [p["kind"] for p in services.eventually(realtime.received)] == ["credentials_restored"]
-    popped = _cli(env, "notifications", "pop", "--user", "owner@example.com", "--json")
+    popped = services.cli(env, "notifications", "pop", "--user", "owner@example.com", "--json")
     assert [n["kind"] for n in popped] == ["credentials_invalid", "credentials_restored"]
     assert _pending(env, "owner@example.com") == []
 
@@ -205,7 +199,7 @@ def test_the_scheduler_skips_an_invalid_mailbox_until_its_password_is_updated(
     due = conn.execute("SELECT count(*) AS n FROM mailboxes WHERE credentials_invalid_at IS NULL")
     assert due.fetchone() == {"n": 0}
 
-    updated = _cli(env, "mailbox", "update", str(mailbox_id), "--password-stdin",
+    updated = services.cli(env, "mailbox", "update", str(mailbox_id), "--password-stdin",
                    stdin=b"changed\n")
     assert updated["run_id"] is not None
     run = services.eventually(lambda: conn.execute(
@@ -273,7 +267,7 @@ def test_a_transient_fault_notifies_nobody(
 ) -> None:
     env = notifier_env
     _user(env, "owner@example.com")
-    added = _cli(env, "mailbox", "add", "--owner", "owner@example.com", "--host", "127.0.0.1",
+    added = services.cli(env, "mailbox", "add", "--owner", "owner@example.com", "--host", "127.0.0.1",
                  "--port", str(services.free_port()), "--security", "none", "--username", "x",
                  "--password-stdin", stdin=b"pw\n")
     assert _sync(env, int(added["id"])) == "failed"

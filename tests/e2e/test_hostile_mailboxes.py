@@ -18,7 +18,6 @@ about a minute; the memory limits are the defaults.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterator
@@ -113,14 +112,8 @@ def procs(hostile_env: dict[str, str], tmp_path: Path) -> Iterator[services.Serv
     processes.stop()
 
 
-def _cli(env: dict[str, str], *args: str, stdin: bytes | None = None) -> Any:
-    result = services.run_cli(list(args), env, stdin=stdin)
-    assert result.returncode == 0, result.stderr.decode()
-    return json.loads(result.stdout)
-
-
 def _add_mailbox(env: dict[str, str], host: str, port: int, user: str, password: str) -> int:
-    return int(_cli(env, "mailbox", "add", "--owner", "owner@example.com", "--host", host,
+    return int(services.cli(env, "mailbox", "add", "--owner", "owner@example.com", "--host", host,
                     "--port", str(port), "--security", "none", "--username", user,
                     "--password-stdin", "--folders", "INBOX", "--name", user,
                     stdin=f"{password}\n".encode())["id"])
@@ -150,14 +143,14 @@ def test_hostile_servers_fail_their_own_runs_in_bounded_time_and_memory_and_nobo
     procs: services.ServiceProcesses,
 ) -> None:
     env = hostile_env
-    _cli(env, "user", "add", "--email", "owner@example.com")
+    services.cli(env, "user", "add", "--email", "owner@example.com")
     solo = _add_mailbox(env, dovecot.host, dovecot.port, "solo", "pw")
     crowd = _add_mailbox(env, dovecot.host, dovecot.port, "crowd", "pw")
     procs.start("fetcher", 2)
     procs.start("persister", 2)
 
     # The healthy mailbox's time alone, with the same services.
-    [alone] = _cli(env, "sync", "--mailbox", str(solo), "--wait", "--timeout", "60", "--json")
+    [alone] = services.cli(env, "sync", "--mailbox", str(solo), "--wait", "--timeout", "60", "--json")
     assert alone["status"] == "done", procs.logs()
     baseline = _seconds(_runs(conn, [str(alone["run_id"])])[str(alone["run_id"])])
 
@@ -168,7 +161,7 @@ def test_hostile_servers_fail_their_own_runs_in_bounded_time_and_memory_and_nobo
             server.start()
         hostile_ids = [_add_mailbox(env, s.host, s.port, s.behaviour, "pw") for s in servers]
         # One command each, hostile ones first: the healthy mailbox queues behind all of them.
-        requested = _cli(env, "sync", *[a for i in (*hostile_ids, crowd)
+        requested = services.cli(env, "sync", *[a for i in (*hostile_ids, crowd)
                                         for a in ("--mailbox", str(i))], "--json")
         run_of = {r["mailbox_id"]: str(r["run_id"]) for r in requested}
         assert all(r["status"] == "queued" for r in requested), requested
@@ -206,7 +199,7 @@ def test_hostile_servers_fail_their_own_runs_in_bounded_time_and_memory_and_nobo
 
     # The lying server's message: recorded without its bytes, with the reason.
     lying = hostile_ids[[h.behaviour for h in HOSTILES].index("lying_size")]
-    [recorded] = _cli(env, "messages", "list", "--mailbox", str(lying), "--json")
+    [recorded] = services.cli(env, "messages", "list", "--mailbox", str(lying), "--json")
     assert recorded["skipped_reason"] == f"larger than {64 * MiB} bytes", recorded
     assert (recorded["sha256"], recorded["size"]) == (None, 80 * MiB), recorded
 
