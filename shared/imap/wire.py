@@ -104,10 +104,25 @@ class BoundedIMAP4(imaplib.IMAP4):
         if self._tls is None:
             return sock
         try:
-            return self._tls.wrap_socket(sock, server_hostname=self.host)
+            return self._handshake(sock, self._tls)
         except BaseException:
             sock.close()
             raise
+
+    def _handshake(self, sock: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
+        """TLS over ``sock``, within the command's deadline however slowly the server answers
+        (a handshake with a timeout is bounded in total, not per byte: CPython's ``_ssl``)."""
+        tls = context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=False)
+        remaining = self._deadline() - time.monotonic()
+        if remaining <= 0:
+            self._timed_out()
+        tls.settimeout(min(self._limits.read_timeout, remaining))
+        try:
+            tls.do_handshake()
+        except TimeoutError:
+            self.sock = tls  # what _fail closes
+            self._timed_out()
+        return tls
 
     def open(self, host: str = "", port: int = 143, timeout: float | None = None) -> None:
         self.host = host
@@ -138,7 +153,7 @@ class BoundedIMAP4(imaplib.IMAP4):
             raise self.error(f"STARTTLS refused: {dat}")
         if self._buffer:
             self._fail(ImapProtocolError(f"{self._where}: data sent in clear text after STARTTLS"))
-        self.sock = ssl_context.wrap_socket(self.sock, server_hostname=self.host)
+        self.sock = self._handshake(self.sock, ssl_context)
         self._tls_established = True
         self.untagged_responses.pop("CAPABILITY", None)  # pre-TLS capabilities are not trusted
         super()._get_capabilities()  # type: ignore[misc]
@@ -264,7 +279,7 @@ class BoundedIMAP4(imaplib.IMAP4):
     def _fail(self, exc: Exception) -> Any:
         self.broken = str(exc)
         self._buffer.clear()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, AttributeError):  # AttributeError: not connected yet
             self.shutdown()
         raise exc
 

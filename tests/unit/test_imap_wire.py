@@ -228,3 +228,33 @@ def test_data_sent_in_clear_text_after_a_starttls_ok_ends_the_connection() -> No
         with pytest.raises(Exception, match="clear text after STARTTLS"):
             wire.engine(client).starttls(ssl.create_default_context())
         assert wire.broken(client)
+
+
+def test_a_tls_handshake_dripped_byte_by_byte_is_cut_at_the_command_deadline() -> None:
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+
+    def drip() -> None:
+        with contextlib.suppress(OSError):
+            theirs.recv(4096)  # the ClientHello
+            theirs.sendall(b"\x16\x03\x03\x40\x00")  # a 16 KiB handshake record, announced
+            while not stop.wait(0.1):
+                theirs.sendall(b"\x00")  # and never finished
+
+    class Engine(wire.BoundedIMAP4):
+        def _create_socket(self, timeout: float | None = None) -> socket.socket:
+            return self._handshake(ours, ssl.create_default_context())
+
+    threading.Thread(target=drip, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ImapTimeout, match="no complete answer within 1s"):
+            Engine("imap.example.com", 993, targets=[],
+                   limits=Limits(read_timeout=5, command_timeout=1.0),
+                   tls=ssl.create_default_context(), connect_timeout=5,
+                   where="imap.example.com:993")
+    finally:
+        stop.set()
+        ours.close()
+        theirs.close()
+    assert time.monotonic() - started < 3
