@@ -1271,7 +1271,115 @@ def _message_charset(msg: _Message) -> str | None:
     return charset if isinstance(charset, str) and charset.strip() else None
 
 
-def _parse_into(raw: bytes, b: _Builder, thin_above: int = THIN_ABOVE) -> None:
+# --- the fast path: the feed parser's tree, split with bytes.find -------------------------------
+
+#: Deeper nesting than this is left to the feed parser (real mail nests 2 or 3 levels).
+_FAST_MAX_DEPTH = 20
+
+
+class _NotPlain(Exception):
+    """The message is not plain enough to be sure the split gives the feed parser's tree."""
+
+
+def _fast_tree(data: bytes) -> _Message | None:
+    """The tree ``_parse_bytes(data)`` would build, or ``None`` when not sure it would.
+
+    The feed parser reads every line of every body: for a message with a 1 MB attachment that
+    is some 13,000 lines of Python, to keep a payload the store only measures. This builds
+    the same tree from the same pieces: each entity's header block goes through the feed
+    parser (headers only, so header parsing and its defects are the stdlib's own), and bodies
+    are cut at their delimiter lines with ``bytes.find``. It only takes what it can split
+    exactly as the parser would, and returns ``None`` for anything else, which then takes the
+    parser's path: a bare CR (the parser breaks lines on it), a part without headers or
+    without a blank line after them, a defect in any header block, ``message/*`` and
+    ``multipart/digest`` (their bodies are parsed as messages), a multipart without a boundary,
+    with a non-ASCII one, with a transfer encoding other than 7bit/8bit/binary, without its
+    opening or closing delimiter, or with two delimiters in a row. Preambles and epilogues are
+    not kept: only ``_message_size`` reads them, for ``message/*`` parts, which are never here.
+    ``tests/unit/test_mime_fast.py`` compares the two paths on both corpora.
+    """
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
+        return None
+    try:
+        return _fast_entity(data, 0, len(data), 0)
+    except _NotPlain:
+        return None
+
+
+def _fast_entity(data: bytes, start: int, end: int, depth: int) -> _Message:
+    """The entity ``data[start:end]`` (a message or a body part) as the feed parser makes it."""
+    if depth > _FAST_MAX_DEPTH or start >= end or data[start] in (10, 13):
+        raise _NotPlain
+    blank = _BLANK_LINE.search(data, start, end)
+    if blank is None:
+        raise _NotPlain
+    body = blank.end()
+    msg = _parse_bytes(data[start:body], headersonly=True)
+    if not isinstance(msg, _Message) or msg.defects or msg.get_payload() != "":
+        raise _NotPlain
+    maintype = msg.get_content_maintype()
+    if maintype == "message":
+        raise _NotPlain
+    if maintype != "multipart":
+        msg.set_payload(data[body:end].decode("ascii", "surrogateescape"))
+        return msg
+    boundary = msg.get_boundary()
+    if (not boundary or not boundary.isascii() or msg.get_content_type() == "multipart/digest"
+            or str(msg.get("content-transfer-encoding", "8bit")).lower()
+            not in ("7bit", "8bit", "binary")):
+        raise _NotPlain
+    lines = _delimiter_lines(data, b"--" + boundary.encode("ascii"), body, end)
+    children: list[email.message.Message | str] = []
+    for (_, part_start), (next_line, _) in itertools.pairwise(lines):
+        if next_line == part_start:
+            raise _NotPlain  # the parser merges consecutive delimiters
+        # The line break before a delimiter belongs to the delimiter (RFC 2046 5.1.1).
+        part_end = next_line - (2 if data[next_line - 2:next_line] == b"\r\n" else 1)
+        children.append(_fast_entity(data, part_start, part_end, depth + 1))
+    msg.set_payload(children)
+    return msg
+
+
+def _delimiter_lines(data: bytes, dash: bytes, start: int, end: int) -> list[tuple[int, int]]:
+    """(line start, end of the line with its break) of each delimiter line of ``dash`` (the
+    boundary with its ``--``) in ``data[start:end]``, up to and including the close delimiter
+    (``dash--``), as the feed parser's ``boundaryre`` matches them: the line is ``dash``,
+    maybe ``--``, spaces or tabs, then its line break or the end. At least one opening
+    delimiter and the close delimiter must be there."""
+    found: list[tuple[int, int]] = []
+    at = start if data.startswith(dash, start, end) else -1
+    search = start
+    while True:
+        if at < 0:
+            hit = data.find(b"\n" + dash, search, end)
+            if hit < 0:
+                raise _NotPlain  # no close delimiter
+            at = hit + 1
+        k = at + len(dash)
+        close = data.startswith(b"--", k, end)
+        if close:
+            k += 2
+        while k < end and data[k] in (32, 9):
+            k += 1
+        if k == end:
+            line_end = end
+        elif data[k] == 10:
+            line_end = k + 1
+        elif data.startswith(b"\r\n", k, end):
+            line_end = k + 2
+        else:  # "--boundary" followed by something else: body text, not a delimiter
+            search, at = at, -1
+            continue
+        if close:
+            if not found:
+                raise _NotPlain  # a close delimiter before any opening one
+            found.append((at, line_end))
+            return found
+        found.append((at, line_end))
+        search, at = line_end - 1, -1
+
+
+def _parse_into(raw: bytes, b: _Builder, thin_above: int = THIN_ABOVE, fast: bool = True) -> None:
     """The normal path: parse, read headers, walk the parts, recording defects as met."""
     data = raw if isinstance(raw, bytes) else bytes(raw)
     if data.startswith(_BOM):
@@ -1281,16 +1389,21 @@ def _parse_into(raw: bytes, b: _Builder, thin_above: int = THIN_ABOVE) -> None:
     if not data or data.isspace():
         b.errors.add("empty message")
         return
-    if len(data) > thin_above:
-        data, b.thinned = _thin(data)
-    try:
-        msg = _parse_bytes(data)
+    tree = _fast_tree(data) if fast and len(data) <= thin_above else None
+    if tree is not None:
+        msg: email.message.Message = tree
         full = True
-    except Exception as exc:
-        # In practice RecursionError: the feed parser recurses once per nesting level.
-        b.errors.add(f"MIME structure could not be parsed ({_describe(exc)}); headers only")
-        msg = _parse_bytes(data, headersonly=True)
-        full = False
+    else:
+        if len(data) > thin_above:
+            data, b.thinned = _thin(data)
+        try:
+            msg = _parse_bytes(data)
+            full = True
+        except Exception as exc:
+            # In practice RecursionError: the feed parser recurses once per nesting level.
+            b.errors.add(f"MIME structure could not be parsed ({_describe(exc)}); headers only")
+            msg = _parse_bytes(data, headersonly=True)
+            full = False
     if not isinstance(msg, _Message):  # pragma: no cover - the parser honours _class
         raise TypeError("unexpected message class")
     b.errors.legacy_charset = _message_charset(msg)
@@ -1301,17 +1414,19 @@ def _parse_into(raw: bytes, b: _Builder, thin_above: int = THIN_ABOVE) -> None:
         _record_defects(msg, "message", b.errors)
 
 
-def parse_message(raw: bytes, *, thin_above: int = THIN_ABOVE) -> ParsedMessage:
+def parse_message(raw: bytes, *, thin_above: int = THIN_ABOVE, fast: bool = True) -> ParsedMessage:
     """Parse one raw message (IMAP ``BODY[]`` bytes) into a ``ParsedMessage``. Never raises.
 
     Problems are reported in ``parse_errors``; if something unforeseen still goes wrong,
     the fields gathered so far are returned with the failure recorded. A message larger than
     ``thin_above`` bytes has its large attachments thinned before parsing (:func:`_thin`),
-    with the same result and a fraction of the memory.
+    with the same result and a fraction of the memory. A plain message is split without the
+    feed parser reading its bodies line by line (:func:`_fast_tree`), with the same result;
+    ``fast=False`` turns that off (the tests compare the two).
     """
     builder = _Builder()
     try:
-        _parse_into(raw, builder, thin_above)
+        _parse_into(raw, builder, thin_above, fast)
     except Exception as exc:
         builder.errors.add(f"parse aborted by an internal error ({_describe(exc)})")
     try:
