@@ -79,7 +79,15 @@ STRUCTURES = {
                                 b"--c\r\nContent-Type: text/plain\r\n\r\nt\r\n--c\r\n"
                                 b"Content-Type: text/html\r\n\r\n<p>h</p>\r\n--c--\r\n"
                                 + FILE + b"--b--\r\n"), True),
-    "bare CR": (_mixed(TEXT + b"--b\r\nContent-Type: text/plain\r\n\r\na\rb\r\n--b--\r\n"), False),
+    "a bare CR inside a body line": (
+        _mixed(TEXT + b"--b\r\nContent-Type: text/plain\r\n\r\na\rb\r\n--b--\r\n"), True),
+    "a bare CR before a delimiter": (
+        _mixed(TEXT + b"--b\r\nContent-Type: text/plain\r\n\r\na\r--b\r\n" + FILE + b"--b--\r\n"),
+        False),
+    "a bare CR ending a delimiter": (_mixed(TEXT + FILE.replace(b"--b\r\n", b"--b\r") + b"--b--"),
+                                     False),
+    "a bare CR in a header block": (
+        _mixed(TEXT + b"--b\r\nContent-Type: text/plain\rX: y\r\n\r\nx\r\n--b--\r\n"), False),
     "no close delimiter": (_mixed(TEXT + FILE), False),
     "no opening delimiter": (_mixed(b"just text\r\n--b--\r\n"), False),
     "two delimiters in a row": (_mixed(TEXT + b"--b\r\n" + FILE + b"--b--\r\n"), False),
