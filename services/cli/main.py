@@ -290,6 +290,23 @@ def mailbox_add(owner: str | None, system: bool, host: str, port: int, security:
     _json({"id": mailbox_id})
 
 
+@mailbox_group.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+def mailbox_import(file: Any) -> None:
+    """Register many mailboxes from a JSON Lines FILE (- for standard input); prints
+    {"ids": [...]}, in the lines' order.
+
+    One object per line with the options of `mailbox add` as fields, the password included:
+    {"owner": "ann@example.com", "host": "imap.example.com", "port": 993, "security": "ssl",
+    "username": "ann", "password": "...", "folders": ["INBOX", "Sent"]} ("system": true instead
+    of "owner"; optional "folders", "name", "first_sync_days"). Every line is checked first: one
+    wrong line imports nothing, and the error names each wrong line and field (never a value).
+    """
+    settings = _settings()
+    ids = app.import_mailboxes(_conn(settings), PasswordBox(settings.secret_key), file)
+    _json({"ids": ids})
+
+
 @mailbox_group.command("update")
 @click.argument("mailbox_id", type=int)
 @click.option("--host", help="a new IMAP host name or IP address")
