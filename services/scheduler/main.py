@@ -8,18 +8,18 @@ import threading
 import structlog
 
 from mailferry import db
-from mailferry.broker import Publisher
+from mailferry.app.publishing import PublisherPool
 from mailferry.config import Settings
 from mailferry.errors import MailferryError
 from mailferry.service import start
-from mailferry.services.scheduler.handlers import tick
+from mailferry.services.scheduler.handlers import PARALLEL_PUBLISHES, tick
 
 log = structlog.get_logger(__name__)
 
 
 def main(settings: Settings) -> None:
     start(settings, "scheduler")
-    publisher = Publisher(settings.broker_url, settings.retry_delays)
+    publisher = PublisherPool(settings.broker_url, settings.retry_delays, PARALLEL_PUBLISHES)
     connection = db.Reconnecting(settings.database_url)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
