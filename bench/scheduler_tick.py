@@ -16,9 +16,10 @@ mailbox, into the private vhost):
 3. **many due**: M mailboxes due at once (a restart after a long outage, a first deployment).
 
 Each tick is split into its steps (expire stale runs, find the due mailboxes, request their
-syncs, published by the scheduler's PublisherPool), and ``EXPLAIN (ANALYZE, BUFFERS)`` of the due query and the expiry shows which indexes
-answer them. This is a report, not a test: it exits with 1 only when a tick queues the wrong
-number of mailboxes. Run it with ``.venv/bin/python bench/scheduler_tick.py`` (about a minute).
+syncs, published by the scheduler's PublisherPool), and ``EXPLAIN (ANALYZE, BUFFERS)`` of the
+due query and the expiry shows which indexes answer them. This is a report, not a test: it
+exits with 1 only when a tick queues the wrong number of mailboxes. Run it with
+``.venv/bin/python bench/scheduler_tick.py`` (a few minutes, most of it filling the table).
 """
 
 from __future__ import annotations
