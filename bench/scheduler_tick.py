@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mailferry import db, sync_requests
-from mailferry.app.publishing import PublisherPool
+from mailferry.app.publishing import PARALLEL_PUBLISHES, PublisherPool
 from mailferry.config import Settings
 from mailferry.devkit import services
 from mailferry.devkit.measure import machine
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         report["populate_seconds"] = round(populate(conn, args.mailboxes, args.history,
                                                     interval), 2)
         # as the scheduler's main does: several publishers, their confirms overlapping
-        publisher = PublisherPool(broker_url, settings.retry_delays, handlers.PARALLEL_PUBLISHES)
+        publisher = PublisherPool(broker_url, settings.retry_delays, PARALLEL_PUBLISHES)
         try:
             handlers.tick(conn, publisher.publish, settings)  # connect, declare: not timed
             for case, count in (("few due", args.few), ("none due", 0), ("many due", args.many)):

@@ -22,7 +22,7 @@ import click
 import psycopg
 
 from mailferry import app, db
-from mailferry.app import dead_letters, removal, validation
+from mailferry.app import dead_letters, publishing, removal, validation
 from mailferry.app.mailboxes import folder_report, folder_reports
 from mailferry.config import Settings, load_settings
 from mailferry.crypto import PasswordBox, generate_key
@@ -456,9 +456,9 @@ def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, time
         raise click.BadParameter("must be a number of seconds", param_hint="--timeout")
     settings = _settings()
     conn = _conn(settings)
-    with app.publisher(settings) as publisher:
-        requested = app.request_sync(conn, publisher.publish, None if all_ else mailbox_ids,
-                                     force=force)
+    with publishing.publisher_pool(settings) as pool:  # `--all`: many commands at once
+        requested = app.request_sync(conn, pool.publish, None if all_ else mailbox_ids,
+                                     force=force, parallel=pool.size)
     runs = {r.run_id: r for r in requested}
     if not wait:
         out = [{"mailbox_id": r.mailbox_id, "run_id": r.run_id,

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import structlog
 
+from mailferry.app.publishing import PARALLEL_PUBLISHES
 from mailferry.config import Settings
 from mailferry.db import Connection
 from mailferry.messages import AnyMessage
@@ -13,14 +14,11 @@ from mailferry.sync_requests import due_mailboxes, expire_stale_runs, request_sy
 
 log = structlog.get_logger(__name__)
 
-#: Commands published at once by a tick (main.py gives it as many publishers): a quorum queue
-#: confirms each after its disk write, so one at a time costs about 10 ms per due mailbox.
-PARALLEL_PUBLISHES = 8
-
 
 def tick(conn: Connection, publish: Callable[[AnyMessage], None], settings: Settings) -> int:
     """Expire runs that never finished, then queue every due mailbox. Safe to run in several
-    schedulers at once: the one-active-run index lets only one of them queue a mailbox."""
+    schedulers at once: the one-active-run index lets only one of them queue a mailbox.
+    Commands go out PARALLEL_PUBLISHES at a time (main.py gives a PublisherPool that size)."""
     expired = expire_stale_runs(conn, settings.run_timeout)
     due = due_mailboxes(conn, settings.sync_interval)
     requested = request_syncs(conn, publish, due, requested_by="scheduler",

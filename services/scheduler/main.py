@@ -8,11 +8,11 @@ import threading
 import structlog
 
 from mailferry import db
-from mailferry.app.publishing import PublisherPool
+from mailferry.app.publishing import PARALLEL_PUBLISHES, PublisherPool
 from mailferry.config import Settings
 from mailferry.errors import MailferryError
 from mailferry.service import start
-from mailferry.services.scheduler.handlers import PARALLEL_PUBLISHES, tick
+from mailferry.services.scheduler.handlers import tick
 
 log = structlog.get_logger(__name__)
 

@@ -541,10 +541,11 @@ def list_folders(conn: db.Connection, mailbox_id: int) -> list[dict[str, Any]]:
 
 def request_sync(conn: db.Connection, publish: Publish, mailbox_ids: Sequence[int] | None, *,
                  force: bool = False, requested_by: str = "cli",
-                 wait_behind_folder_runs: float = 30.0) -> list[Requested]:
+                 wait_behind_folder_runs: float = 30.0, parallel: int = 1) -> list[Requested]:
     """Sync these mailboxes now (None: every enabled one); the manual counterpart of the
     schedule. A mailbox with a run already queued or running gets that run back. A disabled
-    mailbox, or one with invalid credentials, is synced only with ``force``."""
+    mailbox, or one with invalid credentials, is synced only with ``force``. ``parallel``:
+    commands published at once, with a ``publish`` that can (``app.publishing.PublisherPool``)."""
     if mailbox_ids is None:
         ids = [r["id"] for r in conn.execute(
             """SELECT id FROM mailboxes WHERE (sync_enabled OR %s) AND removing_at IS NULL
@@ -556,7 +557,7 @@ def request_sync(conn: db.Connection, publish: Publish, mailbox_ids: Sequence[in
             if not mailbox.sync_enabled and not force:
                 raise ConfigError(f"mailbox {mailbox_id} has sync disabled; use --force")
     return request_syncs(conn, publish, ids, requested_by=requested_by, force=force,
-                         wait_behind_folder_runs=wait_behind_folder_runs)
+                         wait_behind_folder_runs=wait_behind_folder_runs, parallel=parallel)
 
 
 def run_states(conn: db.Connection, run_ids: Sequence[uuid.UUID]) -> list[dict[str, Any]]:
