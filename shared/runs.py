@@ -20,6 +20,7 @@ applying events of one run never deadlock.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -106,6 +107,31 @@ def request(conn: Connection, mailbox_id: int, *, kind: RunKind, force: bool,
         (run_id or uuid.uuid4(), mailbox_id, RunStatus.QUEUED, force, requested_by, kind),
     ).fetchone()
     return None if row is None else uuid.UUID(str(row["id"]))
+
+
+def request_many(conn: Connection, mailbox_ids: Sequence[int], *, kind: RunKind, force: bool,
+                 requested_by: str) -> dict[int, uuid.UUID]:
+    """Queue a run for each mailbox in one statement; returns mailbox -> new run for those
+    that had none queued or running (the others are left out). Inserted in mailbox order, so
+    two requesters of overlapping sets wait on each other instead of deadlocking."""
+    ids = sorted(set(mailbox_ids))
+    rows = conn.execute(
+        """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by, kind)
+           SELECT r.id, r.mailbox_id, %s, %s, %s, %s
+             FROM unnest(%s::bigint[], %s::uuid[]) AS r (mailbox_id, id)
+            WHERE EXISTS (SELECT 1 FROM mailboxes m WHERE m.id = r.mailbox_id)
+            ORDER BY r.mailbox_id
+           ON CONFLICT DO NOTHING RETURNING id, mailbox_id""",
+        (RunStatus.QUEUED, force, requested_by, kind, ids, [uuid.uuid4() for _ in ids]),
+    ).fetchall()
+    return {int(r["mailbox_id"]): uuid.UUID(str(r["id"])) for r in rows}
+
+
+def withdraw(conn: Connection, run_ids: Sequence[uuid.UUID]) -> None:
+    """Queued runs whose command was never published (the broker went away first): gone, as
+    if never asked for, so that their mailboxes are due again at the next tick."""
+    conn.execute("DELETE FROM sync_runs WHERE id = ANY(%s) AND status = %s",
+                 (list(run_ids), RunStatus.QUEUED))
 
 
 def publish_failed(conn: Connection, run_id: uuid.UUID, error: str) -> None:
