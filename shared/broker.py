@@ -304,7 +304,8 @@ class Worker(ConsumerMixin):
                         self._in_flight.pop(future)  # never started: the broker gets it back
                 if stopping and not self._in_flight:
                     break
-                self.on_iteration()
+                if not stopping:
+                    self.on_iteration()
                 try:
                     conn.drain_events(timeout=self.BUSY_POLL if self._in_flight else self.POLL)
                 except TimeoutError:
@@ -312,6 +313,8 @@ class Worker(ConsumerMixin):
                 except OSError:
                     if not self.should_stop:
                         raise
+                    time.sleep(self.BUSY_POLL)  # lost while stopping: wait for the handlers
+                    continue
                 conn.heartbeat_check()
                 yield
 
@@ -348,6 +351,10 @@ class Worker(ConsumerMixin):
         """On the consuming thread: ack (or reject back) what the handler threads finished. A
         delivery of a connection that was lost since is not acked (its channel is gone and the
         broker has put it back in the queue already)."""
+        # Finished futures first, then their outcomes: a thread queues its outcome before its
+        # future is done, so none of the futures dropped here leaves its delivery unsettled.
+        for future in [f for f in self._in_flight if f.done()]:
+            self._in_flight.pop(future)
         while True:
             try:
                 message, outcome = self._done.get_nowait()
@@ -361,8 +368,6 @@ class Worker(ConsumerMixin):
             except Exception as exc:
                 log.warning("message.not_settled", outcome=outcome, error=_one_line(exc),
                             type=message.properties.get("type"))
-        for future in [f for f in self._in_flight if f.done()]:
-            self._in_flight.pop(future)
 
     def _process(self, message: Message) -> None:
         """On a handler thread: the message's whole fate but the ack itself."""
