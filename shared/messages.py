@@ -21,7 +21,7 @@ Version 1 carried the bytes base64-encoded inside the JSON: 80 MiB of mail cost 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic_core
@@ -67,6 +67,44 @@ class SyncFolders(_Message):
     mailbox_id: int
     requested_by: str = "broker"
     force: bool = False
+
+
+class FolderResume(BaseModel):
+    """Where a sliced sync stopped inside a folder's new mail: every UID below ``next_uid`` of
+    ``uidvalidity`` was published, in ``events`` numbered events (the next ``batch_no``)."""
+
+    model_config = ConfigDict(frozen=True)
+    folder: str  # raw name
+    uidvalidity: int
+    next_uid: int
+    above: int  # the checkpoint this folder's sync started from (0: a first sync)
+    events: int
+    messages: int
+
+
+class ContinueSync(_Message):
+    """Go on with an attempt that stopped at a slice boundary (``MAILFERRY_FETCHER_SLICE_SECONDS``)
+    so that no delivery stays unacknowledged for long (RabbitMQ's ``consumer_timeout``).
+
+    Published by the fetcher of the slice before, which then acked its own command; it carries
+    that attempt's fencing token, which the next slice takes over (the lease is handed over, not
+    taken), so the events already published stay valid. The plan travels with it: the folders
+    still to sync and, for a folder left midway, where to resume."""
+
+    routing_key: ClassVar[str] = "continue-sync"
+    type: Literal["ContinueSync"] = "ContinueSync"
+    run_id: uuid.UUID
+    mailbox_id: int
+    lease_token: int
+    slice: int  # 2 for the second slice of the attempt, ...
+    force: bool = False
+    requested_by: str = "broker"
+    since: date  # the first-sync window of the attempt
+    folders: tuple[FolderInfo, ...]  # still to sync, in order; the first one may be resumed
+    resume: FolderResume | None = None
+    folders_done: int  # FolderSynced events the attempt published so far
+    failed_folders: int = 0
+    messages: int = 0  # published so far (for the log line)
 
 
 # --- events from the fetcher -----------------------------------------------------------------
@@ -231,9 +269,15 @@ class CredentialsRestored(_Message):
     restored_at: datetime
 
 
+ContinueSync.model_rebuild()
+
+#: The commands, all published to ``topology.COMMANDS`` and consumed by fetchers.
+COMMANDS = (SyncMailbox, SyncFolders, ContinueSync)
+
 AnyMessage = Annotated[
     SyncMailbox
     | SyncFolders
+    | ContinueSync
     | SyncStarted
     | FoldersListed
     | MessagesFetched

@@ -2,7 +2,8 @@
 
 Names say who consumes what, so the management UI reads like the design:
 
-    mailferry.commands (direct)  --sync-mailbox-->  mailferry.fetcher.sync-mailbox
+    mailferry.commands (direct)  --sync-mailbox, sync-folders, continue-sync-->
+                                                      mailferry.fetcher.sync-mailbox
     mailferry.events   (topic)   --sync.# folders.# folder.# messages.#-->  mailferry.persister.events
                                  --credentials.#-->  mailferry.notifier.credentials
 
@@ -91,7 +92,8 @@ class WorkQueue:
         )
 
 
-FETCHER = WorkQueue("mailferry.fetcher.sync-mailbox", COMMANDS, ("sync-mailbox", "sync-folders"))
+FETCHER = WorkQueue("mailferry.fetcher.sync-mailbox", COMMANDS,
+                    ("sync-mailbox", "sync-folders", "continue-sync"))
 PERSISTER = WorkQueue(
     "mailferry.persister.events", EVENTS, ("sync.#", "folders.#", "folder.#", "messages.#")
 )

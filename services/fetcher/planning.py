@@ -24,6 +24,7 @@ from mailferry.messages import (
     FlagChange,
     FlagsChanged,
     FolderInfo,
+    FolderResume,
     FolderSelection,
     FolderSynced,
     MessagesExpunged,
@@ -88,6 +89,9 @@ class FolderJob:
     # Message-IDs) -> {identity: hex SHA-256}. What spares re-downloading them after a reset.
     stored_by_identity: Callable[[int, list[str]], dict[Identity, str]] = (
         lambda _uidvalidity, _ids: {})
+    # True when the slice is over: the folder stops at the next batch boundary of its new mail
+    # (``FolderPaused``), to be resumed by a ContinueSync command.
+    pause: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -199,6 +203,14 @@ def fetched(metas: Sequence[MessageMeta], bodies: dict[int, Body],
     return out
 
 
+class FolderPaused(Exception):
+    """The slice ended inside this folder; ``resume`` says where the next one goes on."""
+
+    def __init__(self, resume: FolderResume) -> None:
+        super().__init__(f"paused at uid {resume.next_uid} of {resume.folder}")
+        self.resume = resume
+
+
 class FolderFailed(ImapError):
     """An IMAP error after some events of the folder were already published."""
 
@@ -210,15 +222,23 @@ class FolderFailed(ImapError):
 
 
 def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
-                job: FolderJob) -> FolderTotals:
+                job: FolderJob, resume: FolderResume | None = None) -> FolderTotals:
     """Bring one folder's store up to the server: changes to known messages first (flags,
     expunges), then new UIDs, window by window. Every event is numbered; FolderSynced says how
-    many there were. Raises ``FolderFailed`` when the server fails mid-folder."""
+    many there were. Raises ``FolderFailed`` when the server fails mid-folder, and
+    ``FolderPaused`` when ``job.pause()`` says the slice is over (checked after each batch of
+    new mail, so every slice publishes at least one). ``resume`` goes on where a paused slice
+    stopped: its known-message pass is done, its numbering continues."""
     totals = FolderTotals()
     try:
         status = session.select(folder)  # a folder the server will not open fails alone
     except ImapError as exc:
-        raise FolderFailed(exc, 0) from exc
+        raise FolderFailed(exc, resume.events if resume else 0) from exc
+    if resume is not None:
+        # The numbering goes on either way: batches published before count in FolderSynced.
+        totals.events, totals.messages = resume.events, resume.messages
+        if resume.uidvalidity != status.uidvalidity:
+            resume = None  # reset between two slices: the folder starts over
 
     def publish(message: FlagsChanged | MessagesExpunged | MessagesFetched) -> None:
         job.publish(message)
@@ -232,25 +252,43 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
     above = state.last_uid if (state is not None and same_generation and not job.force) else 0
     s = job.stamp
     highest_found = 0
+    start_at = above + 1
+    if resume is not None:
+        above, start_at, highest_found = resume.above, resume.next_uid, resume.next_uid - 1
+
+    def paused(next_uid: int) -> FolderPaused:
+        return FolderPaused(FolderResume(folder=folder.raw_name, uidvalidity=status.uidvalidity,
+                                         next_uid=next_uid, above=above, events=totals.events,
+                                         messages=totals.messages))
+
     try:
-        if state is not None and same_generation and state.last_uid:
+        if state is not None and same_generation and state.last_uid and resume is None:
             _known_messages(session, state, status, job, totals, publish)
-        if above and status.uidnext is not None and status.uidnext <= above + 1:
+        if above and status.uidnext is not None and status.uidnext <= start_at:
             windows: list[tuple[int, int]] = []  # UIDNEXT says nothing arrived: no SEARCH
         else:
-            windows = list(session.iter_windows(above + 1, status))
+            windows = list(session.iter_windows(start_at, status))
+        progressed = False  # a slice pauses only after some progress, and before more work
+
+        def pause_before(next_uid: int) -> None:
+            if progressed and job.pause():
+                raise paused(next_uid)
+
         for low, high in windows:
+            pause_before(low)
             # Everything above the checkpoint, whatever its date; on a first sync, the window.
             uids = session.search(low, high, None if above else job.since)
             job.found(len(uids))
-            highest_found = max([highest_found, *uids])
             for start in range(0, len(uids), META_CHUNK):
                 chunk = uids[start:start + META_CHUNK]
+                pause_before(chunk[0])
                 metas = session.metadata(chunk, message_ids=reset is not None)
                 ordered = [metas[u] for u in chunk if u in metas]
                 known = _known(ordered, reset, job)
                 for group in batches([m for m in ordered if m.uid not in known],
                                      job.limits.max_bytes, job.limits.max_count):
+                    if not known:  # recognised ones are published after the chunk's batches
+                        pause_before(group[0].uid)
                     messages = fetched(group, session.bodies([m.uid for m in group]),
                                        job.limits.max_message)
                     publish(MessagesFetched(run_id=s.run_id, mailbox_id=s.mailbox_id,
@@ -259,6 +297,8 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
                                             batch_no=totals.events, messages=tuple(messages)))
                     totals.messages += len(messages)
                     totals.bytes += sum(m.size for m in messages)
+                    highest_found = max(highest_found, group[-1].uid)
+                    progressed = True
                 if known:
                     recognised = tuple(
                         FetchedMessage(uid=m.uid, flags=m.flags, internal_date=m.internal_date,
@@ -270,6 +310,9 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
                                             batch_no=totals.events, messages=recognised))
                     totals.messages += len(recognised)
                     totals.recognised += len(recognised)
+                highest_found = max(highest_found, chunk[-1])
+                progressed = True
+            highest_found = max([highest_found, *uids])
     except ImapError as exc:
         raise FolderFailed(exc, totals.events) from exc
     last_uid = max(above, highest_found, (status.uidnext or 1) - 1)
