@@ -184,6 +184,17 @@ def message_changes(conn: Connection, mailbox_id: int, folder_id: int, uidvalidi
     return changes
 
 
+def expunged_by_reset(mailbox_id: int, rows: Sequence[dict[str, Any]]) -> list[Change]:
+    """MessageExpunged for the placements a new UIDVALIDITY made tombstones of (their UIDs name
+    nothing any more, RFC 3501 2.3.1.1); ``rows``: folder_id, folder, uidvalidity, uid,
+    message_id of each. The mail comes again under the new UIDVALIDITY as backfill."""
+    return [Change(change_id(mailbox_id, r["folder_id"], r["uidvalidity"], r["uid"], "expunged"),
+                   MessageExpunged, {"folder": r["folder"], "folder_id": r["folder_id"],
+                                     "uidvalidity": r["uidvalidity"], "uid": r["uid"],
+                                     "message_ref": r["message_id"]})
+            for r in sorted(rows, key=lambda r: r["uid"])]
+
+
 # --- folders -------------------------------------------------------------------------------------
 
 

@@ -184,3 +184,20 @@ def test_the_relay_publishes_in_order_with_stable_ids_and_marks_rows_after_the_c
     assert outbox.prune(conn, 3600) == 0  # young rows stay
     conn.execute("UPDATE change_outbox SET created_at = now() - interval '2 hours'")
     assert outbox.prune(conn, 3600) == len(written)
+
+
+def test_a_new_uidvalidity_announces_the_old_uids_expunged_and_the_mail_again_as_known_backfill(
+    conn: db.Connection, deps: PersisterDeps,
+) -> None:
+    mailbox_id = services.mailbox_row(conn)
+    _apply(_sync(mailbox_id, _run(conn, mailbox_id), 1, [_message(1)], last_uid=1), deps)
+    before = len(_changes(conn, mailbox_id))
+    reset = _sync(mailbox_id, _run(conn, mailbox_id), 2, [_message(1)], last_uid=1)
+    for event in reset:  # the same folder under UIDVALIDITY 8
+        if hasattr(event, "uidvalidity"):
+            event = event.model_copy(update={"uidvalidity": 8})
+        handle(event, deps)
+
+    news = [(c["type"], c["uidvalidity"], c.get("backfill"), c.get("known"))
+            for c in _changes(conn, mailbox_id)[before:]]
+    assert news == [("MessageStored", 8, True, True), ("MessageExpunged", 7, None, None)]
