@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     notifier_tick: float = Field(default=15.0, gt=0, description="seconds between retry passes")
     notify_retry_base: float = Field(default=30.0, gt=0, description="first retry of a channel")
 
+    # The change stream (shared/outbox.py): published rows are kept this long for consumers
+    # catching up (`mailferry changes list --since SEQ`), then pruned by the relay.
+    changes_retention: float = Field(default=7 * 86400.0, gt=0, description="seconds")
+
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = "info"
 

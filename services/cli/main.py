@@ -38,6 +38,7 @@ from mailferry.errors import (
 )
 from mailferry.imap import Folder
 from mailferry.logging import configure_logging
+from mailferry.services.cli.changes import changes
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
 _JSON = click.option("--json", "as_json", is_flag=True,
@@ -697,6 +698,9 @@ def status(as_json: bool) -> None:
     click.echo("recent runs:")
     _table(result["recent_runs"], ["run_id", "mailbox_id", "status", "requested_by",
                                    "requested_at", "messages_stored", "error"])
+
+
+cli.add_command(changes)  # mailferry changes tail|list (services/cli/changes.py)
 
 
 # --- services ---------------------------------------------------------------------------------
