@@ -12,9 +12,12 @@ the run. Every transition is one function here, over :class:`RunStatus` and ``Er
 fetcher, the persister, the scheduler and the CLI call them and write the table nowhere else
 (``tests/unit/test_runs.py`` fails if they do).
 
-Lock order, kept by every persister transaction that touches a run: folder rows (by id), then the
-run row (:func:`lock`), then the mailbox row. One order for every event of a run, so persisters
-applying events of one run never deadlock.
+Lock order, kept by every persister transaction that touches a run: the run row first
+(:func:`lock`, before anything else is written), then folder rows (by id), then the mailbox row.
+The events of one run are therefore applied one at a time, whichever persister holds them: none
+of them deadlock, and each sees everything the ones before it committed (so the last piece of a
+folder or run, whichever persister stores it, always closes it). Different runs, hence different
+mailboxes, still go in parallel; MIME parsing happens before the transaction.
 
 A run that fails, and the credentials it proves refused or working again, are announced on the
 change stream (``shared/outbox.py``) in the transaction that records them: MailboxSyncFailed,
@@ -101,7 +104,7 @@ def active(conn: Connection, mailbox_id: int) -> Run | None:
 
 
 def lock(conn: Connection, run_id: uuid.UUID) -> Run | None:
-    """The run, locked for the rest of the transaction. Take folder locks before this one."""
+    """The run, locked for the rest of the transaction: the first lock an event of the run takes."""
     return _run(conn.execute(f"SELECT {_COLUMNS} FROM sync_runs WHERE id = %s FOR UPDATE",
                              (run_id,)).fetchone())
 

@@ -60,10 +60,12 @@ def handle(event: FetcherEvent, deps: PersisterDeps) -> None:
             if event.lease_token < token:
                 log.warning("event.fenced", lease_token=event.lease_token, current=token)
                 return
-            owner = store.run_mailbox(conn, event.run_id)
-            if owner is not None and owner != event.mailbox_id:
+            # The run row first (the lock order of shared.runs): the events of one run are
+            # applied one at a time, each seeing what the ones before it committed.
+            run = runs.lock(conn, event.run_id)
+            if run is not None and run.mailbox_id != event.mailbox_id:
                 # the run-level writes (batches, checkpoints, status) are keyed by run
-                raise PermanentError(f"run {event.run_id} belongs to mailbox {owner}, "
+                raise PermanentError(f"run {event.run_id} belongs to mailbox {run.mailbox_id}, "
                                      f"not to mailbox {event.mailbox_id}")
             changes: list[outbox.Change] = []
             summary, progress = apply(conn, event, prepared, changes)

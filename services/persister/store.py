@@ -42,21 +42,15 @@ def initial_folders(conn: Connection, mailbox_id: int) -> list[str] | None:
 # --- runs -------------------------------------------------------------------------------------
 
 
-def run_mailbox(conn: Connection, run_id: uuid.UUID) -> int | None:
-    """The mailbox a run belongs to (None: no such run)."""
-    run = runs.get(conn, run_id)
-    return None if run is None else run.mailbox_id
-
-
 def settle(conn: Connection, mailbox_id: int, run_id: uuid.UUID, token: int,
            progress: runs.Progress) -> str | None:
     """Record an event's progress on its run, then close what is complete: folders whose
     announced batches are all stored (their checkpoint moves), then the run once every folder
     is closed. Returns the run's final status, if reached.
 
-    Locks in the one order of ``shared.runs``: the folders to close (by id), then the run row,
-    then (when it finishes) the mailbox. Two workers finishing the last pieces at once serialize
-    on the run row, and the second one sees the first one's batches.
+    The caller holds the run row's lock since the start of its transaction (the order of
+    ``shared.runs``), so what is read here includes every earlier event of the run; then the
+    folders to close (by id), then (when it finishes) the mailbox.
     """
     pending = conn.execute(
         """SELECT f.folder, f.uidvalidity, f.batches, f.last_uid, f.uidnext, f.highest_modseq,
@@ -76,7 +70,7 @@ def settle(conn: Connection, mailbox_id: int, run_id: uuid.UUID, token: int,
                 ORDER BY id FOR UPDATE""",
             (mailbox_id, [f["folder"] for f in closing]),
         )
-    run = runs.lock(conn, run_id)
+    run = runs.lock(conn, run_id)  # held already: this only reads it
     if run is None:
         return None
     run = runs.record(conn, run, progress)

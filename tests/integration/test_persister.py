@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -321,3 +322,33 @@ def test_older_flags_never_overwrite_newer_ones(conn: db.Connection, deps: Persi
     row = conn.execute("SELECT mf.flags FROM message_folders mf JOIN folders f ON f.id = mf.folder_id "
                        "WHERE f.name = 'INBOX' AND uid = 2").fetchone()
     assert row == {"flags": ["\\Answered"]}
+
+
+def test_the_last_batch_and_its_folder_synced_stored_at_the_same_moment_still_close_the_folder(
+    conn: db.Connection, deps: PersisterDeps, database_url: str
+) -> None:
+    """Two persisters each apply one of the two last pieces of INBOX while a third transaction
+    holds the run; whichever commits second must see the first and close the folder and run."""
+    mailbox_id = services.mailbox_row(conn)
+    run_id = _run(conn, mailbox_id)
+    stream = _stream(mailbox_id, run_id)
+    last_batch, inbox_synced = stream[3], stream[5]
+    for event in stream:
+        if event not in (last_batch, inbox_synced):
+            handle(event, deps)
+    with db.connect(database_url) as holder:
+        holder.execute("SELECT 1 FROM sync_runs WHERE id = %s FOR UPDATE", (run_id,))
+        workers = [threading.Thread(target=handle, args=(event, PersisterDeps(
+            connection=db.Reconnecting(database_url)))) for event in (last_batch, inbox_synced)]
+        for worker in workers:
+            worker.start()
+        assert services.eventually(lambda: conn.execute(
+            """SELECT count(*) AS n FROM pg_stat_activity
+                WHERE datname = current_database() AND wait_event_type = 'Lock'""",
+        ).fetchone() == {"n": 2}), "both persisters wait on the run"
+        holder.rollback()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert conn.execute("SELECT last_uid FROM folders WHERE name = 'INBOX'").fetchone() == {
+        "last_uid": 5}
+    assert conn.execute("SELECT status FROM sync_runs").fetchone() == {"status": "done"}
