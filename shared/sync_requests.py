@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from mailferry import runs
@@ -30,15 +30,17 @@ class Requested:
 def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
                   mailbox_ids: Iterable[int], *, requested_by: str,
                   force: bool = False, folders_only: bool = False,
-                  wait_behind_folder_runs: float = 0.0) -> list[Requested]:
+                  wait_behind_folder_runs: float = 0.0,
+                  folders: Sequence[str] | None = None) -> list[Requested]:
     """Queue runs; a mailbox with a run already queued or running gets that run back. A mail
     sync asked for while a (short) folder-list run is active can wait for it to end
-    (``wait_behind_folder_runs`` seconds), so the mail is synced, not merely the folders."""
+    (``wait_behind_folder_runs`` seconds), so the mail is synced, not merely the folders.
+    ``folders`` (raw names) limits the mail syncs to those enabled folders (push)."""
     out: list[Requested] = []
     for mailbox_id in mailbox_ids:
         deadline = time.monotonic() + wait_behind_folder_runs
         while (requested := _request_one(conn, publish, mailbox_id, requested_by, force,
-                                         folders_only)) is None:
+                                         folders_only, folders)) is None:
             if time.monotonic() > deadline:
                 active = runs.active(conn, mailbox_id)
                 if active is None:
@@ -51,7 +53,8 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
 
 
 def _request_one(conn: Connection, publish: Callable[[AnyMessage], None], mailbox_id: int,
-                 requested_by: str, force: bool, folders_only: bool) -> Requested | None:
+                 requested_by: str, force: bool, folders_only: bool,
+                 folders: Sequence[str] | None = None) -> Requested | None:
     """None: a folder-list run is in the way of a mail sync."""
     with conn.transaction():
         run_id = runs.request(conn, mailbox_id,
@@ -63,9 +66,13 @@ def _request_one(conn: Connection, publish: Callable[[AnyMessage], None], mailbo
             return None  # it just finished, or only lists folders: try again
         return Requested(mailbox_id, active.id, queued=False)
     try:
-        command = SyncFolders if folders_only else SyncMailbox
-        publish(command(run_id=run_id, mailbox_id=mailbox_id, force=force,
-                        requested_by=requested_by))
+        if folders_only:
+            publish(SyncFolders(run_id=run_id, mailbox_id=mailbox_id, force=force,
+                                requested_by=requested_by))
+        else:
+            publish(SyncMailbox(run_id=run_id, mailbox_id=mailbox_id, force=force,
+                                requested_by=requested_by,
+                                folders=None if folders is None else tuple(folders)))
     except BrokerUnavailable as exc:
         runs.publish_failed(conn, run_id, str(exc))
         raise

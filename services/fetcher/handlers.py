@@ -157,7 +157,7 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
     days = mailbox.first_sync_days or deps.settings.first_sync_days
     s = deps.settings
     to_sync = planning.folders_to_sync(folders, renamed, states, mailbox.initial_folders,
-                                       selection)
+                                       selection, only=cmd.folders)
     attempt.planned(len(to_sync))
     for index, folder in enumerate(to_sync):
         attempt.lease.check()
