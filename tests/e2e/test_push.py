@@ -1,6 +1,7 @@
 """Push: with the schedule an hour apart, changes on the server reach the store in seconds, with
 no `sync` command, whatever the server offers (NOTIFY, IDLE only, neither); a scheduler killed
-while holding watches is replaced by another; a cut connection is re-established."""
+while holding watches is replaced by another; a cut connection is re-established; a refused
+login marks the credentials invalid; `--no-push` ends the watch."""
 
 from __future__ import annotations
 
@@ -145,3 +146,29 @@ def test_a_killed_schedulers_watches_are_taken_over_and_a_cut_connection_comes_b
         taken = _watched(env, mailbox_id, holder=holder)
         assert taken["token"] > first["token"], "the new holder's token fences the old one"
         _stored(env, mailbox_id, "INBOX", uid)
+        listed = services.cli(env, "mailbox", "list", "--json")[0]
+        assert (listed["watch"], listed["watch_holder"]) == ("watching", taken["holder"])
+        assert services.cli(env, "status", "--json")["watches"] == {"watching": 1}
+
+        server.set_password("alice", "changed")
+        proxy.cut()  # the watch logs in again, and is refused
+        assert services.eventually(
+            lambda: services.cli(env, "mailbox", "list", "--json")[0]["credentials_invalid"], 30)
+        assert services.cli(env, "mailbox", "list", "--json")[0]["watch"] == "off"
+
+
+def test_a_mailbox_with_push_off_is_not_watched(
+    env: dict[str, str], processes: services.ServiceProcesses, tmp_path: Path,
+) -> None:
+    env = {**env, **PUSH_ENV}
+    with Dovecot(tmp_path / "dovecot") as server:
+        server.add_user("alice", PASSWORD)
+        server.create_folder("alice", "Work")
+        mailbox_id = _add_mailbox(env, server)
+        processes.env.update(env)
+        processes.start("scheduler")
+        _watched(env, mailbox_id)
+        services.cli(env, "mailbox", "update", str(mailbox_id), "--no-push")
+        assert services.eventually(
+            lambda: services.cli(env, "mailbox", "list", "--json")[0]["watch"] == "off", 30)
+        assert services.cli(env, "status", "--json")["watches"] == {"off": 1}
