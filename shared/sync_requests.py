@@ -81,14 +81,16 @@ def _request_one(conn: Connection, publish: Callable[[AnyMessage], None], mailbo
 
 def due_mailboxes(conn: Connection, interval_seconds: float) -> list[int]:
     """Enabled mailboxes with working credentials, nothing queued or running, and no run asked
-    for within the interval (a failed run waits too: no hammering a broken server)."""
+    for within the interval (a failed run waits too: no hammering a broken server). Push runs
+    (of the folders that changed) do not count: the schedule stays the full safety net."""
     rows = conn.execute(
         """SELECT m.id FROM mailboxes m
             WHERE m.sync_enabled AND m.credentials_invalid_at IS NULL
               AND NOT EXISTS (SELECT 1 FROM sync_runs r WHERE r.mailbox_id = m.id
                                  AND r.status IN ('queued', 'running'))
               AND COALESCE((SELECT max(r.requested_at) FROM sync_runs r
-                             WHERE r.mailbox_id = m.id AND r.kind = 'mailbox'), '-infinity')
+                             WHERE r.mailbox_id = m.id AND r.kind = 'mailbox'
+                               AND r.requested_by <> 'push'), '-infinity')
                   <= now() - make_interval(secs => %s)
             ORDER BY m.id""",
         (interval_seconds,),

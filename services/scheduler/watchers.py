@@ -98,20 +98,22 @@ def mark_credentials_invalid(conn: db.Connection, mailbox_id: int, error: str) -
 class Dispatcher:
     """Changed folders -> debounced SyncMailbox commands (see the module doc)."""
 
-    def __init__(self, connection: Callable[[], db.Connection],
+    def __init__(self, connection: db.Reconnecting,
                  publish: Callable[[AnyMessage], None], debounce: float) -> None:
         self._connection = connection
         self._publish = publish
         self._debounce = debounce
-        self._pending: dict[int, tuple[set[str], float]] = {}  # mailbox -> (folders, due at)
+        # mailbox -> (folders, due at); None: every enabled folder
+        self._pending: dict[int, tuple[set[str] | None, float]] = {}
         self._lock = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="push-dispatch", daemon=True)
 
-    def changed(self, mailbox_id: int, folders: set[str]) -> None:
+    def changed(self, mailbox_id: int, folders: set[str] | None) -> None:
+        """``folders`` changed (None: sync every enabled folder)."""
         with self._lock:
             held, due = self._pending.get(mailbox_id, (set(), time.monotonic() + self._debounce))
-            self._pending[mailbox_id] = (held | folders, due)
+            self._pending[mailbox_id] = (_union(held, folders), due)
             self._lock.notify()
 
     def start(self) -> None:
@@ -121,7 +123,9 @@ class Dispatcher:
         with self._lock:
             self._stop = True
             self._lock.notify()
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self._connection.close()
 
     def _run(self) -> None:
         while True:
@@ -139,10 +143,11 @@ class Dispatcher:
             for mailbox_id, folders in batch.items():
                 self._request(mailbox_id, folders)
 
-    def _request(self, mailbox_id: int, folders: set[str]) -> None:
+    def _request(self, mailbox_id: int, folders: set[str] | None) -> None:
         try:
             requested = request_syncs(self._connection(), self._publish, [mailbox_id],
-                                      requested_by="push", folders=sorted(folders))
+                                      requested_by="push",
+                                      folders=None if folders is None else sorted(folders))
             queued = requested[0].queued
         except MailferryError as exc:
             log.warning("push.request_failed", mailbox_id=mailbox_id, error=str(exc))
@@ -151,11 +156,16 @@ class Dispatcher:
             log.exception("push.request_failed", mailbox_id=mailbox_id)
             queued = False
         if queued:
-            log.info("push.sync_requested", mailbox_id=mailbox_id, folders=sorted(folders))
+            log.info("push.sync_requested", mailbox_id=mailbox_id,
+                     folders=None if folders is None else sorted(folders))
             return
         with self._lock:  # a run is active (or the broker is away): ask again in a moment
             held, _ = self._pending.get(mailbox_id, (set(), 0.0))
-            self._pending[mailbox_id] = (held | folders, time.monotonic() + 1.0)
+            self._pending[mailbox_id] = (_union(held, folders), time.monotonic() + 1.0)
+
+
+def _union(a: set[str] | None, b: set[str] | None) -> set[str] | None:
+    return None if a is None or b is None else a | b
 
 
 class Watchers:
@@ -182,7 +192,8 @@ class Watchers:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        if self._thread.is_alive():
+            self._thread.join(30)
         for watch in self.watches.values():
             watch.stop()
         for watch in self.watches.values():
@@ -197,6 +208,7 @@ class Watchers:
             log.warning("push.release_failed", error=str(exc))
         self.watches.clear()
         self.dispatcher.stop()
+        self._connection.close()
 
     def _run(self) -> None:
         period = self.settings.push_lease / 3
@@ -313,7 +325,11 @@ class Watchers:
         except ConfigError as exc:  # a password the keys cannot read: the schedule reports it
             log.warning("push.not_watched", mailbox_id=item.mailbox_id, error=str(exc))
             return
-        watch = Watch(item.mailbox_id, token, config, item.folders, self.dispatcher.changed,
+        # Before its first listing a mailbox's folders are not known: a change syncs them all.
+        on_change: Callable[[int, set[str]], None] = (
+            self.dispatcher.changed if item.stored
+            else lambda mailbox_id, _folders: self.dispatcher.changed(mailbox_id, None))
+        watch = Watch(item.mailbox_id, token, config, item.folders, on_change,
                       poll=s.push_poll, renew=s.push_idle_renew, backoff_max=s.push_backoff_max,
                       fingerprint=item.fingerprint)
         # The store's last sync, then what this process last saw (a restart after a change of
