@@ -101,3 +101,27 @@ def test_a_push_run_does_not_postpone_the_scheduled_sync(
     assert run_id is not None
     runs.give_up(conn, run_id, mailbox_id, "done for this test")
     assert due_mailboxes(conn, 3600) == [mailbox_id]
+
+
+def test_too_many_connections_is_a_backoff_never_invalid_credentials(
+    conn: db.Connection, settings: Settings, tmp_path: Path,
+) -> None:
+    settings = settings.model_copy(update={"push_backoff_max": 0.5})
+    with Dovecot(tmp_path / "limited", max_connections_per_user=1) as limited:
+        [mailbox_id] = _mailboxes(conn, settings, limited, 1)
+        watchers = _watchers(settings, "s1", [])
+        occupant = limited.client("u0")  # the account's one connection is taken
+        try:
+            watchers.pass_once()
+            watch = watchers.watches[mailbox_id]
+            assert services.eventually(lambda: watch.state == "backoff" and watch.error, 20)
+            assert "[LIMIT]" in str(watch.error) and watch.auth_error is None
+            watchers.pass_once()
+            row = conn.execute("SELECT credentials_invalid_at FROM mailboxes WHERE id = %s",
+                               (mailbox_id,)).fetchone()
+            assert row is not None and row["credentials_invalid_at"] is None
+            occupant.logout()
+            assert services.eventually(lambda: watch.state == "watching", 30), \
+                "once a connection is free, the watch is up"
+        finally:
+            watchers.stop()
