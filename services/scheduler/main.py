@@ -12,7 +12,7 @@ from mailferry import db
 from mailferry.broker import Publisher
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
-from mailferry.errors import MailferryError
+from mailferry.errors import ConfigError, MailferryError
 from mailferry.service import start, worker_id
 from mailferry.services.scheduler.handlers import tick
 from mailferry.services.scheduler.watchers import Watchers
@@ -29,9 +29,13 @@ def main(settings: Settings) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     watchers = None
     if settings.push:
-        watchers = Watchers(settings, worker_id("scheduler"), publisher.publish,
-                            PasswordBox(settings.secret_key))
-        watchers.start()
+        try:
+            passwords = PasswordBox(settings.secret_key)
+        except ConfigError as exc:  # watching logs in: without the key, the schedule only
+            log.warning("push.off", reason=str(exc))
+        else:
+            watchers = Watchers(settings, worker_id("scheduler"), publisher.publish, passwords)
+            watchers.start()
     log.info("scheduler.running", interval=settings.sync_interval, tick=settings.scheduler_tick,
              push=settings.push)
     while not stop.is_set():

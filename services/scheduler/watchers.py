@@ -212,11 +212,21 @@ class Watchers:
 
     def _run(self) -> None:
         period = self.settings.push_lease / 3
+        renewed = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.pass_once()
+                renewed = time.monotonic()
             except Exception as exc:  # the database is away: the leases lapse if it stays away
                 log.warning("push.pass_failed", error=str(exc))
+                if time.monotonic() - renewed > self.settings.push_lease and self.watches:
+                    # Our leases have expired: others may watch these mailboxes by now, and
+                    # two watches would double the connections. Give them all up.
+                    log.warning("push.leases_lapsed", watches=len(self.watches))
+                    for watch in self.watches.values():
+                        watch.stop()
+                    self.watches.clear()
+                    self._written.clear()
             self._stop.wait(period)
 
     # --- one pass --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from mailferry.devkit.tcp_proxy import TcpProxy
 
 PASSWORD = "secret"
 PUSH_ENV = {
+    "MAILFERRY_PUSH": "1",
     "MAILFERRY_SYNC_INTERVAL": "3600",  # the schedule cannot be what brings the mail
     "MAILFERRY_PUSH_LEASE": "3",
     "MAILFERRY_PUSH_POLL": "1",

@@ -184,6 +184,7 @@ def test_a_push_run_syncs_only_the_changed_enabled_folders_and_enables_none() ->
               "Spam": FolderState(3, "Spam", False, 9, 10, None)}
     listed = [INBOX, work, spam]
     assert planning.folders_to_sync(listed, set(), states, None, only=("Work", "Spam")) == [work]
+    assert planning.folders_to_sync(listed, set(), states, None, only=("Inbox",)) == [INBOX]
     assert planning.folders_to_sync(listed, set(), states, None) == [INBOX, work]
 
 
