@@ -39,6 +39,10 @@ client reaches its sync part before the server turns on it:
 - ``bye_mid_command``: models a server shutting down. The first SELECT, EXAMINE or FETCH
   (``bye_times`` of them in total, over all connections, so a retrying client can succeed after
   that) is answered ``* BYE server shutting down`` and the connection closes.
+- ``idle_drip``: models a watched server that turns on its watcher. IDLE (RFC 2177) is answered
+  with its ``+`` continuation, then an untagged response dripped one byte every
+  ``drip_interval`` seconds, forever: a client that waits for it without a deadline on the
+  response (only on the first byte) is stalled for good. (In other modes IDLE is refused.)
 - ``long_line``: models a server that never ends a line. The first sync command is answered with
   one untagged line of ``long_line_bytes`` (default 50 MB) with no CRLF, streamed, and then the
   connection closes. Only a cap on line length protects the client.
@@ -397,7 +401,7 @@ class HostileImapServer:
 
     BEHAVIOURS: tuple[str, ...] = (
         "healthy", "slow_drip", "endless_list", "lying_size", "huge_folder", "garbage_literal",
-        "disconnect_mid_literal", "bye_mid_command", "long_line",
+        "disconnect_mid_literal", "bye_mid_command", "long_line", "idle_drip",
     )
 
     def __init__(
@@ -812,6 +816,13 @@ class _Session:
     def _noop(self, cmd: _Command) -> _Reply:
         return _Reply([], self._ok(cmd, "NOOP completed"))
 
+    def _idle(self, cmd: _Command) -> _Reply:
+        if self.behaviour != "idle_drip":
+            raise _Bad("IDLE not supported")
+        self._send(b"+ idling\r\n")
+        self._drip(_Reply([b"* 1 EXISTS\r\n"], b""))
+        raise _Gone
+
     def _logout(self, cmd: _Command) -> _Reply:
         self._send(b"* BYE logging out\r\n" + self._ok(cmd, "LOGOUT completed"))
         raise _Hangup
@@ -1166,5 +1177,6 @@ _HANDLERS: dict[str, _Handler] = {
     "UNSELECT": _Session._close,
     "SEARCH": _Session._search,
     "FETCH": _Session._fetch,
+    "IDLE": _Session._idle,
 }
 _ANY_STATE = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "LOGIN", "AUTHENTICATE"})

@@ -66,6 +66,9 @@ def deployment_env(database_url: str, broker_url: str, secret_key: str | None = 
         "MAILFERRY_LEASE_SECONDS": "10",
         "MAILFERRY_NOTIFIER_TICK": "0.5",
         "MAILFERRY_NOTIFY_RETRY_BASE": "1",
+        # Tests written before push count connections, commands and runs: a watch would add
+        # its own. Push tests turn it on (MAILFERRY_PUSH=1).
+        "MAILFERRY_PUSH": "0",
     }
     return {
         "MAILFERRY_DATABASE_URL": database_url,

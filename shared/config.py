@@ -58,6 +58,17 @@ class Settings(BaseSettings):
                       + self.imap_max_line_bytes,
                       max_literal_bytes=self.max_message_bytes)
 
+    # Push (the scheduler watches mailboxes over IDLE/NOTIFY; README "Push"). 0 turns it off
+    # for the whole deployment: only the schedule then.
+    push: bool = True
+    push_poll: float = Field(default=60.0, gt=0, description="seconds between STATUS polls")
+    # RFC 2177 section 3: re-issue IDLE at least every 29 minutes.
+    push_idle_renew: float = Field(default=29 * 60.0, gt=0, le=29 * 60.0)
+    push_debounce: float = Field(default=0.5, ge=0, description="seconds a burst is gathered")
+    push_max_connections: int = Field(default=2000, ge=0, description="watches per scheduler")
+    push_lease: float = Field(default=60.0, gt=1, description="seconds a watch lease lasts")
+    push_backoff_max: float = Field(default=300.0, gt=0, description="longest reconnect wait")
+
     persister_prefetch: int = Field(default=4, ge=1)
     # Mailboxes one fetcher process syncs at once (threads: a sync mostly waits on its server);
     # the fetcher's broker prefetch is the same number.

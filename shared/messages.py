@@ -46,16 +46,24 @@ class _Message(BaseModel):
 
 
 class SyncMailbox(_Message):
-    """Fetch what is new in a mailbox's enabled folders (one per due mailbox, or by hand)."""
+    """Fetch what is new in a mailbox's enabled folders (one per due mailbox, or by hand).
+
+    Version 2 added ``folders``: a push-triggered run names the folders that changed (raw
+    names, as the server spells them), and only those of the enabled folders are synced; the
+    folder list is still refreshed in full. Version 1 commands (no ``folders``) still decode and
+    sync every enabled folder."""
 
     routing_key: ClassVar[str] = "sync-mailbox"
     type: Literal["SyncMailbox"] = "SyncMailbox"
+    version: int = 2
     run_id: uuid.UUID
     mailbox_id: int
     force: bool = False
     # Who asked: scheduler, cli, push, ... A command published by hand without it (the
     # management UI, another application) is recorded as asked for by "broker".
     requested_by: str = "broker"
+    # Only these enabled folders (raw names); None: every enabled folder.
+    folders: tuple[str, ...] | None = None
 
 
 class SyncFolders(_Message):

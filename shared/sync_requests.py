@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,7 +37,8 @@ CHUNK = 500
 def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
                   mailbox_ids: Iterable[int], *, requested_by: str,
                   force: bool = False, folders_only: bool = False,
-                  wait_behind_folder_runs: float = 0.0, parallel: int = 1) -> list[Requested]:
+                  wait_behind_folder_runs: float = 0.0, parallel: int = 1,
+                  folders: Sequence[str] | None = None) -> list[Requested]:
     """Queue runs; a mailbox with a run already queued or running gets that run back. A mail
     sync asked for while a (short) folder-list run is active can wait for it to end
     (``wait_behind_folder_runs`` seconds), so the mail is synced, not merely the folders.
@@ -46,18 +47,23 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
     mailboxes pays one round trip per chunk, not per mailbox), then their commands published,
     ``parallel`` at a time (give a ``publish`` that can: ``app.publishing.PublisherPool``).
     If the broker fails, the run whose command failed is marked failed and the
-    rest of the chunk is withdrawn: those mailboxes are due again at the next tick."""
+    rest of the chunk is withdrawn: those mailboxes are due again at the next tick.
+    ``folders`` (raw names) limits the mail syncs to those enabled folders (push)."""
     ids = list(dict.fromkeys(mailbox_ids))
     kind = runs.RunKind.FOLDERS if folders_only else runs.RunKind.MAILBOX
-    command = SyncFolders if folders_only else SyncMailbox
+    only = None if folders is None else tuple(folders)
     out: dict[int, Requested] = {}
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start:start + CHUNK]
         with conn.transaction():
             queued = runs.request_many(conn, chunk, kind=kind, force=force,
                                        requested_by=requested_by)
-        commands = [command(run_id=queued[m], mailbox_id=m, force=force,
-                            requested_by=requested_by) for m in chunk if m in queued]
+        commands: list[SyncMailbox | SyncFolders] = [
+            SyncFolders(run_id=queued[m], mailbox_id=m, force=force, requested_by=requested_by)
+            if folders_only else
+            SyncMailbox(run_id=queued[m], mailbox_id=m, force=force, requested_by=requested_by,
+                        folders=only)
+            for m in chunk if m in queued]
         published, failed, skipped = _publish_all(publish, commands, parallel)
         if failed:
             for message, exc in failed:
@@ -69,7 +75,8 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
         for mailbox_id in chunk:  # a run was already there (or a folder-list run is in the way)
             if mailbox_id not in out:
                 out[mailbox_id] = _request_waiting(conn, publish, mailbox_id, requested_by,
-                                                   force, folders_only, wait_behind_folder_runs)
+                                                   force, folders_only, wait_behind_folder_runs,
+                                                   folders)
     return [out[m] for m in ids]
 
 
@@ -108,10 +115,11 @@ def _publish_all(publish: Callable[[AnyMessage], None], commands: list[SyncMailb
 
 def _request_waiting(conn: Connection, publish: Callable[[AnyMessage], None], mailbox_id: int,
                      requested_by: str, force: bool, folders_only: bool,
-                     wait_behind_folder_runs: float) -> Requested:
+                     wait_behind_folder_runs: float,
+                     folders: Sequence[str] | None) -> Requested:
     deadline = time.monotonic() + wait_behind_folder_runs
     while (requested := _request_one(conn, publish, mailbox_id, requested_by, force,
-                                     folders_only)) is None:
+                                     folders_only, folders)) is None:
         if time.monotonic() > deadline:
             active = runs.active(conn, mailbox_id)
             if active is None:
@@ -122,7 +130,8 @@ def _request_waiting(conn: Connection, publish: Callable[[AnyMessage], None], ma
 
 
 def _request_one(conn: Connection, publish: Callable[[AnyMessage], None], mailbox_id: int,
-                 requested_by: str, force: bool, folders_only: bool) -> Requested | None:
+                 requested_by: str, force: bool, folders_only: bool,
+                 folders: Sequence[str] | None = None) -> Requested | None:
     """None: a folder-list run is in the way of a mail sync."""
     with conn.transaction():
         run_id = runs.request(conn, mailbox_id,
@@ -134,9 +143,13 @@ def _request_one(conn: Connection, publish: Callable[[AnyMessage], None], mailbo
             return None  # it just finished, or only lists folders: try again
         return Requested(mailbox_id, active.id, queued=False)
     try:
-        command = SyncFolders if folders_only else SyncMailbox
-        publish(command(run_id=run_id, mailbox_id=mailbox_id, force=force,
-                        requested_by=requested_by))
+        if folders_only:
+            publish(SyncFolders(run_id=run_id, mailbox_id=mailbox_id, force=force,
+                                requested_by=requested_by))
+        else:
+            publish(SyncMailbox(run_id=run_id, mailbox_id=mailbox_id, force=force,
+                                requested_by=requested_by,
+                                folders=None if folders is None else tuple(folders)))
     except BrokerUnavailable as exc:
         runs.publish_failed(conn, run_id, str(exc))
         raise
@@ -154,9 +167,10 @@ SELECT m.id FROM mailboxes m
 
 def due_mailboxes(conn: Connection, interval_seconds: float) -> list[int]:
     """Enabled mailboxes with working credentials, nothing queued or running, and no run asked
-    for within the interval (a failed run waits too: no hammering a broken server). One range
-    scan of ``mailboxes_due_idx`` (migration 0011): the cost follows the due mailboxes, not the
-    table."""
+    for within the interval (a failed run waits too: no hammering a broken server). Push runs
+    (of the folders that changed) do not count: the schedule stays the full safety net (the
+    trigger of migrations 0011/0014 leaves them out of ``sync_requested_at``). One range scan of
+    ``mailboxes_due_idx`` (migration 0011): the cost follows the due mailboxes, not the table."""
     rows = conn.execute(DUE_MAILBOXES, (interval_seconds,)).fetchall()
     return [r["id"] for r in rows]
 

@@ -318,18 +318,21 @@ def mailbox_import(file: Any) -> None:
 @click.option("--password-stdin", is_flag=True, help="read the new password from standard input")
 @click.option("--name", help="a new display name")
 @click.option("--sync/--no-sync", "sync_enabled", default=None, help="enable or disable its sync")
+@click.option("--push/--no-push", "push", default=None,
+              help="watch it for changes (IDLE/NOTIFY) or leave it to the schedule")
 @click.option("--first-sync-days", type=click.IntRange(1, validation.MAX_FIRST_SYNC_DAYS),
               help="days of mail a folder's first sync loads")
 def mailbox_update(mailbox_id: int, host: str | None, port: int | None, security: str | None,
                    username: str | None, password_stdin: bool, name: str | None,
-                   sync_enabled: bool | None, first_sync_days: int | None) -> None:
+                   sync_enabled: bool | None, first_sync_days: int | None,
+                   push: bool | None) -> None:
     """Change a mailbox's settings; prints {"id": ..., "run_id": ...}.
 
     New connection settings clear the "credentials invalid" state and trigger a sync at once.
     """
     changes = app.MailboxChanges(host=host, port=port, security=security, username=username,
                                  name=name, sync_enabled=sync_enabled,
-                                 first_sync_days=first_sync_days)
+                                 first_sync_days=first_sync_days, push=push)
     changes.validate()
     settings = _settings()
     conn = _conn(settings)
@@ -371,7 +374,8 @@ def mailbox_list(as_json: bool) -> None:
         _json(rows)
     else:
         _table(rows, ["id", "name", "owner", "host", "security", "last_sync_status",
-                      "last_sync_at", "messages", "last_error", "folder_notes"])
+                      "last_sync_at", "messages", "watch", "watch_holder", "last_error",
+                      "folder_notes"])
 
 
 @mailbox_group.command("check")
@@ -689,9 +693,13 @@ def status(as_json: bool) -> None:
         _json(result)
         return
     for key, value in result.items():
-        if key not in ("runs", "recent_runs", "queues"):
+        if key not in ("runs", "recent_runs", "queues", "watches", "watch_holders"):
             click.echo(f"{key}: {value}")
     click.echo("runs: " + (", ".join(f"{k} {v}" for k, v in result["runs"].items()) or "none"))
+    click.echo("watches: " + (", ".join(f"{k} {v}" for k, v in result["watches"].items())
+                              or "none"))
+    for holder, count in result["watch_holders"].items():
+        click.echo(f"  {holder}: {count}")
     click.echo("queues:")
     for name, depth in result["queues"].items():
         click.echo(f"  {name}: {depth}")

@@ -220,7 +220,7 @@ def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: Sy
             return totals
         since = first_sync_since(deps.today(), mailbox.first_sync_days or s.first_sync_days)
         to_sync = planning.folders_to_sync(folders, renamed, states, mailbox.initial_folders,
-                                           selection)
+                                           selection, only=cmd.folders)
         attempt.planned(len(to_sync))
 
     def next_slice(rest: list[FolderInfo], where: FolderResume | None) -> ContinueSync:

@@ -156,16 +156,27 @@ def detect_renames(session: Session, folders: list[FolderInfo], states: dict[str
 
 def folders_to_sync(folders: Sequence[FolderInfo], renamed: set[str],
                     states: dict[str, FolderState], initial_folders: Sequence[str] | None,
-                    selection: Sequence[FolderSelection] | None = None) -> list[FolderInfo]:
+                    selection: Sequence[FolderSelection] | None = None,
+                    only: Sequence[str] | None = None) -> list[FolderInfo]:
     """The enabled, selectable folders; a renamed one is synced under its new name from the next
-    run on, and a folder new to the store follows the mailbox's (resolved) selection."""
+    run on, and a folder new to the store follows the mailbox's (resolved) selection. ``only``
+    (a push-triggered command's ``folders``, raw names) narrows them to those that changed; it
+    never enables a folder, and the listing itself stays complete, so the persister's rules
+    for vanished folders see every folder the server has."""
+    wanted = None if only is None else {_inbox_upper(name) for name in only}
     return [
         f for f in folders
         if f.selectable and f.raw_name not in renamed
+        and (wanted is None or _inbox_upper(f.raw_name) in wanted)
         and (states[f.raw_name].sync_enabled if f.raw_name in states
              else enabled_on_discovery(f, initial_folders, first_listing=not states,
                                        selection=selection))
     ]
+
+
+def _inbox_upper(raw_name: str) -> str:
+    """INBOX is case-insensitive (RFC 3501 section 5.1): "Inbox" and "INBOX" are one folder."""
+    return "INBOX" if raw_name.upper() == "INBOX" else raw_name
 
 
 def batches(metas: Sequence[MessageMeta], max_bytes: int,

@@ -1,4 +1,5 @@
-"""Wiring of the scheduler: every MAILFERRY_SCHEDULER_TICK seconds, queue the due mailboxes."""
+"""Wiring of the scheduler: every MAILFERRY_SCHEDULER_TICK seconds, queue the due mailboxes;
+meanwhile (unless MAILFERRY_PUSH=0) watch this process's share of the mailboxes for changes."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import structlog
 from mailferry import db
 from mailferry.app.publishing import PARALLEL_PUBLISHES, PublisherPool
 from mailferry.config import Settings
-from mailferry.errors import MailferryError
-from mailferry.service import start
+from mailferry.crypto import PasswordBox
+from mailferry.errors import ConfigError, MailferryError
+from mailferry.service import start, worker_id
 from mailferry.services.scheduler.handlers import tick
+from mailferry.services.scheduler.watchers import Watchers
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +27,17 @@ def main(settings: Settings) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    log.info("scheduler.running", interval=settings.sync_interval, tick=settings.scheduler_tick)
+    watchers = None
+    if settings.push:
+        try:
+            passwords = PasswordBox(settings.secret_key)
+        except ConfigError as exc:  # watching logs in: without the key, the schedule only
+            log.warning("push.off", reason=str(exc))
+        else:
+            watchers = Watchers(settings, worker_id("scheduler"), publisher.publish, passwords)
+            watchers.start()
+    log.info("scheduler.running", interval=settings.sync_interval, tick=settings.scheduler_tick,
+             push=settings.push)
     while not stop.is_set():
         try:
             tick(connection(), publisher.publish, settings)
@@ -33,5 +46,7 @@ def main(settings: Settings) -> None:
         except Exception:
             log.exception("schedule.tick_failed")
         stop.wait(settings.scheduler_tick)
+    if watchers is not None:
+        watchers.stop()
     publisher.close()
     log.info("scheduler.stopped")

@@ -326,6 +326,7 @@ class MailboxChanges:
     name: str | None = None
     sync_enabled: bool | None = None
     first_sync_days: int | None = None
+    push: bool | None = None  # watched for changes by a scheduler (README "Push")
 
     #: Settings that decide whether mailferry can log in at all.
     CONNECTION = ("host", "port", "security", "username", "password")
@@ -370,7 +371,8 @@ def update_mailbox(conn: db.Connection, box: PasswordBox | None, publish: Publis
     columns: dict[str, Any] = {
         "host": changes.host, "port": changes.port, "security": changes.security,
         "username": changes.username, "name": changes.name,
-        "sync_enabled": changes.sync_enabled, "first_sync_days": changes.first_sync_days}
+        "sync_enabled": changes.sync_enabled, "first_sync_days": changes.first_sync_days,
+        "push": changes.push}
     if changes.password is not None:
         if box is None:
             raise ConfigError("a new password needs the encryption key (MAILFERRY_SECRET_KEY)")
@@ -402,8 +404,12 @@ SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m
        (SELECT count(*) FROM folders f WHERE f.mailbox_id = m.id AND f.sync_enabled)
            AS folders_enabled,
        (SELECT count(*) FROM messages g WHERE g.mailbox_id = m.id) AS messages,
-       m.folder_report
+       m.folder_report, m.push,
+       CASE WHEN w.holder IS NOT NULL AND w.lease_expires_at > now() THEN w.state ELSE 'off' END
+           AS watch,
+       CASE WHEN w.lease_expires_at > now() THEN w.holder END AS watch_holder
   FROM mailboxes m LEFT JOIN users u ON u.id = m.owner_id
+  LEFT JOIN mailbox_watches w ON w.mailbox_id = m.id
  ORDER BY m.id"""
 
 
@@ -658,7 +664,21 @@ def status(conn: db.Connection, settings: Settings) -> dict[str, Any]:
         """SELECT id AS run_id, mailbox_id, status, requested_by, requested_at, finished_at,
                   messages_stored, error FROM sync_runs ORDER BY requested_at DESC LIMIT 10"""
     ).fetchall()
+    watches = conn.execute(
+        """SELECT CASE WHEN w.holder IS NOT NULL AND w.lease_expires_at > now() THEN w.state
+                       ELSE 'off' END AS state,
+                  CASE WHEN w.lease_expires_at > now() THEN w.holder END AS holder,
+                  count(*) AS n
+             FROM mailboxes m LEFT JOIN mailbox_watches w ON w.mailbox_id = m.id
+            GROUP BY 1, 2 ORDER BY 1, 2""").fetchall()
+    by_state: dict[str, int] = {}
+    by_holder: dict[str, int] = {}
+    for row in watches:
+        by_state[row["state"]] = by_state.get(row["state"], 0) + row["n"]
+        if row["holder"] is not None:
+            by_holder[row["holder"]] = by_holder.get(row["holder"], 0) + row["n"]
     return {**(counts or {}), "runs": {r["status"]: r["n"] for r in runs},
+            "watches": by_state, "watch_holders": by_holder, "push": settings.push,
             "recent_runs": recent, "queues": queue_depths(settings)}
 
 

@@ -467,3 +467,113 @@ def _response_text(response: Any) -> str:
     typ, data = response
     parts = [d.decode("utf-8", "replace") if isinstance(d, bytes) else str(d) for d in data or ()]
     return " ".join(f"{typ} {' '.join(parts)}".split())
+
+
+# --- waiting for the server: IDLE (RFC 2177) and NOTIFY (RFC 5465) ------------------------------
+#
+# A watch spends hours reading nothing; the command deadline and the read timeout would cut it.
+# So the wait for the *first* byte of an unsolicited response is bounded by the caller's own
+# timeout (the next poll or renewal), and once a byte has come, the rest of that response is
+# read under the ordinary limits: a fresh command deadline, the line cap, the literal cap. A
+# server that drips a response or floods lines is cut or paced exactly as during a sync.
+
+_LITERAL = re.compile(rb"\{(\d+)\+?\}\r?\n$")
+
+#: One response as imaplib gives it: lines, and (line ending in a literal's size, literal) pairs.
+Response = list[bytes | tuple[bytes, bytes]]
+
+
+def interrupt(client: IMAPClient) -> None:
+    """Wake a thread blocked reading ``client`` (from another thread): the read sees EOF."""
+    with contextlib.suppress(OSError, AttributeError):
+        engine(client).sock.shutdown(socket.SHUT_RDWR)
+
+
+def send_tagged(client: IMAPClient, command: bytes) -> bytes:
+    """Send ``<tag> <command>``; the tag to pass to :func:`read_until_tagged`."""
+    imap = engine(client)
+    tag = cast(bytes, imap._new_tag())
+    imap.tagged_commands.pop(tag, None)  # read by us, not by imaplib: nothing to keep
+    imap.send(tag + b" " + command + b"\r\n")
+    return tag
+
+
+def send_continuation(client: IMAPClient, line: bytes) -> None:
+    """A line that is not a command (IDLE's ``DONE``): it starts its answer's deadline."""
+    imap = engine(client)
+    imap._command_deadline = time.monotonic() + imap._limits.command_timeout
+    imap._received = 0
+    imap.send(line + b"\r\n")
+
+
+def read_response(client: IMAPClient) -> Response:
+    """One whole response (its literals included), under the command's deadline and limits."""
+    imap = engine(client)
+    out: Response = []
+    while True:
+        line = imap.readline()
+        if not line.endswith(b"\n"):
+            raise imap.abort("socket error: EOF")
+        match = _LITERAL.search(line)
+        if match is None:
+            out.append(line.rstrip(b"\r\n"))
+            return out
+        size = int(match.group(1))
+        if size > imap._limits.max_line_bytes:  # names and short strings only, here
+            imap._fail(ImapLimitExceeded(f"{imap._where}: a literal of {size} bytes in an "
+                                         "unsolicited response"))
+        out.append((line.rstrip(b"\r\n"), imap.read(size)))
+
+
+def read_until_tagged(client: IMAPClient, tag: bytes) -> tuple[bytes, list[Response]]:
+    """The untagged responses before the tagged answer to ``tag``, and its status (OK/NO/BAD)
+    with its text. A continuation request is refused: none of these commands asks for one."""
+    untagged: list[Response] = []
+    while True:
+        response = read_response(client)
+        first = response[0] if isinstance(response[0], bytes) else response[0][0]
+        if first.startswith(tag + b" "):
+            return first[len(tag) + 1:], untagged
+        if first.startswith(b"+"):
+            raise ImapProtocolError(f"{engine(client)._where}: unexpected continuation")
+        untagged.append(response)
+        if len(untagged) > 100_000:
+            engine(client)._fail(ImapLimitExceeded(
+                f"{engine(client)._where}: over 100000 untagged responses to one command"))
+
+
+def read_until_continuation(client: IMAPClient, tag: bytes) -> tuple[bytes | None, list[Response]]:
+    """After IDLE: the untagged responses before the server's ``+``; (None, ...) once it came,
+    (the tagged status, ...) if the server answered the command instead (refused it)."""
+    untagged: list[Response] = []
+    while True:
+        response = read_response(client)
+        first = response[0] if isinstance(response[0], bytes) else response[0][0]
+        if first.startswith(b"+"):
+            return None, untagged
+        if first.startswith(tag + b" "):
+            return first[len(tag) + 1:], untagged
+        untagged.append(response)
+        if len(untagged) > 100_000:
+            engine(client)._fail(ImapLimitExceeded(
+                f"{engine(client)._where}: over 100000 responses before IDLE's continuation"))
+
+
+def wait_response(client: IMAPClient, timeout: float) -> Response | None:
+    """The next unsolicited response, or None if nothing began to arrive within ``timeout``
+    seconds. Once a byte arrived, the response is read under the ordinary limits."""
+    imap = engine(client)
+    if b"\n" not in imap._buffer:
+        try:
+            imap.sock.settimeout(max(timeout, 0.001))
+            chunk = imap.sock.recv(_CHUNK)
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            raise imap.abort(f"socket error: {exc}") from exc
+        if not chunk:
+            raise imap.abort("socket error: EOF")
+        imap._buffer += chunk
+    imap._command_deadline = time.monotonic() + imap._limits.command_timeout
+    imap._received = 0
+    return read_response(client)

@@ -2,7 +2,7 @@
 -- also written here, in the same transaction, then published to the `mailferry.changes` exchange
 -- by the relay (services/persister/relay.py) and kept MAILFERRY_CHANGES_RETENTION seconds for
 -- consumers catching up (`mailferry changes list --since SEQ`).
--- depends: 0011_due_index
+-- depends: 0014_push
 
 -- The mailbox's last change sequence number: taken under the mailbox row's lock (the last lock
 -- of a persister transaction, shared/runs.py), so numbers are gap-free and in commit order.

@@ -176,6 +176,18 @@ def test_a_new_folder_with_a_vanished_folders_uidvalidity_is_a_rename() -> None:
     assert planning.folders_to_sync(folders, renamed, states, None) == []
 
 
+def test_a_push_run_syncs_only_the_changed_enabled_folders_and_enables_none() -> None:
+    work = INBOX.model_copy(update={"raw_name": "Work", "name": "Work", "type": "other"})
+    spam = INBOX.model_copy(update={"raw_name": "Spam", "name": "Spam", "type": "spam"})
+    states = {"INBOX": FolderState(1, "INBOX", True, 7, 10, None),
+              "Work": FolderState(2, "Work", True, 8, 10, None),
+              "Spam": FolderState(3, "Spam", False, 9, 10, None)}
+    listed = [INBOX, work, spam]
+    assert planning.folders_to_sync(listed, set(), states, None, only=("Work", "Spam")) == [work]
+    assert planning.folders_to_sync(listed, set(), states, None, only=("Inbox",)) == [INBOX]
+    assert planning.folders_to_sync(listed, set(), states, None) == [INBOX, work]
+
+
 @pytest.mark.parametrize(("low", "high", "exists", "window", "expected"), [
     (1, 10, 10, 20, [(1, 10)]),
     (1, 10, 10, 4, [(1, 4), (5, 8), (9, 10)]),
