@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 
 import structlog
 
-from mailferry import repository, runs
+from mailferry import oauth, repository, runs
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
@@ -93,7 +93,9 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
                                          ca_file=s.imap_ca_file,
                                          allow_private_networks=s.allow_private_networks,
                                          limits=s.imap_limits())
-            with deps.connectors.create_imap_connector(config) as connector:
+            # OAuth2: the access token comes from the token row (refreshed under its lock).
+            auth = oauth.authenticator(mailbox, conn, deps.passwords, timeout=s.imap_timeout)
+            with deps.connectors.create_imap_connector(config, auth) as connector:
                 connector.set_deadline(deadline)
                 connector.connect()  # a refused login fails here, before anything is published
                 if mailbox.credentials_invalid_at is not None or mailbox.last_error_kind == "auth":
