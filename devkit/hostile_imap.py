@@ -415,6 +415,7 @@ class HostileImapServer:
         huge_uids: int = 1_000_000,
         long_line_bytes: int = 50_000_000,
         bye_times: int = 1,
+        bye_text: str = "server shutting down",
         stream_deadline: float = 300.0,
         idle_timeout: float = 120.0,
     ) -> None:
@@ -451,6 +452,8 @@ class HostileImapServer:
         self._errors: list[str] = []
         self._connections = 0
         self._byes_left = bye_times
+        self.bye_text = bye_text
+        self.bearer_tokens: list[str] = []  # what AUTHENTICATE XOAUTH2 was given, in order
         self._sessions: list[tuple[socket.socket, threading.Thread]] = []
         self._stopping = threading.Event()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="hostile-imap-accept",
@@ -753,7 +756,7 @@ class _Session:
             return
         if self.behaviour == "bye_mid_command" and cmd.name in ("SELECT", "EXAMINE", "FETCH") \
                 and self.server._take_bye():
-            self._send(b"* BYE server shutting down\r\n")
+            self._send(f"* BYE {self.server.bye_text}\r\n".encode())
             raise _Hangup
         if self.behaviour == "long_line" and cmd.name in _SYNC_COMMANDS and not self.hostile_done:
             self.hostile_done = True
@@ -838,6 +841,8 @@ class _Session:
         if not cmd.args or not isinstance(cmd.args[0], str):
             raise _Bad("AUTHENTICATE needs a mechanism")
         mechanism = cmd.args[0].upper()
+        if mechanism == "XOAUTH2" and "AUTH=XOAUTH2" in self.server.capabilities:
+            return self._xoauth2(cmd)
         if mechanism != "PLAIN" or "AUTH=PLAIN" not in self.server.capabilities:
             return _Reply([], f"{cmd.tag} NO [CANNOT] Unsupported mechanism\r\n".encode())
         if len(cmd.args) > 1:
@@ -858,6 +863,18 @@ class _Session:
         if len(parts) != 3:
             return _Reply([], f"{cmd.tag} NO [AUTHENTICATIONFAILED] Malformed PLAIN\r\n".encode())
         return self._accept_login(cmd, parts[2].decode("utf-8", "replace"))
+
+    def _xoauth2(self, cmd: _Command) -> _Reply:
+        """XOAUTH2 with SASL-IR: ``user=U^Aauth=Bearer T^A^A``; any token is taken (and
+        recorded), unless ``password`` is set: then the token must equal it."""
+        if len(cmd.args) < 2:
+            raise _Bad("XOAUTH2 needs an initial response here")
+        decoded = base64.b64decode(str(cmd.args[1])).decode("utf-8", "replace")
+        fields = dict(part.split("=", 1) for part in decoded.split("\x01") if "=" in part)
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        with self.server._lock:
+            self.server.bearer_tokens.append(token)
+        return self._accept_login(cmd, token)
 
     def _enable(self, cmd: _Command) -> _Reply:
         wanted = [str(a).upper() for a in cmd.args]

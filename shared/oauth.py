@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,19 @@ def check_endpoint(url: str, what: str) -> str:
             raise InvalidInput(f"{what}: must be https:// (plain http:// only on a loopback "
                                "address such as 127.0.0.1)")
     return url
+
+
+#: What servers say when an access token dies in the middle of a session: Microsoft's
+#: ``* BYE Session invalidated - AccessTokenExpired``, RFC 5530's [EXPIRED] and
+#: [AUTHENTICATIONFAILED] codes, and the plain words others use.
+_TOKEN_EXPIRED = re.compile(r"AccessTokenExpired|\[EXPIRED\]|\[AUTHENTICATIONFAILED\]|"
+                            r"token (has )?expired|session invalidated", re.IGNORECASE)
+
+
+def token_expired(error: BaseException) -> bool:
+    """Whether an IMAP error mid-sync means "your access token expired": then a refresh and a
+    new login let the sync go on."""
+    return bool(_TOKEN_EXPIRED.search(str(error)))
 
 
 # --- errors -------------------------------------------------------------------------------------

@@ -30,11 +30,18 @@ from mailferry.errors import (
     ImapError,
     TransientError,
 )
-from mailferry.imap import ImapConnectorFactory, SyncSession, connector_factory, folder_type
+from mailferry.imap import (
+    ImapConnectorFactory,
+    OAuth2Auth,
+    SyncSession,
+    connector_factory,
+    folder_type,
+)
 from mailferry.messages import (
     AnyMessage,
     CredentialsInvalid,
     CredentialsRestored,
+    FolderInfo,
     SyncFolders,
     SyncMailbox,
 )
@@ -100,7 +107,8 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
                 connector.connect()  # a refused login fails here, before anything is published
                 if mailbox.credentials_invalid_at is not None or mailbox.last_error_kind == "auth":
                     deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=now()))
-                totals = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox)
+                totals = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox,
+                                       auth)
         except (ImapError, ConfigError) as exc:
             kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
             if isinstance(exc, TransientError):
@@ -137,7 +145,8 @@ HANDLERS: dict[type, Callable[..., None]] = {
 
 
 def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: Attempt,
-                  session: SyncSession, mailbox: repository.Mailbox) -> dict[str, int]:
+                  session: SyncSession, mailbox: repository.Mailbox,
+                  auth: OAuth2Auth | None = None) -> dict[str, int]:
     conn = deps.connection()
     session.extensions()
     states = repository.folder_states(conn, mailbox.id)
@@ -176,7 +185,7 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
             stored_by_identity=functools.partial(repository.stored_by_identity, conn, state)
             if state else lambda *_: {})
         try:
-            done = planning.sync_folder(session, folder, state, job)
+            done = _sync_folder(session, folder, state, job, auth)
             totals["messages"] += done.messages
             totals["bytes"] += done.bytes
             log.info("folder.fetched", messages=done.messages, bytes=done.bytes,
@@ -204,3 +213,25 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
         finally:
             structlog.contextvars.unbind_contextvars("folder")
     return totals
+
+
+#: New logins after "token expired" within one folder, before the failure stands.
+REAUTHENTICATIONS = 2
+
+
+def _sync_folder(session: SyncSession, folder: FolderInfo, state: repository.FolderState | None,
+                 job: planning.FolderJob, auth: OAuth2Auth | None) -> planning.FolderTotals:
+    """One folder; for an OAuth2 mailbox, a server that ends the session because the access
+    token expired (a BYE mid-sync) gets a refreshed token and a new login, and the folder
+    goes on from its stored checkpoint (what was already published is harmless to repeat)."""
+    for tries in range(REAUTHENTICATIONS + 1):
+        try:
+            return planning.sync_folder(session, folder, state, job)
+        except planning.FolderFailed as failure:
+            if auth is None or tries == REAUTHENTICATIONS or not oauth.token_expired(
+                    failure.cause):
+                raise
+            log.info("sync.reauthenticating", reason=str(failure.cause))
+            auth.token_expired()
+            session.reconnect()
+    raise AssertionError("unreachable")

@@ -189,6 +189,11 @@ class OAuth2Auth:
 
     def __init__(self, tokens: TokenSource) -> None:
         self._tokens = tokens
+        self._stale = False
+
+    def token_expired(self) -> None:
+        """The server said the token expired (a BYE mid-sync): the next login refreshes it."""
+        self._stale = True
 
     def authenticate(self, client: IMAPClient, config: ImapConfig) -> None:
         username = config.username
@@ -200,7 +205,8 @@ class OAuth2Auth:
             raise ImapAuthError(f"{config.address}: the server offers neither AUTHENTICATE "
                                 "OAUTHBEARER nor XOAUTH2, so it cannot take an OAuth2 token")
         mechanism = "OAUTHBEARER" if bearer else "XOAUTH2"
-        for fresh in (False, True):
+        stale, self._stale = self._stale, False
+        for fresh in ((True,) if stale else (False, True)):
             token = self._tokens(fresh=fresh)
             _check_login_string(token, "access token", config, show=False, ascii_only=True)
             message = (_oauthbearer(username, token, config) if bearer

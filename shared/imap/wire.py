@@ -190,6 +190,13 @@ class BoundedIMAP4(imaplib.IMAP4):
             if not self._receive():
                 line = bytes(self._buffer)  # EOF: imaplib reports the unterminated line
                 self._buffer.clear()
+                bye = self.untagged_responses.get("BYE")
+                if not line and bye and self.state != "LOGOUT":
+                    # The server said why it hung up (an expired OAuth2 token, a shutdown):
+                    # imaplib would report only "EOF".
+                    last = bye[-1]
+                    said = last.decode("utf-8", "replace") if isinstance(last, bytes) else ""
+                    raise self.abort(f"server said BYE: {said}")
                 return line
 
     def read(self, size: int) -> bytes:
