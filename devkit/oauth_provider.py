@@ -63,6 +63,7 @@ class FakeProvider:
     rotate: bool = False
     consenting_user: str = "alice@example.test"
     service_account_public_key: Any = None  # a PEM for the JWT bearer grant
+    id_tokens: bool = True  # False: the client must ask the user-info endpoint for the email
     requests: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -72,6 +73,8 @@ class FakeProvider:
         self._codes: dict[str, tuple[str, str, str]] = {}  # code -> (user, challenge, redirect)
         self._devices: dict[str, str] = {}  # device code -> user
         self._faults: list[_Fault] = []
+        self.authorize_requests: list[dict[str, str]] = []
+        self.device_scopes = ""
         self.issued: list[str] = []  # every token and secret handed out, to grep logs for
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -190,6 +193,7 @@ class FakeProvider:
             return
         code = self._new("code")
         redirect = form.get("redirect_uri", "")
+        self.authorize_requests.append(form)
         with self._lock:
             self._codes[code] = (self.consenting_user, form.get("code_challenge", ""), redirect)
         query = urlencode({"code": code, "state": form.get("state", "")})
@@ -202,6 +206,7 @@ class FakeProvider:
         code = self._new("dc")
         with self._lock:
             self._devices[code] = self.consenting_user
+        self.device_scopes = form.get("scope", "")
         self._send(request, 200, {"device_code": code, "user_code": "WDJB-MJHT",
                                   "verification_uri": f"{self.url}/activate",
                                   "expires_in": 600, "interval": 1})
@@ -250,7 +255,7 @@ class FakeProvider:
             if grant_type == "refresh_token":
                 with self._lock:
                     self._grants[form["refresh_token"]].revoked = True  # rotated out
-        if grant_type in ("authorization_code", DEVICE_GRANT):
+        if grant_type in ("authorization_code", DEVICE_GRANT) and self.id_tokens:
             body["id_token"] = jwt.encode({"alg": "HS256"}, {
                 "iss": self.url, "aud": self.client_id, "sub": user, "email": user,
                 "iat": int(time.time()), "exp": int(time.time() + 300)},

@@ -24,6 +24,7 @@ the mailbox, never a credential.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -31,13 +32,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 import structlog
+from authlib.common.security import generate_token
 from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import AssertionSession, OAuth2Session
+from joserfc import jws
 
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
@@ -54,6 +58,7 @@ REFRESH_WHEN_LEFT = 0.2
 #: An access token without ``expires_in`` is taken to last this long (RFC 6749 5.1: optional).
 DEFAULT_LIFETIME = 3600.0
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+DEVICE_CODE = "urn:ietf:params:oauth:grant-type:device_code"
 
 #: IMAP servers of the presets: host, port, security.
 MAILBOX_PRESETS: dict[str, tuple[str, int, str]] = {
@@ -428,3 +433,157 @@ def reauthorize_hint(mailbox_id: int, row: dict[str, Any]) -> str:
                 f"`mailferry sync --mailbox {mailbox_id}`")
     return (f"re-authorize: `mailferry oauth authorize --provider {row.get('name')} ...` or "
             f"`mailferry mailbox update {mailbox_id} --refresh-token-stdin`")
+
+
+# --- getting a refresh token: authorization code + PKCE, device authorization -------------------
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an authorization gives: the refresh token and the mailbox's address."""
+
+    refresh_token: str
+    email: str
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    """The loopback redirect target (RFC 8252 section 7.3): takes the first request's query."""
+
+    server: _RedirectServer
+
+    def do_GET(self) -> None:
+        query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        if "code" not in query and "error" not in query:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.server.answer = query
+        body = b"mailferry: authorization received; you can close this window.\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _RedirectServer(HTTPServer):
+    answer: dict[str, str] | None = None
+
+
+def authorize_code(provider: Provider, box: PasswordBox, show: Callable[[str], None], *,
+                   timeout: float = 300.0, port: int = 0) -> Grant:
+    """The authorization-code grant with PKCE (RFC 7636) and a loopback redirect on
+    127.0.0.1, as desktop mail programs do: ``show`` gets the URL to open; the provider sends
+    the browser back to ``http://127.0.0.1:<port>/`` with the code."""
+    if not provider.authorize_url:
+        raise ConfigError(f"OAuth2 provider {provider.name} has no authorization URL")
+    check_endpoint(provider.authorize_url, f"provider {provider.name}'s authorization URL")
+    server = _RedirectServer(("127.0.0.1", port), _Redirect)
+    server.timeout = 0.5
+    redirect_uri = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with client(provider, box, timeout=30.0, scope=provider.scopes,
+                    redirect_uri=redirect_uri, code_challenge_method="S256") as session:
+            verifier = generate_token(64)
+            extra = {"access_type": "offline", "prompt": "consent"} if provider.kind == "google" \
+                else {}
+            url, state = session.create_authorization_url(provider.authorize_url,
+                                                          code_verifier=verifier, **extra)
+            show(url)
+            deadline = time.monotonic() + timeout
+            while server.answer is None:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"no authorization within {timeout:g}s")
+                server.handle_request()
+            answer = server.answer
+            if answer.get("error"):
+                raise GrantInvalid(f"OAuth2 provider {provider.name}: authorization refused "
+                                   f"({clean_text(answer['error'])[:100]})")
+            if answer.get("state") != state:
+                raise GrantInvalid("the authorization answer does not match the request (state)")
+            token = token_request(provider, "authorization code", lambda: session.fetch_token(
+                provider.token_url, code=answer["code"], code_verifier=verifier,
+                redirect_uri=redirect_uri))
+            return _grant(provider, session, token)
+    finally:
+        server.server_close()
+
+
+def authorize_device(provider: Provider, box: PasswordBox, show: Callable[[str], None], *,
+                     timeout: float = 600.0) -> Grant:
+    """The device authorization grant (RFC 8628), for machines without a browser: ``show``
+    gets the page to visit and the code to type; the token endpoint is polled meanwhile."""
+    if not provider.device_url:
+        raise ConfigError(f"OAuth2 provider {provider.name} has no device authorization URL")
+    check_endpoint(provider.device_url, f"provider {provider.name}'s device URL")
+    with client(provider, box, timeout=30.0, scope=provider.scopes) as session:
+        form = {"client_id": provider.client_id, "scope": " ".join(provider.scopes)}
+        try:
+            resp = session.post(provider.device_url, data=form, withhold_token=True)
+            resp.raise_for_status()
+            device = resp.json()
+        except (requests.RequestException, ValueError) as exc:
+            raise TokenEndpointUnavailable(f"OAuth2 provider {provider.name}: device "
+                                           f"authorization failed ({type(exc).__name__})") from None
+        page = device.get("verification_uri_complete") or device.get("verification_uri")
+        show(f"Visit {page} and enter the code {device.get('user_code')}")
+        interval = float(device.get("interval") or 5)
+        deadline = time.monotonic() + min(timeout, float(device.get("expires_in") or timeout))
+        while True:
+            try:
+                token = session.fetch_token(provider.token_url, grant_type=DEVICE_CODE,
+                                            device_code=device.get("device_code"))
+                break
+            except OAuthError as exc:
+                if exc.error not in ("authorization_pending", "slow_down"):
+                    token_request(provider, "device code", functools.partial(_raise, exc))
+                interval += 5 if exc.error == "slow_down" else 0  # RFC 8628 section 3.5
+            if time.monotonic() + interval > deadline:
+                raise ConfigError(f"no authorization within {timeout:g}s")
+            time.sleep(interval)
+        return _grant(provider, session, token_request(provider, "device code", lambda: token))
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
+
+
+def _grant(provider: Provider, session: OAuth2Session, token: dict[str, Any]) -> Grant:
+    refresh_token = token.get("refresh_token")
+    if not refresh_token:
+        raise GrantInvalid(f"OAuth2 provider {provider.name} gave no refresh token (ask for "
+                           "offline access: the offline_access scope, or Google's consent)")
+    return Grant(str(refresh_token), _email(provider, session, token))
+
+
+def _email(provider: Provider, session: OAuth2Session, token: dict[str, Any]) -> str:
+    """The ``email`` claim of the ID token when there is one, otherwise the user-info
+    endpoint's. The ID token came straight from the token endpoint over TLS (or loopback), so
+    its signature need not be checked (OpenID Connect Core 1.0 section 3.1.3.7, item 6)."""
+    id_token = token.get("id_token")
+    if id_token:
+        try:
+            claims = json.loads(jws.extract_compact(str(id_token).encode()).payload)
+        except (ValueError, TypeError):
+            claims = {}
+        if isinstance(claims, dict) and isinstance(claims.get("email"), str):
+            return str(claims["email"])
+    if not provider.userinfo_url:
+        raise ConfigError(f"OAuth2 provider {provider.name} gave no email in an ID token and "
+                          "has no user-info URL: give the address with `mailbox add`")
+    check_endpoint(provider.userinfo_url, f"provider {provider.name}'s user-info URL")
+    try:
+        resp = session.get(provider.userinfo_url, headers={
+            "Authorization": f"Bearer {token['access_token']}"}, withhold_token=True)
+        resp.raise_for_status()
+        info = resp.json()
+    except (requests.RequestException, ValueError) as exc:
+        raise TokenEndpointUnavailable(f"OAuth2 provider {provider.name}: user-info failed "
+                                       f"({type(exc).__name__})") from None
+    email = info.get("email") or info.get("mail") or info.get("preferred_username")
+    if not isinstance(email, str) or "@" not in email:
+        raise ConfigError(f"OAuth2 provider {provider.name}'s user-info has no email address")
+    return email

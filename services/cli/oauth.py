@@ -90,3 +90,49 @@ def provider_list(as_json: bool) -> None:
     else:
         cli._table(rows, ["id", "name", "kind", "client_id", "token_url", "scopes",
                           "has_client_secret", "mailboxes"])
+
+
+@oauth_group.command("authorize")
+@click.option("--provider", required=True, help="the provider's name (oauth provider list)")
+@click.option("--owner", help="email of the owning user")
+@click.option("--system", is_flag=True, help="a system mailbox, owned by no one")
+@click.option("--preset", type=click.Choice(sorted(MAILBOX_PRESETS)),
+              help="the IMAP server (default: gmail for google, outlook for microsoft)")
+@click.option("--host", help="the IMAP server's host name (instead of --preset)")
+@click.option("--port", type=click.IntRange(1, 65535), help="the IMAP port")
+@click.option("--security", type=click.Choice(["ssl", "starttls", "none"]), help="IMAP security")
+@click.option("--no-browser", is_flag=True, help="only print the URL to open")
+@click.option("--device", is_flag=True,
+              help="device authorization (RFC 8628): a code to type on another device")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
+              help="seconds to wait for the person")
+def authorize(provider: str, owner: str | None, system: bool, preset: str | None,
+              host: str | None, port: int | None, security: str | None, no_browser: bool,
+              device: bool, timeout: float) -> None:
+    """Authorize mailferry for a mailbox in a browser, then create it (or renew its token);
+    prints {"id": ..., "run_id": ...}.
+
+    Runs the authorization-code flow with PKCE and a loopback redirect to
+    http://127.0.0.1:<port>/: open the printed URL, consent, and the browser comes back here.
+    The mailbox's address is learned from the provider; no token is ever shown.
+    """
+    if bool(owner) == system:
+        raise click.UsageError("give exactly one of --owner EMAIL or --system")
+
+    def show(what: str) -> None:
+        if device:
+            click.echo(what, err=True)
+            return
+        click.echo(f"Open this URL to authorize mailferry:\n{what}", err=True)
+        if not no_browser:
+            import webbrowser
+
+            webbrowser.open(what)
+
+    settings = cli._settings()
+    with cli.app.publisher(settings) as publisher:
+        updated = app_oauth.authorize(
+            cli._conn(settings), PasswordBox(settings.secret_key), publisher.publish,
+            provider=provider, owner_email=owner or None, show=show, device=device,
+            preset=preset, host=host, port=port, security=security, timeout=timeout)
+    cli._json({"id": updated.id, "run_id": updated.run_id})

@@ -8,12 +8,12 @@ Secrets (client secrets, refresh tokens, service account keys) are stored encryp
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailferry import db, oauth
 from mailferry.app import validation as valid
-from mailferry.app.mailboxes import Updated, get_mailbox, insert_mailbox
+from mailferry.app.mailboxes import Updated, get_mailbox, insert_mailbox, user_id_by_email
 from mailferry.app.publishing import Publish
 from mailferry.crypto import PasswordBox
 from mailferry.errors import ConfigError, InvalidInput, MailferryError
@@ -170,3 +170,41 @@ def set_refresh_token(conn: db.Connection, box: PasswordBox, publish: Publish, m
     if row is not None and row["sync_enabled"]:
         run_id = request_syncs(conn, publish, [mailbox_id], requested_by=requested_by)[0].run_id
     return Updated(mailbox_id, run_id)
+
+
+# --- authorization ------------------------------------------------------------------------------
+
+_DEFAULT_PRESET = {"google": "gmail", "microsoft": "outlook"}
+
+
+def authorize(conn: db.Connection, box: PasswordBox, publish: Publish, *, provider: str,
+              owner_email: str | None, show: Callable[[str], None], device: bool = False,
+              preset: str | None = None, host: str | None = None, port: int | None = None,
+              security: str | None = None, timeout: float = 300.0) -> Updated:
+    """Let a person authorize mailferry in their browser (authorization code with PKCE and a
+    loopback redirect) or on another device (``device``), learn their address, and create
+    their OAuth2 mailbox, or give the existing one the new refresh token (re-authorized: it
+    syncs at once). ``show`` gets what the person must open. The person never sees a token."""
+    found = oauth.provider_by_name(conn, provider)
+    if owner_email is not None:
+        user_id_by_email(conn, owner_email)  # fail before the person is sent anywhere
+    if host is None and port is None and security is None and preset is None:
+        preset = _DEFAULT_PRESET.get(found.kind)
+    server = server_settings(preset, host, port, security)
+    grant = (oauth.authorize_device(found, box, show, timeout=timeout) if device
+             else oauth.authorize_code(found, box, show, timeout=timeout))
+    row = conn.execute(
+        """SELECT m.id FROM mailboxes m JOIN oauth_tokens t ON t.mailbox_id = m.id
+            LEFT JOIN users u ON u.id = m.owner_id
+            WHERE m.auth_kind = 'oauth2' AND t.provider_id = %s AND m.removing_at IS NULL
+              AND lower(m.username) = lower(%s)
+              AND ((%s::text IS NULL AND m.owner_id IS NULL) OR lower(u.email) = lower(%s))
+            ORDER BY m.id LIMIT 1""",
+        (found.id, grant.email, owner_email, owner_email)).fetchone()
+    if row is not None:
+        return set_refresh_token(conn, box, publish, int(row["id"]), grant.refresh_token,
+                                 requested_by="authorize")
+    mailbox_id = add_oauth_mailbox(conn, box, owner_email=owner_email, provider=provider,
+                                   username=grant.email, refresh_token=grant.refresh_token,
+                                   host=server[0], port=server[1], security=server[2])
+    return Updated(mailbox_id, None)
