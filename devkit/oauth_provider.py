@@ -75,6 +75,7 @@ class FakeProvider:
         self._faults: list[_Fault] = []
         self.authorize_requests: list[dict[str, str]] = []
         self.device_scopes = ""
+        self.scopes: dict[str, str] = {}  # the scope last asked for, by grant type
         self.issued: list[str] = []  # every token and secret handed out, to grep logs for
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -219,6 +220,7 @@ class FakeProvider:
     def _token(self, request: BaseHTTPRequestHandler, form: dict[str, str]) -> None:
         grant_type = form.get("grant_type", "")
         self.requests[grant_type] += 1
+        self.scopes[grant_type] = form.get("scope", "")
         with self._lock:
             fault = self._faults.pop(0) if self._faults else None
         if fault is not None:

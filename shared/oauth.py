@@ -42,6 +42,7 @@ from authlib.common.security import generate_token
 from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import AssertionSession, OAuth2Session
 from joserfc import jws
+from joserfc.jwk import RSAKey
 
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
@@ -208,6 +209,14 @@ def _raise_unavailable(provider: Provider) -> Callable[[requests.Response], requ
     return hook
 
 
+def _private_key(provider: Provider, account: dict[str, Any]) -> RSAKey:
+    try:
+        return RSAKey.import_key(str(account.get("private_key")))
+    except (ValueError, TypeError):
+        raise ConfigError(f"OAuth2 provider {provider.name}: the service account's private key "
+                          "cannot be read") from None
+
+
 def client(provider: Provider, box: PasswordBox, *, timeout: float, scope: Sequence[str] = (),
            redirect_uri: str | None = None,
            code_challenge_method: str | None = None) -> OAuth2Session:
@@ -289,7 +298,7 @@ def app_token(provider: Provider, box: PasswordBox, username: str, *,
         with AssertionSession(
                 token_endpoint=token_url, issuer=key.get("client_email"), subject=username,
                 audience=token_url, grant_type=JWT_BEARER,
-                claims={"scope": scope}, scope=scope, key=key.get("private_key"),
+                claims={"scope": scope}, scope=scope, key=_private_key(provider, key),
                 header={"alg": "RS256", "kid": key.get("private_key_id")},
                 default_timeout=timeout) as assertion:
             assertion.trust_env = False

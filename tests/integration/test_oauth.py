@@ -4,6 +4,7 @@ unavailable grants) and the SASL mechanisms on the wire."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -183,3 +184,73 @@ def test_token_endpoints_must_be_https_except_on_loopback(
     for ok in ("https://idp.example.com/token", "http://127.0.0.1:8080/token",
                "http://[::1]:8080/token"):
         assert oauth.check_endpoint(ok, "url") == ok
+
+
+def test_a_google_service_account_signs_in_as_the_mailbox_user_with_a_jwt_bearer_grant(
+        server: Dovecot, idp: FakeProvider, conn: db.Connection, box: PasswordBox,
+        tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    idp.service_account_public_key = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    account = json.dumps({"type": "service_account", "client_email": "sync@proj.iam.example",
+                          "private_key_id": "k1", "private_key": private})
+    app_oauth.add_provider(conn, box, name="workspace", kind="google", client_id="sync",
+                           token_url=f"{idp.url}/token", service_account_key=account)
+    stored = conn.execute("SELECT service_account_key_encrypted FROM oauth_providers").fetchone()
+    assert b"PRIVATE KEY" not in bytes(stored["service_account_key_encrypted"])
+    mailbox_id = app_oauth.add_oauth_mailbox(
+        conn, box, owner_email=None, provider="workspace", username=USER, refresh_token=None,
+        app_only=True, host=server.host, port=server.port, security="none")
+    _login(server, oauth.MailboxTokens(conn, box, mailbox_id)())  # the token is USER's
+    assert idp.requests[oauth.JWT_BEARER] == 1
+    assert idp.scopes[oauth.JWT_BEARER] == "https://mail.google.com/"
+
+
+def test_microsoft_app_only_access_uses_client_credentials_with_the_default_scope(
+        server: Dovecot, idp: FakeProvider, conn: db.Connection, box: PasswordBox) -> None:
+    idp.client_secret = "tenant-app-secret"
+    app_oauth.add_provider(conn, box, name="tenant", kind="microsoft", client_id=idp.client_id,
+                           client_secret="tenant-app-secret", tenant="contoso.example",
+                           token_url=f"{idp.url}/token")
+    mailbox_id = app_oauth.add_oauth_mailbox(
+        conn, box, owner_email=None, provider="tenant", username=USER, refresh_token=None,
+        app_only=True, host=server.host, port=server.port, security="none")
+    assert oauth.MailboxTokens(conn, box, mailbox_id)().startswith("at-")
+    assert idp.requests["client_credentials"] == 1
+    assert idp.scopes["client_credentials"] == "https://outlook.office365.com/.default"
+    listed = app_oauth.list_providers(conn)[0]
+    assert listed["authorize_url"].startswith("https://login.microsoftonline.com/contoso.example/")
+    assert listed["has_client_secret"] and "client_secret" not in listed
+
+
+def test_the_cli_registers_app_only_mailboxes_with_a_preset_and_never_prints_a_secret(
+        env: dict[str, str], tmp_path: Path) -> None:
+    from mailferry.devkit import services
+
+    key_file = tmp_path / "account.json"
+    key_file.write_text(json.dumps({"client_email": "sync@proj.iam.example",
+                                    "private_key": "-----BEGIN PRIVATE KEY-----\nsecret-key"}))
+    added = services.run_cli(["oauth", "provider", "add", "--name", "workspace", "--kind",
+                              "google", "--client-id", "sync", "--client-secret-stdin",
+                              "--service-account-key-file", str(key_file)], env,
+                             stdin=b"the-client-secret\n")
+    assert added.returncode == 0, added.stderr
+    mailbox = services.cli(env, "mailbox", "add", "--system", "--auth", "oauth2-app",
+                           "--oauth-provider", "workspace", "--preset", "gmail", "--username", USER)
+    listed = services.run_cli(["mailbox", "list", "--json"], env)
+    row = json.loads(listed.stdout)[0]
+    assert row["id"] == mailbox["id"] and row["auth_kind"] == "oauth2-app"
+    assert (row["host"], row["port"], row["security"]) == ("imap.gmail.com", 993, "ssl")
+    providers = services.run_cli(["oauth", "provider", "list"], env)
+    shown = b"".join([added.stdout, added.stderr, listed.stdout, providers.stdout])
+    assert b"workspace" in providers.stdout
+    assert b"secret-key" not in shown and b"the-client-secret" not in shown
+    refused = services.run_cli(["oauth", "provider", "add", "--name", "x", "--kind", "generic",
+                                "--client-id", "c", "--token-url", "http://idp.example/token"],
+                               env)
+    assert refused.returncode == 2 and b"must be https://" in refused.stderr
