@@ -165,7 +165,11 @@ def update_mailbox(conn: db.Connection, box: PasswordBox | None, publish: Publis
     invalid" state and start a sync at once (if its sync is enabled): the person who fixed them
     learns at once whether they work. ``box`` is needed only for a new password."""
     changes.validate()
-    get_mailbox(conn, mailbox_id)
+    mailbox = get_mailbox(conn, mailbox_id)
+    if changes.password is not None and mailbox.auth_kind != "password":
+        raise ConfigError(f"mailbox {mailbox_id} signs in with OAuth2, not a password: give it a "
+                          f"new token with `mailferry mailbox update {mailbox_id} "
+                          "--refresh-token-stdin` or `mailferry oauth authorize`")
     columns: dict[str, Any] = {
         "host": changes.host, "port": changes.port, "security": changes.security,
         "username": changes.username, "name": changes.name,

@@ -254,3 +254,25 @@ def test_the_cli_registers_app_only_mailboxes_with_a_preset_and_never_prints_a_s
                                 "--client-id", "c", "--token-url", "http://idp.example/token"],
                                env)
     assert refused.returncode == 2 and b"must be https://" in refused.stderr
+
+
+def test_removing_an_oauth2_mailbox_removes_its_tokens(
+        server: Dovecot, idp: FakeProvider, conn: db.Connection, box: PasswordBox) -> None:
+    from mailferry import app
+
+    mailbox_id = _mailbox(conn, box, idp, server, idp.grant(USER))
+    oauth.MailboxTokens(conn, box, mailbox_id)()
+    app.remove_mailbox(conn, mailbox_id)
+    assert conn.execute("SELECT count(*) AS n FROM oauth_tokens").fetchone() == {"n": 0}
+    assert app_oauth.list_providers(conn)[0]["mailboxes"] == 0
+
+
+def test_an_oauth2_mailbox_takes_no_password(
+        server: Dovecot, idp: FakeProvider, conn: db.Connection, box: PasswordBox) -> None:
+    from mailferry import app
+    from mailferry.errors import ConfigError
+
+    mailbox_id = _mailbox(conn, box, idp, server, idp.grant(USER))
+    with pytest.raises(ConfigError, match="--refresh-token-stdin"):
+        app.update_mailbox(conn, box, lambda _m: None, mailbox_id,
+                           app.MailboxChanges(password="hunter2"))
