@@ -6,7 +6,9 @@ misbehaves, so the client's limits (deadline per command, cap on line length, ca
 command, cap on literal sizes whatever RFC822.SIZE declared, UID windows) need a server that does.
 
 In ``healthy`` mode the fake speaks enough IMAP for a sync client: CAPABILITY, LOGIN, AUTHENTICATE
-PLAIN (with or without the SASL-IR initial response, RFC 4959), ENABLE, NAMESPACE, LIST/LSUB,
+PLAIN (with or without the SASL-IR initial response, RFC 4959), AUTHENTICATE XOAUTH2 (with SASL-IR,
+when ``AUTH=XOAUTH2`` is among its capabilities: the tokens given are kept in ``bearer_tokens``),
+ENABLE, NAMESPACE, LIST/LSUB,
 STATUS, SELECT/EXAMINE, SEARCH (ALL, UID <set>, <seq-set>, SINCE/BEFORE/ON, ANDed, and the ESEARCH
 ``RETURN (...)`` form of RFC 4731), FETCH (UID, FLAGS, INTERNALDATE, RFC822.SIZE, MODSEQ, BODY[],
 BODY.PEEK[], partial ``<o.n>`` per RFC 3501 6.4.5, [HEADER], [TEXT]), NOOP, CLOSE, UNSELECT, LOGOUT.
@@ -38,7 +40,8 @@ client reaches its sync part before the server turns on it:
   of it and closes the socket.
 - ``bye_mid_command``: models a server shutting down. The first SELECT, EXAMINE or FETCH
   (``bye_times`` of them in total, over all connections, so a retrying client can succeed after
-  that) is answered ``* BYE server shutting down`` and the connection closes.
+  that) is answered ``* BYE server shutting down`` (``bye_text``: e.g. Microsoft's
+  ``Session invalidated - AccessTokenExpired``) and the connection closes.
 - ``long_line``: models a server that never ends a line. The first sync command is answered with
   one untagged line of ``long_line_bytes`` (default 50 MB) with no CRLF, streamed, and then the
   connection closes. Only a cap on line length protects the client.
