@@ -388,6 +388,8 @@ class Dovecot:
         start_timeout: float = 20.0,
         max_connections_per_user: int = 1000,
         courier_namespace: bool = False,
+        oauth2_introspection_url: str | None = None,
+        oauth2_mechanisms: Sequence[str] = ("xoauth2", "oauthbearer"),
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.capabilities_hidden: tuple[str, ...] = tuple(c.upper() for c in capabilities_hidden)
@@ -396,6 +398,11 @@ class Dovecot:
         self.start_timeout = start_timeout
         self.max_connections_per_user = max_connections_per_user
         self.courier_namespace = courier_namespace
+        # OAuth2: XOAUTH2 and OAUTHBEARER logins, each token checked against this RFC 7662
+        # introspection endpoint (devkit.oauth_provider); passwords keep working beside them.
+        self.oauth2_introspection_url = oauth2_introspection_url
+        self.oauth2_mechanisms = " ".join(oauth2_mechanisms)
+        self.oauth2_config = self.base_dir / "dovecot-oauth2.conf.ext"
         # What a client sees: folder "Sent" is "INBOX.Sent" in the Courier-like namespace.
         self.namespace_prefix = "INBOX." if courier_namespace else ""
         self.separator = "." if courier_namespace else "/"
@@ -963,7 +970,7 @@ shutdown_clients = yes
 {identity}
 {ssl_settings}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{" " + self.oauth2_mechanisms if self.oauth2_introspection_url else ""}
 auth_username_format = %u
 auth_verbose = yes
 # Fail wrong passwords fast (Dovecot's granularity is 0.5 s anyway).
@@ -975,9 +982,10 @@ mail_max_userip_connections = {self.max_connections_per_user}
 
 passdb {{
   driver = dict
+  mechanisms = plain login
   args = {self.dict_auth_config}
 }}
-userdb {{
+{self._oauth2_passdb()}userdb {{
   driver = static
   args = uid={self._mail_uid} gid={self._mail_gid} home={home}
 }}
@@ -1013,9 +1021,30 @@ service anvil {{
 }}
 {chroots}"""
 
+    def _oauth2_passdb(self) -> str:
+        if not self.oauth2_introspection_url:
+            return ""
+        return f"""passdb {{
+  driver = oauth2
+  mechanisms = {self.oauth2_mechanisms}
+  args = {self.oauth2_config}
+}}
+"""
+
     def _write_config(self, capability_list: Sequence[str] | None) -> None:
         dict_config = _DICT_AUTH_CONF.replace("@USERS_FILE@", str(self.users_file))
         _write_atomically(self.dict_auth_config, dict_config.encode(), 0o600)
+        if self.oauth2_introspection_url:
+            # Dovecot 2.3's oauth2 passdb: every login POSTs token=... to the introspection
+            # URL; the token is accepted while "active" is true and "username" is the user
+            # logging in.
+            _write_atomically(self.oauth2_config, (
+                f"introspection_mode = post\n"
+                f"introspection_url = {self.oauth2_introspection_url}\n"
+                f"force_introspection = yes\n"
+                f"username_attribute = username\n"
+                f"active_attribute = active\n"
+                f"active_value = true\n").encode(), 0o600)
         _write_atomically(self.config_file, self._render_config(capability_list).encode(), 0o644)
 
     def _write_users_file(self) -> None:

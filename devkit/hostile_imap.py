@@ -6,7 +6,9 @@ misbehaves, so the client's limits (deadline per command, cap on line length, ca
 command, cap on literal sizes whatever RFC822.SIZE declared, UID windows) need a server that does.
 
 In ``healthy`` mode the fake speaks enough IMAP for a sync client: CAPABILITY, LOGIN, AUTHENTICATE
-PLAIN (with or without the SASL-IR initial response, RFC 4959), ENABLE, NAMESPACE, LIST/LSUB,
+PLAIN (with or without the SASL-IR initial response, RFC 4959), AUTHENTICATE XOAUTH2 (with SASL-IR,
+when ``AUTH=XOAUTH2`` is among its capabilities: the tokens given are kept in ``bearer_tokens``),
+ENABLE, NAMESPACE, LIST/LSUB,
 STATUS, SELECT/EXAMINE, SEARCH (ALL, UID <set>, <seq-set>, SINCE/BEFORE/ON, ANDed, and the ESEARCH
 ``RETURN (...)`` form of RFC 4731), FETCH (UID, FLAGS, INTERNALDATE, RFC822.SIZE, MODSEQ, BODY[],
 BODY.PEEK[], partial ``<o.n>`` per RFC 3501 6.4.5, [HEADER], [TEXT]), NOOP, CLOSE, UNSELECT, LOGOUT.
@@ -38,7 +40,8 @@ client reaches its sync part before the server turns on it:
   of it and closes the socket.
 - ``bye_mid_command``: models a server shutting down. The first SELECT, EXAMINE or FETCH
   (``bye_times`` of them in total, over all connections, so a retrying client can succeed after
-  that) is answered ``* BYE server shutting down`` and the connection closes.
+  that) is answered ``* BYE server shutting down`` (``bye_text``: e.g. Microsoft's
+  ``Session invalidated - AccessTokenExpired``) and the connection closes.
 - ``idle_drip``: models a watched server that turns on its watcher. IDLE (RFC 2177) is answered
   with its ``+`` continuation, then an untagged response dripped one byte every
   ``drip_interval`` seconds, forever: a client that waits for it without a deadline on the
@@ -419,6 +422,7 @@ class HostileImapServer:
         huge_uids: int = 1_000_000,
         long_line_bytes: int = 50_000_000,
         bye_times: int = 1,
+        bye_text: str = "server shutting down",
         stream_deadline: float = 300.0,
         idle_timeout: float = 120.0,
     ) -> None:
@@ -455,6 +459,8 @@ class HostileImapServer:
         self._errors: list[str] = []
         self._connections = 0
         self._byes_left = bye_times
+        self.bye_text = bye_text
+        self.bearer_tokens: list[str] = []  # what AUTHENTICATE XOAUTH2 was given, in order
         self._sessions: list[tuple[socket.socket, threading.Thread]] = []
         self._stopping = threading.Event()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="hostile-imap-accept",
@@ -757,7 +763,7 @@ class _Session:
             return
         if self.behaviour == "bye_mid_command" and cmd.name in ("SELECT", "EXAMINE", "FETCH") \
                 and self.server._take_bye():
-            self._send(b"* BYE server shutting down\r\n")
+            self._send(f"* BYE {self.server.bye_text}\r\n".encode())
             raise _Hangup
         if self.behaviour == "long_line" and cmd.name in _SYNC_COMMANDS and not self.hostile_done:
             self.hostile_done = True
@@ -849,6 +855,8 @@ class _Session:
         if not cmd.args or not isinstance(cmd.args[0], str):
             raise _Bad("AUTHENTICATE needs a mechanism")
         mechanism = cmd.args[0].upper()
+        if mechanism == "XOAUTH2" and "AUTH=XOAUTH2" in self.server.capabilities:
+            return self._xoauth2(cmd)
         if mechanism != "PLAIN" or "AUTH=PLAIN" not in self.server.capabilities:
             return _Reply([], f"{cmd.tag} NO [CANNOT] Unsupported mechanism\r\n".encode())
         if len(cmd.args) > 1:
@@ -869,6 +877,18 @@ class _Session:
         if len(parts) != 3:
             return _Reply([], f"{cmd.tag} NO [AUTHENTICATIONFAILED] Malformed PLAIN\r\n".encode())
         return self._accept_login(cmd, parts[2].decode("utf-8", "replace"))
+
+    def _xoauth2(self, cmd: _Command) -> _Reply:
+        """XOAUTH2 with SASL-IR: ``user=U^Aauth=Bearer T^A^A``; any token is taken (and
+        recorded), unless ``password`` is set: then the token must equal it."""
+        if len(cmd.args) < 2:
+            raise _Bad("XOAUTH2 needs an initial response here")
+        decoded = base64.b64decode(str(cmd.args[1])).decode("utf-8", "replace")
+        fields = dict(part.split("=", 1) for part in decoded.split("\x01") if "=" in part)
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        with self.server._lock:
+            self.server.bearer_tokens.append(token)
+        return self._accept_login(cmd, token)
 
     def _enable(self, cmd: _Command) -> _Reply:
         wanted = [str(a).upper() for a in cmd.args]

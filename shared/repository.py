@@ -26,6 +26,7 @@ class Mailbox:
     initial_folders: list[str] | None
     credentials_invalid_at: datetime | None
     last_error_kind: str | None
+    auth_kind: str = "password"  # or "oauth2", "oauth2-app" (mailferry.oauth)
 
     def imap_config(self, box: PasswordBox, *, timeout: float, ca_file: Path | None,
                     allow_private_networks: bool = False,
@@ -35,7 +36,8 @@ class Mailbox:
             port=self.port,
             security=self.security,
             username=self.username,
-            password=box.decrypt(self.password_encrypted),
+            # An OAuth2 mailbox has no password: its authenticator brings an access token.
+            password=box.decrypt(self.password_encrypted) if self.auth_kind == "password" else "",
             timeout=timeout,
             ca_file=ca_file,
             allow_private_networks=allow_private_networks,
@@ -44,7 +46,8 @@ class Mailbox:
 
 
 _MAILBOX_COLUMNS = """id, owner_id, name, host, port, security, username, password_encrypted,
-    sync_enabled, first_sync_days, initial_folders, credentials_invalid_at, last_error_kind"""
+    sync_enabled, first_sync_days, initial_folders, credentials_invalid_at, last_error_kind,
+    auth_kind"""
 
 
 def get_mailbox(conn: Connection, mailbox_id: int) -> Mailbox | None:

@@ -23,6 +23,7 @@ import psycopg
 
 from mailferry import app, db
 from mailferry.app import dead_letters, publishing, removal, validation
+from mailferry.app import oauth as app_oauth
 from mailferry.app.mailboxes import folder_report, folder_reports
 from mailferry.config import Settings, load_settings
 from mailferry.crypto import PasswordBox, generate_key
@@ -38,6 +39,7 @@ from mailferry.errors import (
 )
 from mailferry.imap import Folder
 from mailferry.logging import configure_logging
+from mailferry.services.cli import oauth as oauth_cli
 from mailferry.services.cli.changes import changes
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
@@ -261,33 +263,68 @@ def _read_password() -> str:
 @mailbox_group.command("add")
 @click.option("--owner", help="email of the owning user")
 @click.option("--system", is_flag=True, help="a system mailbox, owned by no one")
-@click.option("--host", required=True, help="the IMAP server's host name or IP address")
-@click.option("--port", required=True, type=click.IntRange(1, 65535),
-              help="993 for ssl, 143 for starttls or none")
-@click.option("--security", required=True, type=click.Choice(["ssl", "starttls", "none"]),
+@click.option("--host", help="the IMAP server's host name or IP address")
+@click.option("--port", type=click.IntRange(1, 65535), help="993 for ssl, 143 for starttls or none")
+@click.option("--security", type=click.Choice(["ssl", "starttls", "none"]),
               help="ssl: TLS from the start; starttls: upgraded, never downgraded; none: clear text")
-@click.option("--username", required=True, help="the IMAP login")
-@click.option("--password-stdin", is_flag=True, required=True,
+@click.option("--preset", type=click.Choice(sorted(oauth_cli.MAILBOX_PRESETS)),
+              help="host, port and security of a provider: imap.gmail.com or outlook.office365.com")
+@click.option("--username", required=True, help="the IMAP login (for OAuth2: the email address)")
+@click.option("--auth", "auth_kind", type=click.Choice(["password", "oauth2", "oauth2-app"]),
+              default="password", show_default=True,
+              help="a password, a user's OAuth2 refresh token, or app-only OAuth2 access")
+@click.option("--password-stdin", is_flag=True,
               help="read the password from standard input (never from the command line)")
+@click.option("--oauth-provider", help="the OAuth2 provider's name (oauth provider list)")
+@click.option("--refresh-token-stdin", is_flag=True,
+              help="read the OAuth2 refresh token from standard input")
 @click.option("--folders", help="comma-separated folders to sync (default: inbox and sent)")
 @click.option("--name", help="a display name (default: username@host)")
 @click.option("--first-sync-days", type=click.IntRange(1, validation.MAX_FIRST_SYNC_DAYS),
               help="the first sync loads this many days (default MAILFERRY_FIRST_SYNC_DAYS)")
-def mailbox_add(owner: str | None, system: bool, host: str, port: int, security: str,
-                username: str, password_stdin: bool, folders: str | None, name: str | None,
-                first_sync_days: int | None) -> None:
-    """Register a mailbox; prints {"id": ...}. Its first sync happens at the next schedule tick."""
+def mailbox_add(owner: str | None, system: bool, host: str | None, port: int | None,
+                security: str | None, preset: str | None, username: str, auth_kind: str,
+                password_stdin: bool, oauth_provider: str | None, refresh_token_stdin: bool,
+                folders: str | None, name: str | None, first_sync_days: int | None) -> None:
+    """Register a mailbox; prints {"id": ...}. Its first sync happens at the next schedule tick.
+
+    \b
+    With a password:  --host H --port P --security S --username U --password-stdin
+    With OAuth2:      --auth oauth2 --oauth-provider NAME --preset gmail --username EMAIL
+                      --refresh-token-stdin   (or `mailferry oauth authorize`, no raw token)
+    App-only OAuth2:  --auth oauth2-app --oauth-provider NAME --preset outlook --username EMAIL
+    """
     if bool(owner) == system:
         raise click.UsageError("give exactly one of --owner EMAIL or --system")
+    host, port, security = app_oauth.server_settings(preset, host, port, security)
     validation.host(host, "--host")
     validation.username(username, "--username")
-    password = _read_password()
-    settings = _settings()
-    mailbox_id = app.add_mailbox(
-        _conn(settings), PasswordBox(settings.secret_key), owner_email=owner or None, host=host,
-        port=port, security=security, username=username, password=password,
-        folders=folders.split(",") if folders else None, name=name,
-        first_sync_days=first_sync_days)
+    selection = folders.split(",") if folders else None
+    if auth_kind == "password":
+        if not password_stdin or oauth_provider or refresh_token_stdin:
+            raise click.UsageError("a password mailbox needs --password-stdin (and no OAuth2 "
+                                   "option)")
+        password = _read_password()
+        settings = _settings()
+        mailbox_id = app.add_mailbox(
+            _conn(settings), PasswordBox(settings.secret_key), owner_email=owner or None,
+            host=host, port=port, security=security, username=username, password=password,
+            folders=selection, name=name, first_sync_days=first_sync_days)
+    else:
+        if password_stdin or not oauth_provider:
+            raise click.UsageError(f"--auth {auth_kind} needs --oauth-provider NAME (and no "
+                                   "--password-stdin)")
+        app_only = auth_kind == "oauth2-app"
+        if app_only == refresh_token_stdin:
+            raise click.UsageError("--auth oauth2 needs --refresh-token-stdin; --auth oauth2-app "
+                                   "takes no token")
+        token = _read_secret("refresh token") if refresh_token_stdin else None
+        settings = _settings()
+        mailbox_id = app_oauth.add_oauth_mailbox(
+            _conn(settings), PasswordBox(settings.secret_key), owner_email=owner or None,
+            provider=oauth_provider, username=username, refresh_token=token, app_only=app_only,
+            host=host, port=port, security=security, folders=selection, name=name,
+            first_sync_days=first_sync_days)
     _json({"id": mailbox_id})
 
 
@@ -308,6 +345,13 @@ def mailbox_import(file: Any) -> None:
     _json({"ids": ids})
 
 
+def _read_secret(what: str) -> str:
+    value = sys.stdin.readline().strip()
+    if not value:
+        raise click.UsageError(f"no {what} on standard input")
+    return value
+
+
 @mailbox_group.command("update")
 @click.argument("mailbox_id", type=int)
 @click.option("--host", help="a new IMAP host name or IP address")
@@ -316,6 +360,8 @@ def mailbox_import(file: Any) -> None:
               help="a new security mode")
 @click.option("--username", help="a new IMAP login")
 @click.option("--password-stdin", is_flag=True, help="read the new password from standard input")
+@click.option("--refresh-token-stdin", is_flag=True,
+              help="read a new OAuth2 refresh token from standard input (re-authorized)")
 @click.option("--name", help="a new display name")
 @click.option("--sync/--no-sync", "sync_enabled", default=None, help="enable or disable its sync")
 @click.option("--push/--no-push", "push", default=None,
@@ -323,13 +369,25 @@ def mailbox_import(file: Any) -> None:
 @click.option("--first-sync-days", type=click.IntRange(1, validation.MAX_FIRST_SYNC_DAYS),
               help="days of mail a folder's first sync loads")
 def mailbox_update(mailbox_id: int, host: str | None, port: int | None, security: str | None,
-                   username: str | None, password_stdin: bool, name: str | None,
-                   sync_enabled: bool | None, first_sync_days: int | None,
-                   push: bool | None) -> None:
+                   username: str | None, password_stdin: bool, refresh_token_stdin: bool,
+                   name: str | None, sync_enabled: bool | None,
+                   first_sync_days: int | None, push: bool | None) -> None:
     """Change a mailbox's settings; prints {"id": ..., "run_id": ...}.
 
-    New connection settings clear the "credentials invalid" state and trigger a sync at once.
+    New connection settings, or a new refresh token, clear the "credentials invalid" state and
+    trigger a sync at once.
     """
+    if refresh_token_stdin:
+        if any(v is not None for v in (host, port, security, username, name, sync_enabled,
+                                       first_sync_days, push)) or password_stdin:
+            raise click.UsageError("--refresh-token-stdin goes alone")
+        token = _read_secret("refresh token")
+        settings = _settings()
+        with app.publisher(settings) as publisher:
+            updated = app_oauth.set_refresh_token(_conn(settings), PasswordBox(settings.secret_key),
+                                                  publisher.publish, mailbox_id, token)
+        _json({"id": updated.id, "run_id": updated.run_id})
+        return
     changes = app.MailboxChanges(host=host, port=port, security=security, username=username,
                                  name=name, sync_enabled=sync_enabled,
                                  first_sync_days=first_sync_days, push=push)
@@ -373,9 +431,9 @@ def mailbox_list(as_json: bool) -> None:
     if as_json:
         _json(rows)
     else:
-        _table(rows, ["id", "name", "owner", "host", "security", "last_sync_status",
-                      "last_sync_at", "messages", "watch", "watch_holder", "last_error",
-                      "folder_notes"])
+        _table(rows, ["id", "name", "owner", "host", "security", "auth_kind", "last_sync_status",
+                      "last_sync_at", "messages", "watch", "watch_holder", "token_expires_at",
+                      "token_refreshed_at", "last_error", "folder_notes"])
 
 
 @mailbox_group.command("check")
@@ -693,7 +751,8 @@ def status(as_json: bool) -> None:
         _json(result)
         return
     for key, value in result.items():
-        if key not in ("runs", "recent_runs", "queues", "watches", "watch_holders"):
+        if key not in ("runs", "recent_runs", "queues", "watches", "watch_holders",
+                       "oauth_mailboxes"):
             click.echo(f"{key}: {value}")
     click.echo("runs: " + (", ".join(f"{k} {v}" for k, v in result["runs"].items()) or "none"))
     click.echo("watches: " + (", ".join(f"{k} {v}" for k, v in result["watches"].items())
@@ -703,6 +762,11 @@ def status(as_json: bool) -> None:
     click.echo("queues:")
     for name, depth in result["queues"].items():
         click.echo(f"  {name}: {depth}")
+    if result["oauth_mailboxes"]:
+        click.echo("OAuth2 mailboxes:")
+        _table(result["oauth_mailboxes"], ["mailbox_id", "auth_kind", "provider",
+                                           "token_expires_at", "token_refreshed_at",
+                                           "last_refresh_error"])
     click.echo("recent runs:")
     _table(result["recent_runs"], ["run_id", "mailbox_id", "status", "requested_by",
                                    "requested_at", "messages_stored", "error"])
@@ -723,6 +787,8 @@ def _service(name: str) -> Callable[[], None]:
     run.__doc__ = f"Run the {name} service in the foreground."
     return run
 
+
+cli.add_command(oauth_cli.oauth_group)
 
 for _name in ("scheduler", "fetcher", "persister", "notifier"):
     cli.command(_name)(_service(_name))

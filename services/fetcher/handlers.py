@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 
 import structlog
 
-from mailferry import repository, runs
+from mailferry import oauth, repository, runs
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
@@ -30,7 +30,13 @@ from mailferry.errors import (
     ImapError,
     TransientError,
 )
-from mailferry.imap import ImapConnectorFactory, SyncSession, connector_factory, folder_type
+from mailferry.imap import (
+    ImapConnectorFactory,
+    OAuth2Auth,
+    SyncSession,
+    connector_factory,
+    folder_type,
+)
 from mailferry.messages import (
     AnyMessage,
     ContinueSync,
@@ -118,14 +124,16 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
                                          ca_file=s.imap_ca_file,
                                          allow_private_networks=s.allow_private_networks,
                                          limits=s.imap_limits())
-            with deps.connectors.create_imap_connector(config) as connector:
+            # OAuth2: the access token comes from the token row (refreshed under its lock).
+            auth = oauth.authenticator(mailbox, conn, deps.passwords, timeout=s.imap_timeout)
+            with deps.connectors.create_imap_connector(config, auth) as connector:
                 connector.set_deadline(deadline)
                 connector.connect()  # a refused login fails here, before anything is published
                 if token is None and (mailbox.credentials_invalid_at is not None
                                       or mailbox.last_error_kind == "auth"):
                     deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=now()))
                 outcome = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox,
-                                        lambda: time.monotonic() > slice_end)
+                                        lambda: time.monotonic() > slice_end, auth)
         except (ImapError, ConfigError) as exc:
             kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
             if isinstance(exc, TransientError):
@@ -188,7 +196,7 @@ class Totals:
 
 def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: SyncSession,
                   mailbox: repository.Mailbox, pause: Callable[[], bool],
-                  ) -> Totals | ContinueSync:
+                  auth: OAuth2Auth | None = None) -> Totals | ContinueSync:
     """The attempt's folders, or the next slice's command when ``pause`` ended this one."""
     conn = deps.connection()
     session.extensions()
@@ -250,7 +258,7 @@ def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: Sy
             pause=pause)
         here = resume if index == 0 and resume and resume.folder == folder.raw_name else None
         try:
-            done = planning.sync_folder(session, folder, state, job, here)
+            done = _sync_folder(session, folder, state, job, here, auth)
             totals.folders += 1
             totals.messages += done.messages - (here.messages if here else 0)
             totals.bytes += done.bytes
@@ -283,3 +291,26 @@ def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: Sy
         finally:
             structlog.contextvars.unbind_contextvars("folder")
     return totals
+
+
+#: New logins after "token expired" within one folder, before the failure stands.
+REAUTHENTICATIONS = 2
+
+
+def _sync_folder(session: SyncSession, folder: FolderInfo, state: repository.FolderState | None,
+                 job: planning.FolderJob, here: FolderResume | None,
+                 auth: OAuth2Auth | None) -> planning.FolderTotals:
+    """One folder; for an OAuth2 mailbox, a server that ends the session because the access
+    token expired (a BYE mid-sync) gets a refreshed token and a new login, and the folder
+    goes on from its stored checkpoint (what was already published is harmless to repeat)."""
+    for tries in range(REAUTHENTICATIONS + 1):
+        try:
+            return planning.sync_folder(session, folder, state, job, here)
+        except planning.FolderFailed as failure:
+            if auth is None or tries == REAUTHENTICATIONS or not oauth.token_expired(
+                    failure.cause):
+                raise
+            log.info("sync.reauthenticating", reason=str(failure.cause))
+            auth.token_expired()
+            session.reconnect()
+    raise AssertionError("unreachable")

@@ -122,7 +122,8 @@ def tick(deps: NotifierDeps) -> None:
 def _notify(conn: Connection, deps: NotifierDeps, mailbox_id: int, kind: str,
             at: datetime | None, error: str | None, reminder: int = 0) -> int:
     box = conn.execute(
-        "SELECT id, name, host, port, username FROM mailboxes WHERE id = %s", (mailbox_id,)
+        "SELECT id, name, host, port, username, auth_kind FROM mailboxes WHERE id = %s",
+        (mailbox_id,)
     ).fetchone()
     if box is None:
         return 0
@@ -157,6 +158,16 @@ def compose(kind: str, box: dict[str, Any], error: str | None) -> tuple[str, str
     title = f"Mailbox {box['name']} cannot sync, the server refuses its credentials"
     if kind == "credentials_reminder":
         title = f"Reminder, {title[0].lower()}{title[1:]}"
+    if box.get("auth_kind", "password") != "password":
+        return title.replace("the server refuses its credentials",
+                             "its OAuth2 authorization was refused"), clean_text(
+            f"Synchronization of mailbox {box['name']} ({where}) has stopped: its OAuth2 "
+            f"authorization was refused (revoked, expired, or the account's password changed)."
+            f"\n\nWhat was said: {error or 'authorization refused'}\n\n"
+            f"What to do: authorize mailferry again, e.g. `mailferry oauth authorize --provider "
+            f"PROVIDER --owner EMAIL`, or give a new refresh token with `mailferry mailbox update "
+            f"{box['id']} --refresh-token-stdin`. The mailbox is synced again as soon as it is "
+            f"re-authorized.")
     body = (
         f"Synchronization of mailbox {box['name']} ({where}) has stopped: the IMAP server refused "
         f"the login.\n\nWhat the server said: {error or 'login refused'}\n\n"

@@ -18,7 +18,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
 
-from mailferry import db, repository
+from mailferry import db, oauth, repository
 from mailferry.app import validation as valid
 from mailferry.app.publishing import Publish
 from mailferry.config import Settings
@@ -84,11 +84,22 @@ def add_mailbox(conn: db.Connection, box: PasswordBox, *, owner_email: str | Non
     """Register a mailbox (``owner_email`` None: a system mailbox, owned by no one); its first
     sync happens at the next schedule tick. ``folders``: the folders enabled when first listed
     (None: inbox and sent). The password is stored encrypted. Returns the new id."""
+    valid.password(password)
+    return insert_mailbox(conn, owner_email=owner_email, host=host, port=port, security=security,
+                          username=username, password_encrypted=box.encrypt(password),
+                          folders=folders, name=name, first_sync_days=first_sync_days)
+
+
+def insert_mailbox(conn: db.Connection, *, owner_email: str | None, host: str, port: int,
+                   security: str, username: str, password_encrypted: bytes,
+                   folders: Sequence[str] | None = None, name: str | None = None,
+                   first_sync_days: int | None = None, auth_kind: str = "password") -> int:
+    """The mailbox row, its settings checked: what every kind of credentials shares (a
+    password here, OAuth2 in ``mailferry.app.oauth``, which adds its token row)."""
     valid.host(host)
     valid.port(port)
     valid.security(security)
     valid.username(username)
-    valid.password(password)
     if name is not None:
         valid.display_name(name)
     if first_sync_days is not None:
@@ -97,10 +108,10 @@ def add_mailbox(conn: db.Connection, box: PasswordBox, *, owner_email: str | Non
     owner_id = user_id_by_email(conn, owner_email) if owner_email is not None else None
     row = conn.execute(
         """INSERT INTO mailboxes (owner_id, name, host, port, security, username,
-                                  password_encrypted, initial_folders, first_sync_days)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+                                  password_encrypted, initial_folders, first_sync_days, auth_kind)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
         (owner_id, name or f"{username}@{host}", host, port, security, username,
-         box.encrypt(password), selection or None, first_sync_days),
+         password_encrypted, selection or None, first_sync_days, auth_kind),
     ).fetchone()
     assert row is not None
     return int(row["id"])
@@ -367,7 +378,11 @@ def update_mailbox(conn: db.Connection, box: PasswordBox | None, publish: Publis
     invalid" state and start a sync at once (if its sync is enabled): the person who fixed them
     learns at once whether they work. ``box`` is needed only for a new password."""
     changes.validate()
-    get_mailbox(conn, mailbox_id)
+    mailbox = get_mailbox(conn, mailbox_id)
+    if changes.password is not None and mailbox.auth_kind != "password":
+        raise ConfigError(f"mailbox {mailbox_id} signs in with OAuth2, not a password: give it a "
+                          f"new token with `mailferry mailbox update {mailbox_id} "
+                          "--refresh-token-stdin` or `mailferry oauth authorize`")
     columns: dict[str, Any] = {
         "host": changes.host, "port": changes.port, "security": changes.security,
         "username": changes.username, "name": changes.name,
@@ -401,6 +416,8 @@ _MAILBOX_LIST = """
 SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m.sync_enabled,
        m.last_sync_at, m.last_sync_status, m.last_error,
        m.credentials_invalid_at IS NOT NULL AS credentials_invalid,
+       m.auth_kind, t.access_token_expires_at AS token_expires_at,
+       t.last_refreshed_at AS token_refreshed_at,
        (SELECT count(*) FROM folders f WHERE f.mailbox_id = m.id AND f.sync_enabled)
            AS folders_enabled,
        (SELECT count(*) FROM messages g WHERE g.mailbox_id = m.id) AS messages,
@@ -410,6 +427,7 @@ SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m
        CASE WHEN w.lease_expires_at > now() THEN w.holder END AS watch_holder
   FROM mailboxes m LEFT JOIN users u ON u.id = m.owner_id
   LEFT JOIN mailbox_watches w ON w.mailbox_id = m.id
+  LEFT JOIN oauth_tokens t ON t.mailbox_id = m.id
  ORDER BY m.id"""
 
 
@@ -482,7 +500,8 @@ def check_mailbox(conn: db.Connection, box: PasswordBox, settings: Settings,
                                  allow_private_networks=settings.allow_private_networks,
                                  limits=settings.imap_limits())
     started = time.monotonic()
-    with connector_factory.create_imap_connector(config) as connector:
+    auth = oauth.authenticator(mailbox, conn, box, timeout=settings.imap_timeout)
+    with connector_factory.create_imap_connector(config, auth) as connector:
         tree = ImapEmailFolderManager(connector).get_folders(None, recursive=True)
         capabilities = sorted(connector.capabilities())
     return CheckResult(server=config.address, security=config.security, username=config.username,
@@ -630,15 +649,17 @@ def raw_message(conn: db.Connection, message_id: int) -> bytes:
 
 
 def rotate_keys(conn: db.Connection, box: PasswordBox) -> int:
-    """Re-encrypt every stored password with the box's first key; returns how many. A mailbox
-    being removed has no password left to rotate."""
+    """Re-encrypt every stored password with the box's first key, and every OAuth2 secret
+    (client secrets, keys, tokens); returns how many passwords. A mailbox being removed has no
+    password left to rotate, nor has an OAuth2 mailbox."""
     with conn.transaction():
         rows = conn.execute(
             """SELECT id, password_encrypted FROM mailboxes WHERE removing_at IS NULL
-                ORDER BY id FOR UPDATE""").fetchall()
+                  AND auth_kind = 'password' ORDER BY id FOR UPDATE""").fetchall()
         for row in rows:
             conn.execute("UPDATE mailboxes SET password_encrypted = %s WHERE id = %s",
                          (box.rotate(row["password_encrypted"]), row["id"]))
+        oauth.rotate_secrets(conn, box)
     return len(rows)
 
 
@@ -664,6 +685,13 @@ def status(conn: db.Connection, settings: Settings) -> dict[str, Any]:
         """SELECT id AS run_id, mailbox_id, status, requested_by, requested_at, finished_at,
                   messages_stored, error FROM sync_runs ORDER BY requested_at DESC LIMIT 10"""
     ).fetchall()
+    tokens = conn.execute(
+        """SELECT m.id AS mailbox_id, m.auth_kind, p.name AS provider,
+                  t.access_token_expires_at AS token_expires_at,
+                  t.last_refreshed_at AS token_refreshed_at, t.last_refresh_error
+             FROM oauth_tokens t JOIN mailboxes m ON m.id = t.mailbox_id
+             JOIN oauth_providers p ON p.id = t.provider_id ORDER BY m.id"""
+    ).fetchall()
     watches = conn.execute(
         """SELECT CASE WHEN w.holder IS NOT NULL AND w.lease_expires_at > now() THEN w.state
                        ELSE 'off' END AS state,
@@ -679,7 +707,8 @@ def status(conn: db.Connection, settings: Settings) -> dict[str, Any]:
             by_holder[row["holder"]] = by_holder.get(row["holder"], 0) + row["n"]
     return {**(counts or {}), "runs": {r["status"]: r["n"] for r in runs},
             "watches": by_state, "watch_holders": by_holder, "push": settings.push,
-            "recent_runs": recent, "queues": queue_depths(settings)}
+            "recent_runs": recent, "oauth_mailboxes": tokens,
+            "queues": queue_depths(settings)}
 
 
 def queue_depths(settings: Settings) -> dict[str, int | str]:

@@ -135,6 +135,8 @@ def _fence(conn: db.Connection, mailbox_id: int) -> None:
                 WHERE id = %s RETURNING id""",
             (LEASE_OWNER, mailbox_id),
         ).fetchone()
+        if row is not None:  # OAuth2 credentials go with the password
+            conn.execute("DELETE FROM oauth_tokens WHERE mailbox_id = %s", (mailbox_id,))
     if row is None:
         raise NotFound(f"no mailbox with id {mailbox_id}")
 

@@ -142,7 +142,7 @@ def _starttls(client: IMAPClient, config: ImapConfig) -> None:
 
 
 class Authenticator(Protocol):
-    """How a connector logs in. Passwords today; OAuth2 (XOAUTH2, OAUTHBEARER) plugs in here."""
+    """How a connector logs in: :class:`PasswordAuth` or :class:`OAuth2Auth`."""
 
     def authenticate(self, client: IMAPClient, config: ImapConfig) -> None: ...
 
@@ -171,6 +171,68 @@ class PasswordAuth:
         # (RFC 3501 section 4.3), which cannot hold CR, LF or NUL.
         with _login_errors(config):
             client.login(_quote(username), password)
+
+
+class TokenSource(Protocol):
+    """Where an OAuth2 authenticator gets its access token: ``fresh=True`` asks for a newly
+    refreshed one (the server refused the cached one). Raises ``ImapAuthError`` when the grant
+    itself is refused, ``ImapConnectionError`` when the token endpoint cannot answer now."""
+
+    def __call__(self, *, fresh: bool = False) -> str: ...
+
+
+class OAuth2Auth:
+    """``AUTHENTICATE OAUTHBEARER`` (RFC 7628) when the server offers it, ``XOAUTH2`` (Google's
+    and Microsoft's older mechanism) otherwise. A refused token is refreshed once and tried
+    again: the cached one may have been revoked or cut short by the provider; a fresh token
+    refused too means the credentials are invalid (``ImapAuthError``)."""
+
+    def __init__(self, tokens: TokenSource) -> None:
+        self._tokens = tokens
+        self._stale = False
+
+    def token_expired(self) -> None:
+        """The server said the token expired (a BYE mid-sync): the next login refreshes it."""
+        self._stale = True
+
+    def authenticate(self, client: IMAPClient, config: ImapConfig) -> None:
+        username = config.username
+        _check_login_string(username, "user name", config, show=True, ascii_only=False)
+        with _login_errors(config):
+            bearer = client.has_capability("AUTH=OAUTHBEARER")
+            xoauth2 = client.has_capability("AUTH=XOAUTH2")
+        if not (bearer or xoauth2):
+            raise ImapAuthError(f"{config.address}: the server offers neither AUTHENTICATE "
+                                "OAUTHBEARER nor XOAUTH2, so it cannot take an OAuth2 token")
+        mechanism = "OAUTHBEARER" if bearer else "XOAUTH2"
+        stale, self._stale = self._stale, False
+        for fresh in ((True,) if stale else (False, True)):
+            token = self._tokens(fresh=fresh)
+            _check_login_string(token, "access token", config, show=False, ascii_only=True)
+            message = (_oauthbearer(username, token, config) if bearer
+                       else _xoauth2(username, token))
+            try:
+                with _login_errors(config):
+                    # RFC 7628 3.2.3: after an error challenge the client answers %x01.
+                    wire.authenticate(client, mechanism, message,
+                                      abort=b"\x01" if bearer else b"")
+                return
+            except ImapAuthError:
+                if fresh:
+                    raise
+
+
+def _xoauth2(username: str, token: str) -> bytes:
+    """``user=U^Aauth=Bearer T^A^A`` (Google's XOAUTH2 protocol, also Microsoft's)."""
+    return f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+def _oauthbearer(username: str, token: str, config: ImapConfig) -> bytes:
+    """RFC 7628 section 3.1: a GS2 header naming the user (``,`` and ``=`` escaped as in
+    RFC 5801 section 4), then host, port and the bearer token, each ended by %x01."""
+    saslname = username.replace("=", "=3D").replace(",", "=2C")
+    return (f"n,a={saslname},\x01host={config.host}\x01port={config.port}\x01"
+            f"auth=Bearer {token}\x01\x01").encode()
 
 
 @contextmanager

@@ -119,6 +119,15 @@ class SyncSession:
             self._extensions = Extensions(condstore=bool(wanted), qresync="QRESYNC" in wanted)
         return self._extensions
 
+    def reconnect(self) -> None:
+        """Log in again on a new connection (an OAuth2 token expired mid-sync) with the same
+        extensions enabled; nothing is selected afterwards."""
+        self.connector.close()
+        self._manager = ImapEmailManager(self.connector)
+        self._extensions = None
+        self.connector.connect()
+        self.extensions()
+
     def list_folders(self) -> list[FolderInfo]:
         return list_folders(self.connector)
 

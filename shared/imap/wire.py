@@ -190,6 +190,13 @@ class BoundedIMAP4(imaplib.IMAP4):
             if not self._receive():
                 line = bytes(self._buffer)  # EOF: imaplib reports the unterminated line
                 self._buffer.clear()
+                bye = self.untagged_responses.get("BYE")
+                if not line and bye and self.state != "LOGOUT":
+                    # The server said why it hung up (an expired OAuth2 token, a shutdown):
+                    # imaplib would report only "EOF".
+                    last = bye[-1]
+                    said = last.decode("utf-8", "replace") if isinstance(last, bytes) else ""
+                    raise self.abort(f"server said BYE: {said}")
                 return line
 
     def read(self, size: int) -> bytes:
@@ -436,23 +443,24 @@ def pop_vanished(client: IMAPClient) -> list[tuple[int, int]]:
     return ranges
 
 
-def authenticate(client: IMAPClient, mechanism: str, initial: bytes) -> None:
+def authenticate(client: IMAPClient, mechanism: str, initial: bytes, *,
+                 abort: bytes = b"") -> None:
     """AUTHENTICATE with a one-step mechanism (PLAIN, XOAUTH2, OAUTHBEARER). With SASL-IR
     (RFC 4959) the initial response rides on the command line; otherwise it answers the server's
-    empty ``+`` challenge (RFC 3501 6.2.2). A refusal raises imaplib's error."""
+    empty ``+`` challenge (RFC 3501 6.2.2). A challenge after the initial response is an error
+    report (XOAUTH2, OAUTHBEARER): it is answered with ``abort`` (empty; %x01 for OAUTHBEARER,
+    RFC 7628 3.2.3) and the server then says NO. A refusal raises imaplib's error."""
     imap = engine(client)
     if client.has_capability("SASL-IR"):
         encoded = base64.b64encode(initial).decode("ascii") if initial else "="
-        # A challenge after the initial response means the server wants more (an error report
-        # for XOAUTH2): answer it with an empty response, and the server sends NO.
-        imap.literal = imaplib._Authenticator(lambda _c: b"").process  # type: ignore[assignment]
+        imap.literal = imaplib._Authenticator(lambda _c: abort).process  # type: ignore[assignment]
         typ, dat = imap._simple_command("AUTHENTICATE", mechanism, encoded)
     else:
         sent = False
 
         def respond(_challenge: bytes) -> bytes:
             nonlocal sent
-            answer = b"" if sent else initial
+            answer = abort if sent else initial
             sent = True
             return answer
 

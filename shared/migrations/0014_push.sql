@@ -5,7 +5,7 @@
 -- fences a holder that lost its lease (its renewals and state writes match no row). `state` is
 -- what `mailbox list` and `status` show. push_schedulers is each scheduler's heartbeat: the
 -- number of live ones sets each one's fair share of the watches (rebalancing).
--- depends: 0011_due_index
+-- depends: 0013_oauth2
 
 ALTER TABLE mailboxes ADD COLUMN push boolean NOT NULL DEFAULT true;
 

@@ -1,0 +1,187 @@
+"""OAuth2 mailboxes through the whole pipeline (fetcher, persister, notifier as processes), against
+Dovecot's oauth2 passdb and the devkit's fake provider, whose access tokens last two seconds."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailferry import db, topology
+from mailferry.broker import connect
+from mailferry.devkit import services
+from mailferry.devkit.dovecot import Dovecot
+from mailferry.devkit.hostile_imap import HostileImapServer
+from mailferry.devkit.oauth_provider import FakeProvider
+
+USER = "alice@example.test"
+OWNER = "owner@example.com"
+CLIENT_SECRET = "client-secret-never-shown"
+
+
+@pytest.fixture
+def idp() -> Iterator[FakeProvider]:
+    with FakeProvider(access_lifetime=2.0, rotate=True, client_secret=CLIENT_SECRET) as provider:
+        yield provider
+
+
+@pytest.fixture
+def server(tmp_path: Path, idp: FakeProvider) -> Iterator[Dovecot]:
+    with Dovecot(tmp_path / "dovecot",
+                 oauth2_introspection_url=f"{idp.url}/introspect") as dovecot:
+        dovecot.add_user(USER, "unused-password")
+        with dovecot.session(USER) as imap:
+            imap.append("INBOX", b"Subject: one\r\n\r\nfirst\r\n")
+        yield dovecot
+
+
+@pytest.fixture
+def pipeline(processes: services.ServiceProcesses) -> services.ServiceProcesses:
+    for service in ("fetcher", "persister", "notifier"):
+        processes.start(service)
+    return processes
+
+
+class Capture:
+    """Every event published on the events exchange, kept to grep for secrets."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.conn = connect(broker_url)
+        channel = self.conn.default_channel
+        topology.EVENTS(channel).declare()
+        self.queue = channel.queue_declare(queue="", exclusive=True).queue
+        channel.queue_bind(self.queue, topology.EVENTS.name, "#")
+
+    def bodies(self) -> str:
+        out = []
+        while (message := self.conn.default_channel.basic_get(self.queue, no_ack=True)):
+            body = message.body
+            out.append(body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body))
+        return "\n".join(out)
+
+
+def _cli(env: dict[str, str], outputs: list[str], *args: str, stdin: bytes | None = None) -> Any:
+    result = services.run_cli(list(args), env, stdin=stdin)
+    outputs.append(result.stdout.decode() + result.stderr.decode())
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if result.stdout.strip() else None
+
+
+def _provider(env: dict[str, str], outputs: list[str], idp: FakeProvider) -> None:
+    _cli(env, outputs, "oauth", "provider", "add", "--name", "fake", "--kind", "generic",
+         "--client-id", idp.client_id, "--client-secret-stdin", "--token-url",
+         f"{idp.url}/token", stdin=CLIENT_SECRET.encode() + b"\n")
+
+
+def _sync(env: dict[str, str], outputs: list[str], mailbox_id: int) -> str:
+    result = services.run_cli(["sync", "--mailbox", str(mailbox_id), "--wait", "--timeout", "60",
+                               "--json"], env)
+    outputs.append(result.stdout.decode() + result.stderr.decode())
+    return str(json.loads(result.stdout)[0]["status"])
+
+
+def _told(env: dict[str, str]) -> list[str]:
+    return [n["kind"] for n in services.cli(env, "notifications", "list", "--user", OWNER,
+                                            "--json")]
+
+
+def _told_at_least(env: dict[str, str], count: int) -> list[str] | None:
+    kinds = _told(env)
+    return kinds if len(kinds) >= count else None
+
+
+def test_an_oauth2_mailbox_syncs_through_expiry_rotation_outages_and_a_revocation(
+        env: dict[str, str], idp: FakeProvider, server: Dovecot, conn: db.Connection,
+        pipeline: services.ServiceProcesses, tmp_path: Path) -> None:
+    outputs: list[str] = []
+    capture = Capture(env["MAILFERRY_BROKER_URL"])
+    services.cli(env, "user", "add", "--email", OWNER)
+    _provider(env, outputs, idp)
+    first_grant = idp.grant(USER)
+    mailbox_id = int(_cli(env, outputs, "mailbox", "add", "--owner", OWNER, "--auth", "oauth2",
+                          "--oauth-provider", "fake", "--host", server.host, "--port",
+                          str(server.port), "--security", "none", "--username", USER,
+                          "--refresh-token-stdin", stdin=first_grant.encode() + b"\n")["id"])
+    assert _sync(env, outputs, mailbox_id) == "done"
+
+    # Between syncs the access token expires: the next sync refreshes it, and the provider
+    # rotates the refresh token, which is stored at once (the first grant is dead now).
+    time.sleep(2.1)
+    with server.session(USER) as imap:
+        imap.append("INBOX", b"Subject: two\r\n\r\nsecond\r\n")
+    assert _sync(env, outputs, mailbox_id) == "done"
+    assert idp.requests["refresh_token"] == 2
+    stored = conn.execute("SELECT count(*) AS n FROM messages").fetchone()
+    assert stored == {"n": 2}
+
+    # The provider fails (500, then 429): retried with back-off, and nobody is told.
+    time.sleep(2.1)
+    idp.fail_next("500")
+    idp.fail_next("429", seconds=1)
+    assert _sync(env, outputs, mailbox_id) == "done"
+    assert _told(env) == []
+
+    listed = _cli(env, outputs, "mailbox", "list", "--json")[0]
+    assert listed["auth_kind"] == "oauth2"
+    assert listed["token_expires_at"] and listed["token_refreshed_at"]
+
+    # Revoked: the same path as a wrong password, told once.
+    idp.revoke(USER)
+    time.sleep(2.1)
+    assert _sync(env, outputs, mailbox_id) == "failed"
+    assert _sync(env, outputs, mailbox_id) == "failed"
+    kinds = services.eventually(lambda: _told(env) or None)
+    assert kinds == ["credentials_invalid"]
+    note = services.cli(env, "notifications", "list", "--user", OWNER, "--json")[0]
+    assert "OAuth2" in note["title"] and "--refresh-token-stdin" in note["body"]
+
+    # Re-authorized: a new refresh token syncs at once and the owner is told once.
+    updated = _cli(env, outputs, "mailbox", "update", str(mailbox_id), "--refresh-token-stdin",
+                   stdin=idp.grant(USER).encode() + b"\n")
+    run = services.eventually(lambda: conn.execute(
+        "SELECT status FROM sync_runs WHERE id = %s AND status = 'done'",
+        (updated["run_id"],)).fetchone())
+    assert run == {"status": "done"}
+    kinds = services.eventually(lambda: _told_at_least(env, 2))
+    assert kinds == ["credentials_invalid", "credentials_restored"]
+    pipeline.assert_running()
+
+    # No token, refresh token or client secret anywhere people or other programs can see.
+    logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+    seen = {"logs": logs, "broker": capture.bodies(), "cli": "\n".join(outputs),
+            "notifications": json.dumps(services.cli(env, "notifications", "list", "--user",
+                                                     OWNER, "--all", "--json"))}
+    assert "sync.fetched" in logs and seen["broker"]
+    secrets = [*idp.issued, CLIENT_SECRET]
+    assert len(idp.issued) > 4
+    for where, text in seen.items():
+        leaked = [s for s in secrets if s in text]
+        assert leaked == [], f"{where} shows a secret"
+
+
+def test_a_sync_that_outlives_its_token_logs_in_again_and_goes_on(
+        env: dict[str, str], idp: FakeProvider, pipeline: services.ServiceProcesses) -> None:
+    outputs: list[str] = []
+    with HostileImapServer("bye_mid_command", messages=3, bye_times=1,
+                           bye_text="Session invalidated - AccessTokenExpired",
+                           capabilities=("IMAP4rev1", "SASL-IR", "AUTH=XOAUTH2", "ENABLE",
+                                         "NAMESPACE")) as imap:
+        _provider(env, outputs, idp)
+        services.cli(env, "user", "add", "--email", OWNER)
+        mailbox_id = int(_cli(
+            env, outputs, "mailbox", "add", "--owner", OWNER, "--auth", "oauth2",
+            "--oauth-provider", "fake", "--host", imap.host, "--port", str(imap.port),
+            "--security", "none", "--username", USER, "--refresh-token-stdin",
+            "--first-sync-days", "36500", stdin=idp.grant(USER).encode() + b"\n")["id"])
+        assert _sync(env, outputs, mailbox_id) == "done"
+        # One attempt: logged in, told BYE AccessTokenExpired, refreshed, logged in again.
+        assert len(imap.bearer_tokens) == 2 and len(set(imap.bearer_tokens)) == 2
+        assert idp.requests["refresh_token"] == 2
+    stored = services.cli(env, "messages", "list", "--mailbox", str(mailbox_id), "--folder",
+                          "INBOX", "--json")
+    assert sorted(m["uid"] for m in stored) == [1, 2, 3]
+    assert _told(env) == []
