@@ -1,5 +1,8 @@
 # The two commands of the README: `make demo` runs it, `make test` tests it.
 PYTHON ?= python3
+# Test processes: the suite mostly waits on Dovecot, RabbitMQ and PostgreSQL, and every test has
+# its own database, vhost and Dovecot, so files run side by side (pytest-xdist).
+TEST_WORKERS ?= 2
 VENV ?= .venv
 BIN := $(VENV)/bin
 
@@ -19,10 +22,10 @@ deps:
 test: setup deps
 	$(BIN)/ruff check shared services tests bench scripts devkit examples
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: setup deps
-	$(BIN)/pytest -q -m "slow or not slow"
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 demo: setup deps
 	$(BIN)/python scripts/demo.py
