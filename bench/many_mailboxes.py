@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from pydantic import SecretStr
 
 from mailferry import app, db, topology
 from mailferry.crypto import PasswordBox
 from mailferry.devkit import mail, services
 from mailferry.devkit.dovecot import Dovecot
-from mailferry.devkit.measure import machine, peak_memory_mb, wait_for_consumers
+from mailferry.devkit.measure import cpu_seconds, json_lines, machine, peak_memory_mb, wait_for_consumers
 from mailferry.devkit.tcp_proxy import TcpProxy
 
 PASSWORD = "bench-secret"
@@ -61,6 +62,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=5, help="per mailbox")
     parser.add_argument("--rtt-ms", type=float, default=50.0)
     parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument("--persisters", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -85,14 +87,14 @@ def main() -> int:
                 db.migrate(database_url)
                 env = services.deployment_env(database_url, broker_url, fast=False)
                 with db.connect(database_url, autocommit=True) as app_conn:
-                    box = PasswordBox(env["MAILFERRY_SECRET_KEY"])
+                    box = PasswordBox(SecretStr(env["MAILFERRY_SECRET_KEY"]))
                     app.add_user(app_conn, "bench@example.com")
                     for user in users:
                         app.add_mailbox(app_conn, box, owner_email="bench@example.com",
                                         host=proxy.host, port=proxy.port, security="none",
                                         username=user, password=PASSWORD, folders=["INBOX"])
                 persister = services.ServiceProcesses(env, work)
-                persister.start("persister")
+                persister.start("persister", args.persisters)
                 try:
                     for index, level in enumerate(levels):
                         fenv = {**env, "MAILFERRY_FETCHER_CONCURRENCY": str(level)}
@@ -101,17 +103,40 @@ def main() -> int:
                         fetcher.start("fetcher")
                         try:
                             wait_for_consumers(broker_url, {topology.FETCHER.name: 1,
-                                                            topology.PERSISTER.name: 1})
+                                                            topology.PERSISTER.name:
+                                                            args.persisters})
                             if index == 0:
                                 print(f"initial sync of {args.mailboxes} mailboxes "
                                       f"(concurrency {level}) ...", flush=True)
                                 report["initial"] = sync_all(fenv, conn, args.timeout)
                             print(f"no-op sync, concurrency {level} ...", flush=True)
-                            figures = sync_all(fenv, conn, args.timeout)
                             pid = fetcher.processes[0][1].pid
-                            figures |= {"concurrency": level,
-                                        "fetcher_peak_rss_mb": peak_memory_mb(pid),
-                                        "load_after": load()}
+                            persister_pids = [p.pid for _, p in persister.processes]
+                            cpu_before = (cpu_seconds(pid) or 0.0,
+                                          sum(cpu_seconds(p) or 0.0 for p in persister_pids))
+                            log = work / f"c{level}" / "fetcher-0.log"
+                            skip = sum(1 for r in json_lines(log) if r.get("event") == "sync.fetched")
+                            began = datetime.now(UTC)
+                            figures = sync_all(fenv, conn, args.timeout)
+                            last = max(datetime.fromisoformat(r["timestamp"])
+                                       for r in json_lines(log)
+                                       if r.get("event") == "sync.fetched")
+                            span = (last - began).total_seconds()
+                            walls = sorted([r["seconds"] for r in json_lines(log)
+                                            if r.get("event") == "sync.fetched"][skip:])
+                            figures |= {
+                                "concurrency": level,
+                                "fetcher_peak_rss_mb": peak_memory_mb(pid),
+                                "fetcher_cpu_s": round((cpu_seconds(pid) or 0) - cpu_before[0], 2),
+                                "persister_cpu_s": round(sum(cpu_seconds(p) or 0.0
+                                                             for p in persister_pids)
+                                                         - cpu_before[1], 2),
+                                # publish -> the fetcher's last sync done (the runs close
+                                # when the persisters have stored their events)
+                                "fetcher_span_s": round(span, 2),
+                                "fetcher_mailboxes_per_s": round(args.mailboxes / span, 1),
+                                "one_sync_median_s": walls[len(walls) // 2] if walls else None,
+                                "load_after": load()}
                             report["passes"].append(figures)
                             ok = ok and set(figures["runs"]) == {"done"}
                         finally:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import amqp
+from pydantic import SecretStr
 
-from mailferry import db
+from mailferry import app, db
 from mailferry.broker import Publisher
+from mailferry.crypto import PasswordBox
 from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
 from mailferry.devkit.rabbitmq import private_node
@@ -31,12 +34,15 @@ def _fill(server: Dovecot, user: str, count: int, size: int = 200) -> dict[int, 
     return {uid: hashlib.sha256(data[b"BODY[]"]).hexdigest() for uid, data in fetched.items()}
 
 
-def _add_mailbox(env: dict[str, str], proxy: TcpProxy, user: str) -> int:
-    added = services.cli(env, "mailbox", "add", "--owner", "owner@example.com", "--host",
-                         proxy.host, "--port", str(proxy.port), "--security", "none",
-                         "--username", user, "--password-stdin", "--folders", "INBOX",
-                         stdin=b"secret\n")
-    return int(added["id"])
+def _add_mailboxes(env: dict[str, str], proxy: TcpProxy, users: Iterable[str]) -> dict[str, int]:
+    """Registered through the service layer, as ``mailbox add`` does (no CLI start-up each)."""
+    box = PasswordBox(SecretStr(env["MAILFERRY_SECRET_KEY"]))
+    with db.connect(env["MAILFERRY_DATABASE_URL"], autocommit=True) as conn:
+        app.add_user(conn, "owner@example.com")
+        return {user: app.add_mailbox(conn, box, owner_email="owner@example.com",
+                                      host=proxy.host, port=proxy.port, security="none",
+                                      username=user, password="secret", folders=["INBOX"])
+                for user in users}
 
 
 def _stored(env: dict[str, str], mailbox_id: int) -> dict[int, str]:
@@ -54,8 +60,7 @@ def test_one_fetcher_process_syncs_several_mailboxes_at_once_each_under_its_own_
     with Dovecot(tmp_path / "dovecot") as server, \
             TcpProxy(server.host, server.port, latency=0.1) as proxy:
         expected = {user: _fill(server, user, 5) for user in users}
-        services.cli(env, "user", "add", "--email", "owner@example.com")
-        ids = {user: _add_mailbox(env, proxy, user) for user in users}
+        ids = _add_mailboxes(env, proxy, users)
         try:
             processes.start("fetcher")
             processes.start("persister")
@@ -128,8 +133,7 @@ def test_a_first_sync_longer_than_the_consumer_timeout_completes_in_slices(
         with Dovecot(tmp_path / "dovecot") as server, \
                 TcpProxy(server.host, server.port, latency=0.1) as proxy:
             expected = _fill(server, "eve", 300)
-            services.cli(env, "user", "add", "--email", "owner@example.com")
-            mailbox_id = _add_mailbox(env, proxy, "eve")
+            mailbox_id = _add_mailboxes(env, proxy, ["eve"])["eve"]
             try:
                 processes.start("fetcher")
                 processes.start("persister")
