@@ -39,7 +39,7 @@ from kombu.mixins import ConsumerMixin
 from kombu.transport.base import Message
 from pydantic import ValidationError
 
-from mailferry import messages, topology
+from mailferry import messages, metrics, topology
 from mailferry.errors import BrokerUnavailable, PermanentError
 
 log = structlog.get_logger(__name__)
@@ -309,6 +309,7 @@ class Worker(ConsumerMixin):
             content_type=message.content_type,
         )
         message.ack()
+        metrics.DEAD_LETTERED.labels(self.work.name).inc()
         log.error("message.dead_lettered", type=message.properties.get("type"), reason=reason)
 
     def install_signal_handlers(self) -> None:

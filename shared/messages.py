@@ -195,6 +195,9 @@ class FolderSynced(FetcherEvent):
     batches: int
     messages: int
     error: str | None = None
+    # A first sync cut by the download budget (newest mail first): UIDs below this one, in the
+    # first-sync window, are still to fetch. None: nothing is pending.
+    backfill_below: int | None = None
 
 
 class SyncFinished(FetcherEvent):

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from mailferry import runs
+from mailferry import metrics, runs
 from mailferry.db import Connection
 from mailferry.errors import BrokerUnavailable
 from mailferry.messages import AnyMessage, SyncFolders, SyncMailbox
@@ -69,20 +69,25 @@ def _request_one(conn: Connection, publish: Callable[[AnyMessage], None], mailbo
     except BrokerUnavailable as exc:
         runs.publish_failed(conn, run_id, str(exc))
         raise
+    metrics.RUNS_REQUESTED.labels(metrics.reason(requested_by)).inc()
     return Requested(mailbox_id, run_id, queued=True)
 
 
 def due_mailboxes(conn: Connection, interval_seconds: float) -> list[int]:
     """Enabled mailboxes with working credentials, nothing queued or running, and no run asked
-    for within the interval (a failed run waits too: no hammering a broken server)."""
+    for within the interval (a failed run waits too: no hammering a broken server). A throttled
+    mailbox waits until its ``throttled_until``, and is due then (its sync did not happen)."""
     rows = conn.execute(
         """SELECT m.id FROM mailboxes m
+             CROSS JOIN LATERAL (SELECT COALESCE(max(r.requested_at), '-infinity') AS at
+                                   FROM sync_runs r
+                                  WHERE r.mailbox_id = m.id AND r.kind = 'mailbox') last
             WHERE m.sync_enabled AND m.credentials_invalid_at IS NULL
+              AND (m.throttled_until IS NULL OR m.throttled_until <= now())
               AND NOT EXISTS (SELECT 1 FROM sync_runs r WHERE r.mailbox_id = m.id
                                  AND r.status IN ('queued', 'running'))
-              AND COALESCE((SELECT max(r.requested_at) FROM sync_runs r
-                             WHERE r.mailbox_id = m.id AND r.kind = 'mailbox'), '-infinity')
-                  <= now() - make_interval(secs => %s)
+              AND (last.at <= now() - make_interval(secs => %s)
+                   OR last.at < m.throttled_until)
             ORDER BY m.id""",
         (interval_seconds,),
     ).fetchall()

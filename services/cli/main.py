@@ -353,7 +353,8 @@ def mailbox_list(as_json: bool) -> None:
         _json(rows)
     else:
         _table(rows, ["id", "name", "owner", "host", "security", "last_sync_status",
-                      "last_sync_at", "messages", "last_error", "folder_notes"])
+                      "last_sync_at", "messages", "throttled_until", "last_error",
+                      "folder_notes"])
 
 
 @mailbox_group.command("check")
@@ -671,15 +672,32 @@ def status(as_json: bool) -> None:
         _json(result)
         return
     for key, value in result.items():
-        if key not in ("runs", "recent_runs", "queues"):
+        if key not in ("runs", "recent_runs", "queues", "sync_lag"):
             click.echo(f"{key}: {value}")
     click.echo("runs: " + (", ".join(f"{k} {v}" for k, v in result["runs"].items()) or "none"))
+    lag = result["sync_lag"]
+    quantiles = ", ".join(f"p{float(q) * 100:g} {_seconds(v)}" for q, v in lag["quantiles"].items()
+                          if v is not None)
+    click.echo(f"sync lag (since the last completed sync, {lag['mailboxes']} enabled mailboxes): "
+               f"{quantiles or 'none synced yet'}; never synced {lag['never_synced']}, "
+               f"throttled {lag['throttled']}")
     click.echo("queues:")
     for name, depth in result["queues"].items():
         click.echo(f"  {name}: {depth}")
     click.echo("recent runs:")
     _table(result["recent_runs"], ["run_id", "mailbox_id", "status", "requested_by",
                                    "requested_at", "messages_stored", "error"])
+
+
+def _seconds(value: float) -> str:
+    """A lag for people: 42s, 12m, 3.5h, 2.0d."""
+    if value < 120:
+        return f"{value:.0f}s"
+    if value < 7200:
+        return f"{value / 60:.0f}m"
+    if value < 172800:
+        return f"{value / 3600:.1f}h"
+    return f"{value / 86400:.1f}d"
 
 
 # --- services ---------------------------------------------------------------------------------
@@ -711,7 +729,8 @@ def up(fetchers: int, persisters: int) -> None:
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format, service="supervisor")
     db.migrate(settings.database_url)  # once here, rather than raced by every child
-    supervise({"scheduler": 1, "fetcher": fetchers, "persister": persisters, "notifier": 1})
+    supervise({"scheduler": 1, "fetcher": fetchers, "persister": persisters, "notifier": 1},
+              metrics_port=settings.metrics_port)
 
 
 def main() -> None:

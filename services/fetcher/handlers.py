@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 
 import structlog
 
-from mailferry import repository, runs
+from mailferry import budget, metrics, repository, runs
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
@@ -28,6 +28,7 @@ from mailferry.errors import (
     ImapAuthError,
     ImapConnectionError,
     ImapError,
+    ImapThrottled,
     TransientError,
 )
 from mailferry.imap import ImapConnectorFactory, SyncSession, connector_factory, folder_type
@@ -93,7 +94,8 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
                                          ca_file=s.imap_ca_file,
                                          allow_private_networks=s.allow_private_networks,
                                          limits=s.imap_limits())
-            with deps.connectors.create_imap_connector(config) as connector:
+            with (deps.connectors.create_imap_connector(config) as connector,
+                  metrics.imap_connection()):
                 connector.set_deadline(deadline)
                 connector.connect()  # a refused login fails here, before anything is published
                 if mailbox.credentials_invalid_at is not None or mailbox.last_error_kind == "auth":
@@ -101,8 +103,19 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
                 totals = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox)
         except (ImapError, ConfigError) as exc:
             kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
+            metrics.SYNC_SECONDS.observe(time.monotonic() - started)
+            if isinstance(exc, ImapThrottled):
+                # The provider limits the account: back off (the scheduler waits), never a
+                # retry soon, never "credentials invalid", never a dead letter.
+                until = runs.throttled(conn, cmd.run_id, mailbox.id, str(exc),
+                                       base=s.throttle_backoff, cap=s.throttle_backoff_max,
+                                       suggested=exc.retry_after)
+                metrics.SYNCS.labels("throttled", kind).inc()
+                log.warning("sync.throttled", error=str(exc), until=until.isoformat())
+                return
             if isinstance(exc, TransientError):
                 runs.retrying(conn, cmd.run_id, kind, str(exc))
+                metrics.SYNCS.labels("retrying", kind).inc()
                 log.warning("sync.retrying", error_kind=kind, error=str(exc))
                 raise
             attempt.failed(kind, str(exc))
@@ -110,10 +123,13 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
                 # Every refusal is told; the notifier tells people once per transition.
                 deps.publish(CredentialsInvalid(mailbox_id=mailbox.id, run_id=cmd.run_id,
                                                 error=str(exc), detected_at=now()))
+            metrics.SYNCS.labels("failed", kind).inc()
             log.warning("sync.failed", error_kind=kind, error=str(exc),
                         seconds=round(time.monotonic() - started, 3))
             return
         attempt.finished(totals["folders"])
+    metrics.SYNC_SECONDS.observe(time.monotonic() - started)
+    metrics.SYNCS.labels("done", ErrorKind.FOLDER if totals["failed_folders"] else "").inc()
     log.info("sync.fetched", seconds=round(time.monotonic() - started, 3), **totals)
 
 
@@ -156,6 +172,7 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
         return totals
     days = mailbox.first_sync_days or deps.settings.first_sync_days
     s = deps.settings
+    allowance = budget.open_budget(conn, mailbox.id, mailbox.host, s)
     to_sync = planning.folders_to_sync(folders, renamed, states, mailbox.initial_folders,
                                        selection)
     attempt.planned(len(to_sync))
@@ -172,21 +189,24 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
                                         s.max_message_bytes),
             since=first_sync_since(deps.today(), days), force=cmd.force,
             stored_by_identity=functools.partial(repository.stored_by_identity, conn, state)
-            if state else lambda *_: {})
+            if state else lambda *_: {}, budget=allowance)
         try:
             done = planning.sync_folder(session, folder, state, job)
             totals["messages"] += done.messages
             totals["bytes"] += done.bytes
+            if done.budget_exhausted:
+                metrics.BUDGET_STOPS.inc()
             log.info("folder.fetched", messages=done.messages, bytes=done.bytes,
                      flag_changes=done.flag_changes, expunged=done.expunged, events=done.events,
-                     recognised=done.recognised)
+                     recognised=done.recognised, backfill_below=done.backfill_below)
         except planning.FolderFailed as failure:
             exc = failure.cause
             connection_gone = not session.connector.usable or isinstance(exc, ImapConnectionError)
-            if connection_gone and isinstance(exc, TransientError):
+            if isinstance(exc, ImapThrottled) or (connection_gone
+                                                  and isinstance(exc, TransientError)):
                 # The connection dropped or timed out mid-folder: a transient fault, so the
                 # attempt is retried after a delay like one before any folder work, rather than
-                # the run failed.
+                # the run failed. A provider's limit stops the whole mailbox (backed off).
                 raise exc from failure
             # One bad folder never stalls the mailbox (DESIGN invariant 5): close it with its
             # error (its checkpoint stays) and go on, unless the connection itself is gone:

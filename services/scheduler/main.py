@@ -7,7 +7,7 @@ import threading
 
 import structlog
 
-from mailferry import db
+from mailferry import db, metrics
 from mailferry.broker import Publisher
 from mailferry.config import Settings
 from mailferry.errors import MailferryError
@@ -21,6 +21,7 @@ def main(settings: Settings) -> None:
     start(settings, "scheduler")
     publisher = Publisher(settings.broker_url, settings.retry_delays)
     connection = db.Reconnecting(settings.database_url)
+    metrics.watch_store(settings.database_url, scheduler_interval=settings.sync_interval)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailferry import db, repository
+from mailferry import db, metrics, repository
 from mailferry.app import validation as valid
 from mailferry.app.publishing import Publish
 from mailferry.config import Settings
@@ -187,8 +187,11 @@ _MAILBOX_LIST = """
 SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m.sync_enabled,
        m.last_sync_at, m.last_sync_status, m.last_error,
        m.credentials_invalid_at IS NOT NULL AS credentials_invalid,
+       CASE WHEN m.throttled_until > now() THEN m.throttled_until END AS throttled_until,
        (SELECT count(*) FROM folders f WHERE f.mailbox_id = m.id AND f.sync_enabled)
            AS folders_enabled,
+       (SELECT count(*) FROM folders f WHERE f.mailbox_id = m.id AND f.sync_enabled
+                                         AND f.backfill_below IS NOT NULL) AS folders_backfilling,
        (SELECT count(*) FROM messages g WHERE g.mailbox_id = m.id) AS messages,
        m.folder_report
   FROM mailboxes m LEFT JOIN users u ON u.id = m.owner_id
@@ -446,7 +449,8 @@ def status(conn: db.Connection, settings: Settings) -> dict[str, Any]:
                   messages_stored, error FROM sync_runs ORDER BY requested_at DESC LIMIT 10"""
     ).fetchall()
     return {**(counts or {}), "runs": {r["status"]: r["n"] for r in runs},
-            "recent_runs": recent, "queues": queue_depths(settings)}
+            "sync_lag": metrics.sync_lag(conn), "recent_runs": recent,
+            "queues": queue_depths(settings)}
 
 
 def queue_depths(settings: Settings) -> dict[str, int | str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import imaplib
+import re
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from mailferry.errors import (
     ImapConnectionError,
     ImapError,
     ImapProtocolError,
+    ImapThrottled,
     ImapTimeout,
     ImapTlsError,
 )
@@ -37,7 +39,31 @@ Security = Literal["ssl", "starttls", "none"]
 
 # Response codes that mean "the server cannot serve you now", not "your password is wrong"
 # (RFC 5530 section 3).
-_TRANSIENT_CODES = (b"[UNAVAILABLE]", b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]")
+_TRANSIENT_CODES = (b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]")
+
+# What providers answer when they limit an account (README "Provider limits"), on NO, BAD or BYE,
+# at login or mid-sync. Response codes: [UNAVAILABLE] (RFC 5530 3: Dovecot's "Maximum number of
+# connections from user+IP exceeded"), [THROTTLED] and [OVERQUOTA] (Gmail: "Account exceeded
+# command or bandwidth limits"). Texts without a code: Gmail's "NO [ALERT] Too many simultaneous
+# connections. (Failure)", Exchange Online's "Request is throttled. Suggested Backoff Time: N
+# milliseconds" (then "* BYE Connection closed. 14") and "NO Server Unavailable. 15".
+_THROTTLE_CODES = ("[UNAVAILABLE]", "[THROTTLED]", "[OVERQUOTA]")
+_THROTTLE_TEXTS = re.compile(
+    r"too many (simultaneous |concurrent )?connections|maximum number of connections"
+    r"|request is throttled|throttl|rate.?limit|bandwidth limit|server unavailable",
+    re.IGNORECASE)
+_SUGGESTED_BACKOFF = re.compile(r"suggested backoff time:\s*(\d+)\s*millisec", re.IGNORECASE)
+
+
+def throttled(where: str, answer: str) -> ImapThrottled | None:
+    """The error to raise when ``answer`` (a NO, BAD or BYE text) says the provider limits this
+    account; None when it says something else."""
+    upper = answer.upper()
+    if not any(code in upper for code in _THROTTLE_CODES) and not _THROTTLE_TEXTS.search(answer):
+        return None
+    suggested = _SUGGESTED_BACKOFF.search(answer)
+    retry_after = int(suggested.group(1)) / 1000 if suggested else None
+    return ImapThrottled(f"{where}: throttled by the server: {answer}", retry_after)
 
 
 class ImapConfig(BaseModel):
@@ -107,6 +133,8 @@ def open_connection(config: ImapConfig) -> IMAPClient:
     except TimeoutError as exc:
         raise ImapConnectionError(f"{where}: no answer within {connect_timeout:g}s") from exc
     except (imaplib.IMAP4.error, IMAPClientError) as exc:
+        if (limited := throttled(where, text(exc))) is not None:  # a BYE greeting
+            raise limited from exc
         raise ImapConnectionError(
             f"{where}: not an IMAP greeting ({text(exc)}); wrong port or security?"
         ) from exc
@@ -180,8 +208,13 @@ def _login_errors(config: ImapConfig) -> Iterator[None]:
     except ImapError:
         raise
     except (IMAPClientAbortError, OSError, EOFError) as exc:
+        if (limited := throttled(config.address, text(exc))) is not None:  # BYE at login
+            raise limited from exc
         raise ImapConnectionError(f"{config.address}: connection lost during login") from exc
     except (IMAPClientError, imaplib.IMAP4.error) as exc:
+        # A limit is never "credentials invalid": providers lock accounts that keep retrying.
+        if (limited := throttled(config.address, text(exc))) is not None:
+            raise limited from exc
         raw = text(exc).encode()
         if any(code in raw.upper() for code in _TRANSIENT_CODES):
             raise ImapConnectionError(
@@ -322,8 +355,12 @@ def imap_errors(where: str) -> Iterator[None]:
     except ImapError:
         raise
     except (TimeoutError, IMAPClientAbortError, OSError, EOFError) as exc:
+        if (limited := throttled(where, text(exc))) is not None:  # a BYE with a limit's text
+            raise limited from exc
         raise ImapConnectionError(f"{where}: connection lost: {text(exc)}") from exc
     except (IMAPClientError, imaplib.IMAP4.error) as exc:
+        if (limited := throttled(where, text(exc))) is not None:
+            raise limited from exc
         raise ImapProtocolError(f"{where}: {text(exc)}") from exc
 
 
