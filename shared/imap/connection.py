@@ -184,12 +184,12 @@ class PasswordAuth:
         username, password = config.username, config.password.get_secret_value()
         _check_login_string(username, "user name", config, show=True, ascii_only=False)
         _check_login_string(password, "password", config, show=False, ascii_only=False)
-        with _login_errors(config):
+        with _login_errors(config, client):
             plain = client.has_capability("AUTH=PLAIN")
         if plain:
             # authzid NUL authcid NUL passwd, authzid empty (RFC 4616 section 2).
             message = b"\0" + username.encode() + b"\0" + password.encode()
-            with _login_errors(config):
+            with _login_errors(config, client):
                 wire.authenticate(client, "PLAIN", message)
             return
         _check_login_string(username, "user name", config, show=True, ascii_only=True)
@@ -197,18 +197,19 @@ class PasswordAuth:
         # imaplib sends the user name of LOGIN as it is, unquoted: a space would split it and a
         # CRLF would end the command and start another one. It goes as a quoted string here
         # (RFC 3501 section 4.3), which cannot hold CR, LF or NUL.
-        with _login_errors(config):
+        with _login_errors(config, client):
             client.login(_quote(username), password)
 
 
 @contextmanager
-def _login_errors(config: ImapConfig) -> Iterator[None]:
+def _login_errors(config: ImapConfig, client: IMAPClient) -> Iterator[None]:
     try:
         yield
     except ImapError:
         raise
     except (IMAPClientAbortError, OSError, EOFError) as exc:
-        if (limited := throttled(config.address, text(exc))) is not None:  # BYE at login
+        said = wire.bye(client) or text(exc)  # a BYE at login, then the connection closed
+        if (limited := throttled(config.address, said)) is not None:
             raise limited from exc
         raise ImapConnectionError(f"{config.address}: connection lost during login") from exc
     except (IMAPClientError, imaplib.IMAP4.error) as exc:
