@@ -21,14 +21,13 @@ MESSAGES = 12
 SERVICES = ("scheduler", "fetcher", "persister", "notifier")
 
 
-def add_mailbox(conn: db.Connection, env: dict[str, str], server: Dovecot, owner: str,
-                password: str) -> int:
-    """alice's INBOX, for ``owner``, with ``password`` (in-process: no CLI start-up to wait)."""
+def add_mailbox(conn: db.Connection, env: dict[str, str], host: str, port: int, owner: str,
+                password: str, username: str = "alice") -> int:
+    """A mailbox of ``owner`` syncing INBOX, added in-process (no CLI start-up to wait for)."""
     app.add_user(conn, owner)
     return app.add_mailbox(conn, PasswordBox(SecretStr(env["MAILFERRY_SECRET_KEY"])),
-                           owner_email=owner, host=server.host, port=server.port,
-                           security="none", username="alice", password=password,
-                           folders=["INBOX"])
+                           owner_email=owner, host=host, port=port, security="none",
+                           username=username, password=password, folders=["INBOX"])
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -56,7 +55,7 @@ def test_after_a_sync_every_services_counters_moved_by_what_happened(
         with server.session("alice") as imap:
             for message in raw:
                 imap.append("INBOX", message)
-        good, bad = (add_mailbox(conn, env, server, email, password)
+        good, bad = (add_mailbox(conn, env, server.host, server.port, email, password)
                      for email, password in (("alice@example.com", "secret"),
                                              ("bob@example.com", "wrong")))
         realtime = {"MAILFERRY_REALTIME": "1"}
