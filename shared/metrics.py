@@ -36,61 +36,76 @@ REASONS = ("scheduler", "cli", "broker", "push", "library")
 # --- every service ------------------------------------------------------------------------------
 
 DEAD_LETTERED = Counter(
-    "mailferry_dead_lettered_messages", "Messages published to a dead-letter queue", ["queue"])
+    "mailferry_dead_lettered_messages", "Messages published to a dead-letter queue", ["queue"], registry=None)
 
 # --- scheduler ----------------------------------------------------------------------------------
 
 RUNS_REQUESTED = Counter(
-    "mailferry_runs_requested", "Sync runs queued, by who asked", ["reason"])
+    "mailferry_runs_requested", "Sync runs queued, by who asked", ["reason"], registry=None)
 
 # --- fetcher ------------------------------------------------------------------------------------
 
 SYNCS = Counter(
     "mailferry_fetcher_syncs",
     "Sync attempts by outcome (done, failed, retrying, throttled) and error kind ('' when none)",
-    ["outcome", "error_kind"])
+    ["outcome", "error_kind"], registry=None)
 SYNC_SECONDS = Histogram(
     "mailferry_fetcher_sync_duration_seconds", "Wall-clock time of one sync attempt",
-    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600), registry=None)
 IMAP_CONNECTIONS = Gauge(
-    "mailferry_fetcher_imap_connections", "IMAP connections this fetcher holds open")
+    "mailferry_fetcher_imap_connections", "IMAP connections this fetcher holds open", registry=None)
 MESSAGES_FETCHED = Counter(
-    "mailferry_fetcher_messages_fetched", "Messages fetched and published (with their bytes)")
+    "mailferry_fetcher_messages_fetched", "Messages fetched and published (with their bytes)", registry=None)
 BYTES_FETCHED = Counter(
-    "mailferry_fetcher_bytes_fetched", "Bytes of mail fetched and published")
+    "mailferry_fetcher_bytes_fetched", "Bytes of mail fetched and published", registry=None)
 BUDGET_STOPS = Counter(
-    "mailferry_fetcher_budget_exhausted", "Folders whose fetch stopped at the download budget")
+    "mailferry_fetcher_budget_exhausted", "Folders whose fetch stopped at the download budget", registry=None)
 
 # --- persister ----------------------------------------------------------------------------------
 
 EVENTS = Counter(
     "mailferry_persister_events",
     "Events handled by type and outcome (applied, refused: dead-lettered at once, failed: retried)",
-    ["type", "outcome"])
+    ["type", "outcome"], registry=None)
 EVENT_SECONDS = Histogram(
     "mailferry_persister_event_duration_seconds",
     "Time to apply one event (a MessagesFetched event is one batch of mail)", ["type"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=None)
 MESSAGES_STORED = Counter(
-    "mailferry_persister_messages_stored", "Messages in applied MessagesFetched events")
+    "mailferry_persister_messages_stored", "Messages in applied MessagesFetched events", registry=None)
 BYTES_STORED = Counter(
-    "mailferry_persister_bytes_stored", "Bytes of raw mail in applied MessagesFetched events")
+    "mailferry_persister_bytes_stored", "Bytes of raw mail in applied MessagesFetched events", registry=None)
 
 # --- notifier -----------------------------------------------------------------------------------
 
 NOTIFICATIONS = Counter(
     "mailferry_notifier_notifications", "Notification deliveries by channel and outcome",
-    ["channel", "outcome"])
+    ["channel", "outcome"], registry=None)
 
 
 def reason(requested_by: str) -> str:
     return requested_by if requested_by in REASONS else "other"
 
 
-def serve(port: int | None, addr: str = "0.0.0.0") -> None:
-    """Serve ``/metrics`` from a daemon thread; nothing when ``port`` is None."""
+#: What each service serves (besides the client's process_* and python_* metrics): its own
+#: metrics and the common ones, so that a fetcher's page holds no persister counters at zero.
+SERVED: dict[str, tuple[Collector, ...]] = {
+    "scheduler": (RUNS_REQUESTED,),
+    "fetcher": (SYNCS, SYNC_SECONDS, IMAP_CONNECTIONS, MESSAGES_FETCHED, BYTES_FETCHED,
+                BUDGET_STOPS),
+    "persister": (EVENTS, EVENT_SECONDS, MESSAGES_STORED, BYTES_STORED),
+    "notifier": (NOTIFICATIONS,),
+}
+COMMON: tuple[Collector, ...] = (DEAD_LETTERED,)
+
+
+def serve(service: str, port: int | None, addr: str = "0.0.0.0") -> None:
+    """Serve ``service``'s metrics on ``/metrics`` from a daemon thread; nothing when ``port``
+    is None (the metrics are still counted, just not served)."""
     if port is None:
         return
+    for collector in (*COMMON, *SERVED[service]):
+        REGISTRY.register(collector)
     start_http_server(port, addr=addr)
     log.info("metrics.serving", port=port, addr=addr)
 

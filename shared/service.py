@@ -26,7 +26,7 @@ def start(settings: Settings, service: str) -> None:
     configure_logging(settings.log_level, settings.log_format, service=service)
     applied = db.migrate_when_ready(settings.database_url)
     log.info("service.starting", worker=worker_id(service), migrations_applied=applied)
-    metrics.serve(settings.metrics_port, settings.metrics_addr)
+    metrics.serve(service, settings.metrics_port, settings.metrics_addr)
 
 
 def run_worker(settings: Settings, work: WorkQueue, handlers: Handlers, publisher: Publisher,

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -36,6 +41,28 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         text = answer.read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def families(port: int) -> set[str] | None:
+    """The metric names a process serves, or None while nothing listens there."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            return {f.name for f in text_string_to_metric_families(answer.read().decode())}
+    except OSError:
+        return None
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports nobody listens on."""
+    while True:
+        first = services.free_port()
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
 
 
 def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
@@ -119,3 +146,31 @@ def test_after_a_sync_every_services_counters_moved_by_what_happened(
         # `mailferry status` carries the same lag summary
         status = json.loads(services.run_cli(["status", "--json"], env).stdout)
         assert (status["sync_lag"]["mailboxes"], status["sync_lag"]["never_synced"]) == (2, 1)
+
+
+def test_mailferry_up_gives_its_children_consecutive_metrics_ports_in_a_fixed_order(
+    env: dict[str, str], tmp_path: Path,
+) -> None:
+    first = free_ports(5)
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen(
+        [sys.executable, "-m", "mailferry.services.cli.main", "up", "--fetchers", "2"],
+        env={**os.environ, **env, "MAILFERRY_METRICS_PORT": str(first)},
+        stdout=log, stderr=subprocess.STDOUT, cwd=services.REPO)
+    try:
+        served = services.eventually(
+            lambda: (names if all(names := [families(first + i) for i in range(5)]) else None),
+            timeout=90, interval=0.5)
+        assert served, (tmp_path / "up.log").read_text()
+        scheduler, fetcher1, fetcher2, persister, notifier = served
+        assert "mailferry_sync_lag_seconds" in scheduler
+        assert "mailferry_fetcher_syncs" in fetcher1 and "mailferry_fetcher_syncs" in fetcher2
+        assert "mailferry_persister_events" in persister
+        assert "mailferry_notifier_notifications" in notifier
+        # each serves its own metrics and the common ones, not the other services'
+        assert "mailferry_fetcher_syncs" not in persister | notifier | scheduler
+        assert all("mailferry_dead_lettered_messages" in names for names in served)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=90)
+        log.close()
