@@ -676,8 +676,8 @@ def status(as_json: bool) -> None:
             click.echo(f"{key}: {value}")
     click.echo("runs: " + (", ".join(f"{k} {v}" for k, v in result["runs"].items()) or "none"))
     lag = result["sync_lag"]
-    quantiles = ", ".join(f"p{float(q) * 100:g} {_seconds(v)}" for q, v in lag["quantiles"].items()
-                          if v is not None)
+    quantiles = ", ".join(f"{'max' if float(q) == 1 else f'p{float(q) * 100:g}'} {_seconds(v)}"
+                          for q, v in lag["quantiles"].items() if v is not None)
     click.echo(f"sync lag (since the last completed sync, {lag['mailboxes']} enabled mailboxes): "
                f"{quantiles or 'none synced yet'}; never synced {lag['never_synced']}, "
                f"throttled {lag['throttled']}")
