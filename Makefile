@@ -17,7 +17,7 @@ deps:
 	scripts/setup-deps.sh
 
 test: setup deps
-	$(BIN)/ruff check shared services tests bench scripts devkit
+	$(BIN)/ruff check shared services tests bench scripts devkit examples
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 

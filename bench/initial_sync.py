@@ -42,6 +42,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from cryptography.fernet import Fernet
@@ -57,7 +58,13 @@ USER = "bench"
 PASSWORD = "bench-secret"
 OWNER_EMAIL = "bench@example.com"
 PROFILE_RATE = 100  # py-spy samples per second
-TARGET_RATIO = 2.0  # the issue's goal: pipeline <= 2 x mbsync at N = 20,000
+TARGET_RATIO = 2.0  # the first goal: pipeline <= 2 x mbsync at N = 20,000
+# Issue 11's targets (N = 20,000, 1 fetcher + 1 persister):
+TARGET_RATIO_DEFAULT = 1.0  # pipeline <= 1.0 x mbsync with its default FSync yes
+TARGET_RATIO_NOFSYNC = 2.0  # pipeline <= 2.0 x mbsync with FSync no
+TARGET_PERSISTER_MS = 0.35  # persister CPU per message, during the sync
+TARGET_RABBIT_RATIO = 1.1  # bytes RabbitMQ takes in per email / the email's size
+STATS_SECONDS = 6.0  # RabbitMQ's management API refreshes its counters every 5 s
 
 # --- measuring -------------------------------------------------------------------------------
 
@@ -190,6 +197,31 @@ class QueueSampler:
         return self.samples[::step]
 
 
+def rabbit_received_bytes(vhost: str) -> int:
+    """Bytes RabbitMQ received on the vhost's connections (AMQP frames: bodies, headers,
+    properties, acks), from the management API. Private vhost: only this pipeline's traffic.
+    The API refreshes it every few seconds (``collect_statistics_interval``)."""
+    info = services.rabbit_api("GET", f"/vhosts/{quote(vhost, safe='')}")
+    return int(info.get("recv_oct") or 0) if isinstance(info, dict) else 0
+
+
+def rabbit_disk_writes() -> int:
+    """Bytes the RabbitMQ node (``beam.smp``) has written to storage since it started
+    (``/proc/<pid>/io``: quorum logs, segments, everything). Machine-wide: other vhosts' traffic
+    counts too, so it is an upper bound on a shared machine."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if status.read_text().strip() != "beam.smp":
+                continue
+            io = (status.parent / "io").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in io.splitlines()
+                       if line.startswith("write_bytes:")), 0)
+    return total
+
+
 def _service_pids(processes: services.ServiceProcesses) -> dict[str, int]:
     """"fetcher", "persister", ... or "persister-0", "persister-1" when there are several."""
     names = [name for name, _ in processes.processes]
@@ -315,7 +347,7 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
                  ) -> dict[str, Any]:
     """The four services as processes on a private database and vhost; time one initial sync."""
     result: dict[str, Any] = {}
-    with services.private_database() as database_url, services.private_vhost() as (_, broker_url):
+    with services.private_database() as database_url, services.private_vhost() as (vhost, broker_url):
         db.migrate(database_url)
         env = {
             "MAILFERRY_DATABASE_URL": database_url,
@@ -348,6 +380,8 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
             os.sync()  # the 330 MB just written to the Maildir must not be flushed meanwhile
             print(f"services consuming; syncing mailbox {mailbox_id} ...", flush=True)
             account = CpuAccount({pid: key for key, pid in _service_pids(processes).items()})
+            time.sleep(STATS_SECONDS)  # the management API's byte counts lag that much
+            received_before, written_before = rabbit_received_bytes(vhost), rabbit_disk_writes()
             with QueueSampler(broker_url, database_url, mailbox_id) as sampler:
                 account.start()
                 started = time.monotonic()
@@ -358,9 +392,14 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
                 result["cpu_during_sync"] = account.stop()
             if profiler:
                 result["profile_seconds"] = profiler.stop()
+            written = rabbit_disk_writes() - written_before
             if synced.returncode == 0:  # the persisters index the mail for search once idle
                 result["search_indexed_after_seconds"] = _wait_for_search_index(
                     database_url, mailbox_id, args.timeout)
+            time.sleep(STATS_SECONDS)
+            result["rabbit_received_bytes"] = rabbit_received_bytes(vhost) - received_before
+            result["rabbit_disk_written_bytes"] = written
+            result["rabbit_disk_written_bytes_later"] = rabbit_disk_writes() - written_before
             result["memory_mb"], result["cpu_seconds"] = {}, {}
             for key, pid in _service_pids(processes).items():
                 result["memory_mb"][key] = peak_memory_mb(pid)
@@ -589,6 +628,15 @@ def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: mail.Writt
         "pipeline_ok": pipeline["ok"],
     }
     summary["cpu_during_sync"] = pipeline["cpu_during_sync"]
+    persister_cpu = sum(v for k, v in pipeline["cpu_during_sync"]["by_program"].items()
+                        if k.startswith("persister"))
+    summary["persister_cpu_ms_per_message"] = round(1000 * persister_cpu / corpus.count, 3)
+    for key in ("rabbit_received_bytes", "rabbit_disk_written_bytes",
+                "rabbit_disk_written_bytes_later"):
+        if key in pipeline:
+            summary[key] = pipeline[key]
+            summary[key.replace("_bytes", "_per_email_byte")] = round(
+                pipeline[key] / corpus.total_bytes, 3)
     for key in ("fetcher_seconds", "persister_busy_seconds", "profile_seconds"):
         if key in pipeline:
             summary[key] = pipeline[key]
@@ -611,6 +659,15 @@ def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: mail.Writt
         )
         summary["target_met_nofsync"] = (summary["ratio_nofsync"] is not None
                                          and summary["ratio_nofsync"] <= TARGET_RATIO)
+    summary["issue11_targets"] = {
+        "ratio_default<=1.0": summary.get("ratio") is not None
+        and summary["ratio"] <= TARGET_RATIO_DEFAULT,
+        "ratio_nofsync<=2.0": summary.get("ratio_nofsync") is not None
+        and summary["ratio_nofsync"] <= TARGET_RATIO_NOFSYNC,
+        "persister_ms<=0.35": summary["persister_cpu_ms_per_message"] <= TARGET_PERSISTER_MS,
+        "rabbit_bytes<=1.1x": summary.get("rabbit_received_per_email_byte") is not None
+        and summary["rabbit_received_per_email_byte"] <= TARGET_RABBIT_RATIO,
+    }
     if "skipped" in default:
         summary["mbsync_skipped"] = default["skipped"]
     return summary
@@ -644,6 +701,15 @@ def print_report(s: dict[str, Any], timeline: list[tuple[float, int, int]]) -> N
     print(f"CPU in sync    machine {during['machine_busy_percent']}% busy; seconds by program: "
           + ", ".join(f"{k} {v}" for k, v in during["by_program"].items()))
     print(f"backlog        persister queue peaked at {s['persister_peak_backlog']} events")
+    print(f"persister CPU  {s['persister_cpu_ms_per_message']} ms per message during the sync "
+          f"(target <= {TARGET_PERSISTER_MS})")
+    if "rabbit_received_bytes" in s:
+        print(f"RabbitMQ       took in {_mb(s['rabbit_received_bytes'])} MB on the vhost = "
+              f"{s['rabbit_received_per_email_byte']} x the mail (target <= {TARGET_RABBIT_RATIO}); "
+              f"beam.smp wrote {_mb(s['rabbit_disk_written_bytes'])} MB to disk during the sync "
+              f"({s['rabbit_disk_written_per_email_byte']} x; "
+              f"{s['rabbit_disk_written_per_email_byte_later']} x once idle; "
+              "machine-wide, other vhosts included)")
     if "fetcher_seconds" in s:
         print(f"fetcher        sync.fetched after {s['fetcher_seconds']} s")
     if "persister_busy_seconds" in s:
@@ -668,6 +734,8 @@ def print_report(s: dict[str, Any], timeline: list[tuple[float, int, int]]) -> N
                   f"({'met' if s['target_met_nofsync'] else 'NOT met'})")
     elif "mbsync_skipped" in s:
         print(f"mbsync         skipped: {s['mbsync_skipped']}")
+    print("issue 11       " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
+                                       for k, v in s["issue11_targets"].items()))
     print()
     print(json.dumps(s, ensure_ascii=False, sort_keys=True))
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         add_mailbox,
         add_user,
         check_mailbox,
+        import_mailboxes,
         list_dead_letters,
         list_folders,
         list_mailboxes,
@@ -58,7 +59,8 @@ _WHERE = {
          "ImapEmailFolderManager", "ImapEmailManager", "Limits", "SearchQuery",
          "SearchQueryBuilder", "connector_factory"), "mailferry.imap"),
     **dict.fromkeys(
-        ("add_mailbox", "add_user", "check_mailbox", "list_dead_letters", "list_folders",
+        ("add_mailbox", "add_user", "check_mailbox", "import_mailboxes", "list_dead_letters",
+         "list_folders",
          "list_mailboxes", "list_notifications", "pop_notifications", "publisher",
          "remove_mailbox", "remove_user", "replay_dead_letters", "request_sync", "set_folders",
          "status", "update_mailbox"), "mailferry.app"),

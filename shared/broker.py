@@ -11,23 +11,30 @@ connection reconnects and tries again, ``PUBLISH_ATTEMPTS`` times in all, then r
 
 Consuming (:class:`Worker`): each service declares a ``HANDLERS`` map from message type to a plain
 function; the message is acked only after it returns, i.e. after its effect is committed (DESIGN
-invariant 1). A failure is never acked and dropped, and never requeued in a loop:
+invariant 1). Handlers run on a pool of ``concurrency`` threads (1 for every service but the
+fetcher, which waits on IMAP servers); the consuming thread only receives deliveries, acks them
+when their handler is done (kombu channels are not thread-safe: every ack happens on the thread
+that owns the channel) and keeps AMQP heartbeats flowing, so a long handler never starves them.
+A failure is never acked and dropped, and never requeued in a loop:
 - a malformed message, a header mailferry cannot read, a type the queue has no handler for, or a
   ``PermanentError``: published to the dead-letter queue with its reason, then acked;
 - anything else: published to the next retry queue (exponential delays) with the attempt count,
   then acked; after the last delay, dead-lettered;
 - when a message will not be tried again (either way), the service's one
   ``on_retry_exhausted(message, exc)`` hook records what that means (a run closed as failed);
-- if even the republish fails, the message is left unacked and comes back after a reconnect.
+- if even the republish fails, the message is rejected back to its queue (RabbitMQ counts it: after
+  ``DELIVERY_LIMIT`` deliveries it is dead-lettered by the broker).
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,10 +61,15 @@ class Unroutable(PermanentError):
     """RabbitMQ returned a mandatory message: no queue is bound for its routing key."""
 
 
-def connect(url: str) -> Connection:
-    # Heartbeats off: handlers run long (a sync) in the consuming thread and cannot answer them;
-    # a dead peer is still noticed through TCP on the next read or write.
-    return Connection(url, heartbeat=0, transport_options={"confirm_publish": True},
+HEARTBEAT = 30.0  # seconds: AMQP heartbeats of consuming connections (MAILFERRY_BROKER_HEARTBEAT)
+
+
+def connect(url: str, heartbeat: float = 0) -> Connection:
+    """A connection with publisher confirms. ``heartbeat`` seconds (0: off) is for consuming
+    connections, whose thread calls ``heartbeat_check`` every poll; a publishing connection sits
+    idle between publishes with nobody to answer heartbeats, so it keeps them off (a dead peer
+    is noticed on its next write, and the publish is retried on a new connection)."""
+    return Connection(url, heartbeat=heartbeat, transport_options={"confirm_publish": True},
                       connect_timeout=10)
 
 
@@ -93,7 +105,7 @@ class Publisher:
         self._returned = f"{exchange or '(default)'} / {routing_key}: {exc}"
 
     def publish(self, message: messages.AnyMessage) -> None:
-        is_command = isinstance(message, messages.SyncMailbox | messages.SyncFolders)
+        is_command = isinstance(message, messages.COMMANDS)
         exchange = topology.COMMANDS if is_command else topology.EVENTS
         self.publish_raw(
             messages.encode(message),
@@ -168,6 +180,38 @@ class Publisher:
             self._producer = None
 
 
+class PublisherPool:
+    """One :class:`Publisher` (one connection) per thread, for handlers that publish from several
+    threads at once: each waits only for its own confirms, never behind another thread's."""
+
+    def __init__(self, url: str, retry_delays: Sequence[float]) -> None:
+        self._url = url
+        self._retry_delays = tuple(retry_delays)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[Publisher] = []
+
+    def _mine(self) -> Publisher:
+        publisher: Publisher | None = getattr(self._local, "publisher", None)
+        if publisher is None:
+            publisher = Publisher(self._url, self._retry_delays)
+            self._local.publisher = publisher
+            with self._lock:
+                self._all.append(publisher)
+        return publisher
+
+    def publish(self, message: messages.AnyMessage) -> None:
+        self._mine().publish(message)
+
+    def publish_raw(self, body: bytes | str, **kwargs: Any) -> None:
+        self._mine().publish_raw(body, **kwargs)
+
+    def close(self) -> None:
+        with self._lock:
+            for publisher in self._all:
+                publisher.close()
+
+
 def _transport_errors(conn: Connection | None) -> tuple[type[BaseException], ...]:
     if conn is None:
         return ()
@@ -180,7 +224,15 @@ RetryExhausted = Callable[[messages.AnyMessage, BaseException], None]
 
 
 class Worker(ConsumerMixin):
-    """Consumes one work queue and hands each message to ``handler``; see the module docstring."""
+    """Consumes one work queue and hands each message to ``handler``; see the module docstring.
+
+    The consuming thread (the one calling :meth:`run`) owns the connection and its channel: it
+    receives deliveries, submits each to a pool of ``concurrency`` handler threads, acks what they
+    finished, and calls ``heartbeat_check`` at least every ``POLL`` seconds. The broker's
+    prefetch is at least ``concurrency``, so every thread has work while the queue has some."""
+
+    POLL = 1.0  # seconds the consuming thread waits for a delivery when no handler is running
+    BUSY_POLL = 0.02  # ... and while handlers run: how soon a finished one is acked
 
     def __init__(
         self,
@@ -188,9 +240,11 @@ class Worker(ConsumerMixin):
         url: str,
         work: topology.WorkQueue,
         handlers: Handlers,
-        publisher: Publisher,
+        publisher: Publisher | PublisherPool,
         retry_delays: Sequence[float],
         prefetch: int = 1,
+        concurrency: int = 1,
+        heartbeat: float = HEARTBEAT,
         on_retry_exhausted: RetryExhausted | None = None,
         on_tick: Callable[[], None] | None = None,
         tick_seconds: float = 15.0,
@@ -198,14 +252,22 @@ class Worker(ConsumerMixin):
         self.on_tick = on_tick
         self.tick_seconds = tick_seconds
         self._next_tick = 0.0
-        self.connection = connect(url)
+        self.connection = connect(url, heartbeat=heartbeat)
         self.on_retry_exhausted = on_retry_exhausted
         self.work = work
         self.handlers = dict(handlers)
         self.publisher = publisher
         self.retry_delays = tuple(retry_delays)
-        self.prefetch = prefetch
+        self.concurrency = max(1, concurrency)
+        self.prefetch = max(prefetch, self.concurrency)
         self._base_context = structlog.contextvars.get_contextvars()  # e.g. the service name
+        self._pool = ThreadPoolExecutor(max_workers=self.concurrency,
+                                        thread_name_prefix=f"{work.name}-handler")
+        # Deliveries handed to the pool and not yet settled, and what the pool finished:
+        # (delivery, "ack" | "requeue"), settled on the consuming thread only.
+        self._in_flight: dict[Future[None], Message] = {}
+        self._done: queue.SimpleQueue[tuple[Message, str]] = queue.SimpleQueue()
+        self._tick: Future[None] | None = None
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
         topology.declare(channel, self.retry_delays)
@@ -218,12 +280,57 @@ class Worker(ConsumerMixin):
             )
         ]
 
+    def run(self, _tokens: int = 1, **kwargs: Any) -> None:
+        try:
+            super().run(_tokens, **kwargs)
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def consume(self, limit: int | None = None, timeout: float | None = None,
+                safety_interval: float = 1, **kwargs: Any) -> Iterator[None]:
+        """kombu's loop, plus: settle what the handler threads finished, keep heartbeats going
+        while they work, and on stop wait for the handlers in hand (prefetched deliveries that
+        no thread started go back to the queue when the connection closes)."""
+        with self.consumer_context(**kwargs) as (conn, _channel, consumers):
+            stopping = False
+            while True:
+                self._settle()
+                if self.should_stop and not stopping:
+                    stopping = True
+                    for consumer in consumers:  # no new deliveries
+                        with contextlib.suppress(*_transport_errors(conn), OSError):
+                            consumer.cancel()
+                    for future in [f for f in self._in_flight if f.cancel()]:
+                        self._in_flight.pop(future)  # never started: the broker gets it back
+                if stopping and not self._in_flight:
+                    break
+                if not stopping:
+                    self.on_iteration()
+                try:
+                    conn.drain_events(timeout=self.BUSY_POLL if self._in_flight else self.POLL)
+                except TimeoutError:
+                    pass
+                except OSError:
+                    if not self.should_stop:
+                        raise
+                    time.sleep(self.BUSY_POLL)  # lost while stopping: wait for the handlers
+                    continue
+                conn.heartbeat_check()
+                yield
+
     def on_iteration(self) -> None:
-        """Called by the consume loop about once a second: runs ``on_tick`` on its schedule, in
-        the consuming thread (so never at the same time as a handler)."""
+        """Called by the consume loop at least once a second: queues ``on_tick`` on its
+        schedule, on the handler threads (with ``concurrency`` 1, never at the same time as a
+        handler)."""
         if self.on_tick is None or time.monotonic() < self._next_tick:
             return
+        if self._tick is not None and not self._tick.done():
+            return
         self._next_tick = time.monotonic() + self.tick_seconds
+        self._tick = self._pool.submit(self._run_tick)
+
+    def _run_tick(self) -> None:
+        assert self.on_tick is not None
         try:
             self.on_tick()
         except Exception:
@@ -233,8 +340,49 @@ class Worker(ConsumerMixin):
         log.warning("broker.connection_lost", error=str(exc), retry_in=interval)
 
     def on_message(self, message: Message) -> None:
+        """On the consuming thread: hand the delivery to a handler thread (none once stopping:
+        it stays unacked and goes back to the queue when the connection closes)."""
+        if self.should_stop:
+            return
+        future = self._pool.submit(self._process, message)
+        self._in_flight[future] = message
+
+    def _settle(self) -> None:
+        """On the consuming thread: ack (or reject back) what the handler threads finished. A
+        delivery of a connection that was lost since is not acked (its channel is gone and the
+        broker has put it back in the queue already)."""
+        # Finished futures first, then their outcomes: a thread queues its outcome before its
+        # future is done, so none of the futures dropped here leaves its delivery unsettled.
+        for future in [f for f in self._in_flight if f.done()]:
+            self._in_flight.pop(future)
+        while True:
+            try:
+                message, outcome = self._done.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                if outcome == "ack":
+                    message.ack()
+                else:
+                    message.requeue()
+            except Exception as exc:
+                log.warning("message.not_settled", outcome=outcome, error=_one_line(exc),
+                            type=message.properties.get("type"))
+
+    def _process(self, message: Message) -> None:
+        """On a handler thread: the message's whole fate but the ack itself."""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(**self._base_context)
+        try:
+            self._handle(message)
+        except Exception as exc:  # even the republish failed: back to the queue, counted
+            log.error("message.requeued", type=message.properties.get("type"),
+                      error=f"{type(exc).__name__}: {_one_line(exc)}")
+            self._done.put((message, "requeue"))
+        else:
+            self._done.put((message, "ack"))
+
+    def _handle(self, message: Message) -> None:
         attempt = _attempt(message)
         if attempt is None:
             shown = _one_line(ValueError(repr((message.headers or {}).get(ATTEMPT_HEADER))))
@@ -246,7 +394,7 @@ class Worker(ConsumerMixin):
             self._dead_letter(message, f"malformed message: {_one_line(exc)}", attempt)
             return
         except MemoryError:
-            raise  # not the body's fault: redelivered after the restart
+            raise  # not the body's fault: redelivered
         except Exception as exc:  # a body no codec path foresaw: still never a consumer crash
             self._dead_letter(message, f"malformed message: {type(exc).__name__}: "
                                        f"{_one_line(exc)}", attempt)
@@ -264,8 +412,6 @@ class Worker(ConsumerMixin):
         except Exception as exc:
             log.exception("message.failed", type=decoded.type, attempt=attempt)
             self._retry(message, exc, attempt, decoded)
-        else:
-            message.ack()
 
     def _retry(self, message: Message, exc: Exception, attempt: int,
                decoded: messages.AnyMessage) -> None:
@@ -283,7 +429,6 @@ class Worker(ConsumerMixin):
             headers={**_own_headers(message), ATTEMPT_HEADER: attempt + 1, ERROR_HEADER: reason},
             content_type=message.content_type,
         )
-        message.ack()
         log.warning("message.retry_scheduled", type=message.properties.get("type"),
                     attempt=attempt + 1, delay=delay, error=reason)
 
@@ -308,12 +453,11 @@ class Worker(ConsumerMixin):
             },
             content_type=message.content_type,
         )
-        message.ack()
         metrics.DEAD_LETTERED.labels(self.work.name).inc()
         log.error("message.dead_lettered", type=message.properties.get("type"), reason=reason)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT finish the message in hand, then stop (nothing half-applied)."""
+        """SIGTERM/SIGINT finish the messages in hand, then stop (nothing half-applied)."""
 
         def stop(signum: int, _frame: object) -> None:
             log.info("worker.stopping", signal=signal.Signals(signum).name)

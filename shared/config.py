@@ -59,6 +59,15 @@ class Settings(BaseSettings):
                       max_literal_bytes=self.max_message_bytes)
 
     persister_prefetch: int = Field(default=4, ge=1)
+    # Mailboxes one fetcher process syncs at once (threads: a sync mostly waits on its server);
+    # the fetcher's broker prefetch is the same number.
+    fetcher_concurrency: int = Field(default=8, ge=1, le=256)
+    # A sync hands over to a ContinueSync command at the first batch or folder boundary after
+    # this many seconds, so no delivery stays unacknowledged near RabbitMQ's consumer_timeout.
+    fetcher_slice_seconds: float = Field(default=300.0, gt=0)
+    # AMQP heartbeats of consuming connections (0: off); a dead broker or a hung worker is
+    # noticed within about twice this.
+    broker_heartbeat: float = Field(default=30.0, ge=0)
     retry_delays: Annotated[tuple[float, ...], NoDecode] = (5.0, 30.0, 120.0, 600.0)
 
     # Notifications of invalid credentials (the notifier).
@@ -84,6 +93,10 @@ class Settings(BaseSettings):
     # (with jitter), at most throttle_backoff_max; a server's own suggestion wins when longer.
     throttle_backoff: float = Field(default=300.0, gt=0, description="seconds")
     throttle_backoff_max: float = Field(default=6 * 3600.0, gt=0, description="seconds")
+
+    # The change stream (shared/outbox.py): published rows are kept this long for consumers
+    # catching up (`mailferry changes list --since SEQ`), then pruned by the relay.
+    changes_retention: float = Field(default=7 * 86400.0, gt=0, description="seconds")
 
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = "info"

@@ -8,6 +8,7 @@ database locked (yoyo's own lock row can go stale that way, so it is cleared und
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,30 @@ class Reconnecting:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+
+
+class ReconnectingPerThread:
+    """:class:`Reconnecting`, one connection per thread: for handlers running on several threads
+    at once (a psycopg connection runs one transaction at a time)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[Reconnecting] = []
+
+    def __call__(self) -> Connection:
+        mine: Reconnecting | None = getattr(self._local, "conn", None)
+        if mine is None:
+            mine = self._local.conn = Reconnecting(self.url)
+            with self._lock:
+                self._all.append(mine)
+        return mine()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
 
 
 def migrate(url: str) -> list[str]:

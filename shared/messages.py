@@ -21,7 +21,7 @@ Version 1 carried the bytes base64-encoded inside the JSON: 80 MiB of mail cost 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic_core
@@ -67,6 +67,50 @@ class SyncFolders(_Message):
     mailbox_id: int
     requested_by: str = "broker"
     force: bool = False
+
+
+class FolderResume(BaseModel):
+    """Where a sliced sync stopped inside a folder's new mail: every UID below ``next_uid`` of
+    ``uidvalidity`` was published, in ``events`` numbered events (the next ``batch_no``)."""
+
+    model_config = ConfigDict(frozen=True)
+    folder: str  # raw name
+    uidvalidity: int
+    next_uid: int
+    above: int  # the checkpoint this folder's sync started from (0: a first sync)
+    events: int
+    messages: int
+    # The download budget's order (shared/budget.py): a first sync under a budget goes newest
+    # first, and ``next_uid - 1`` is then the top it covers; ``below``: that descending pass (or
+    # a backfill of an earlier cut first sync) has fetched everything from here up, and goes on
+    # below it.
+    newest_first: bool = False
+    below: int | None = None
+
+
+class ContinueSync(_Message):
+    """Go on with an attempt that stopped at a slice boundary (``MAILFERRY_FETCHER_SLICE_SECONDS``)
+    so that no delivery stays unacknowledged for long (RabbitMQ's ``consumer_timeout``).
+
+    Published by the fetcher of the slice before, which then acked its own command; it carries
+    that attempt's fencing token, which the next slice takes over (the lease is handed over, not
+    taken), so the events already published stay valid. The plan travels with it: the folders
+    still to sync and, for a folder left midway, where to resume."""
+
+    routing_key: ClassVar[str] = "continue-sync"
+    type: Literal["ContinueSync"] = "ContinueSync"
+    run_id: uuid.UUID
+    mailbox_id: int
+    lease_token: int
+    slice: int  # 2 for the second slice of the attempt, ...
+    force: bool = False
+    requested_by: str = "broker"
+    since: date  # the first-sync window of the attempt
+    folders: tuple[FolderInfo, ...]  # still to sync, in order; the first one may be resumed
+    resume: FolderResume | None = None
+    folders_done: int  # FolderSynced events the attempt published so far
+    failed_folders: int = 0
+    messages: int = 0  # published so far (for the log line)
 
 
 # --- events from the fetcher -----------------------------------------------------------------
@@ -234,9 +278,168 @@ class CredentialsRestored(_Message):
     restored_at: datetime
 
 
+ContinueSync.model_rebuild()
+
+#: The commands, all published to ``topology.COMMANDS`` and consumed by fetchers.
+COMMANDS = (SyncMailbox, SyncFolders, ContinueSync)
+
+
+# --- change events, for integrators (the ``mailferry.changes`` exchange) ------------------------
+#
+# Written to the outbox (``shared/outbox.py``) in the transaction that made the change, then
+# published by the relay with routing key ``mailbox.<mailbox id>.<event>``, ``<event>`` being the
+# type in snake case (``mailbox.7.message_stored``). Delivered at least once, in ``seq`` order per
+# mailbox; ``id`` is the same on every delivery of one change, so a consumer drops what it has
+# seen. They carry ids and metadata, never bodies nor credentials: a body is read with
+# ``mailferry messages raw ID`` (``message_ref``) or the library.
+
+
+class ChangeEvent(_Message):
+    """What every change event carries."""
+
+    id: uuid.UUID  # stable: a replay of the same change has the same id
+    mailbox_id: int
+    seq: int  # per mailbox, from 1, gap-free, in the order the changes were committed
+    occurred_at: datetime  # when the store recorded it
+
+
+class MessageStored(ChangeEvent):
+    """A message was stored in a folder (one event per folder placement: a copy in two folders
+    is two events). ``backfill``: stored by a folder's first sync (or after a UIDVALIDITY
+    reset) or by a re-scan (``sync --force``) of UIDs the store had already passed: old mail, not
+    new mail. ``known``: the mailbox already held the same bytes (a move or copy between
+    folders, or mail seen again under a new UIDVALIDITY); mailferry does not emit MessageMoved."""
+
+    type: Literal["MessageStored"] = "MessageStored"
+    folder: str  # as users see it
+    folder_id: int
+    uidvalidity: int
+    uid: int
+    modseq: int | None = None
+    message_ref: int | None  # `mailferry messages raw <message_ref>`; None: bytes not carried
+    message_id: str | None = None  # the Message-ID header
+    subject: str | None = None
+    from_: str | None = Field(default=None, alias="from")
+    date: datetime | None = None  # the Date header
+    internal_date: datetime | None = None
+    flags: tuple[str, ...] = ()
+    size: int | None = None
+    sha256: str | None = None  # hex, of the raw bytes
+    backfill: bool
+    known: bool = False
+    skipped_reason: str | None = None
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+
+class MessageFlagsChanged(ChangeEvent):
+    type: Literal["MessageFlagsChanged"] = "MessageFlagsChanged"
+    folder: str
+    folder_id: int
+    uidvalidity: int
+    uid: int
+    modseq: int | None = None
+    flags: tuple[str, ...]
+    previous_flags: tuple[str, ...]
+    message_ref: int | None = None
+
+
+class MessageExpunged(ChangeEvent):
+    """A stored message left a folder (expunged, or moved away: a move is an expunge here and a
+    MessageStored with ``known: true`` there)."""
+
+    type: Literal["MessageExpunged"] = "MessageExpunged"
+    folder: str
+    folder_id: int
+    uidvalidity: int
+    uid: int
+    message_ref: int | None = None
+
+
+class FolderCreated(ChangeEvent):
+    type: Literal["FolderCreated"] = "FolderCreated"
+    folder: str
+    folder_id: int
+    folder_type: FolderType = "other"
+    sync_enabled: bool
+
+
+class FolderRenamed(ChangeEvent):
+    type: Literal["FolderRenamed"] = "FolderRenamed"
+    folder: str
+    folder_id: int
+    previous_name: str
+
+
+class FolderDeleted(ChangeEvent):
+    """A folder gone from the server. ``kept``: it holds synced mail, so the store keeps it
+    (marked gone) with its mail; otherwise its row is deleted."""
+
+    type: Literal["FolderDeleted"] = "FolderDeleted"
+    folder: str
+    folder_id: int
+    kept: bool
+
+
+class MailboxSyncFailed(ChangeEvent):
+    type: Literal["MailboxSyncFailed"] = "MailboxSyncFailed"
+    run_id: uuid.UUID
+    error_kind: ErrorKind
+    error: str
+
+
+class MailboxCredentialsInvalid(ChangeEvent):
+    """The server refused the mailbox's credentials (the first refusal after they worked)."""
+
+    type: Literal["CredentialsInvalid"] = "CredentialsInvalid"
+    error: str
+
+
+class MailboxCredentialsRestored(ChangeEvent):
+    """A sync completed again after the credentials had been refused."""
+
+    type: Literal["CredentialsRestored"] = "CredentialsRestored"
+
+
+AnyChange = Annotated[
+    MessageStored
+    | MessageFlagsChanged
+    | MessageExpunged
+    | FolderCreated
+    | FolderRenamed
+    | FolderDeleted
+    | MailboxSyncFailed
+    | MailboxCredentialsInvalid
+    | MailboxCredentialsRestored,
+    Field(discriminator="type"),
+]
+_ANY_CHANGE: TypeAdapter[AnyChange] = TypeAdapter(AnyChange)
+CHANGE_TYPES: tuple[type[ChangeEvent], ...] = (
+    MessageStored, MessageFlagsChanged, MessageExpunged, FolderCreated, FolderRenamed,
+    FolderDeleted, MailboxSyncFailed, MailboxCredentialsInvalid, MailboxCredentialsRestored)
+
+
+def change_routing_key(mailbox_id: int, type_: str) -> str:
+    """``mailbox.<id>.<type in snake case>``: ``mailbox.7.message_stored``."""
+    return f"mailbox.{mailbox_id}.{_snake(type_)}"
+
+
+def decode_change(body: bytes | str | dict[str, Any]) -> AnyChange:
+    """Parse a change event (a body from ``mailferry.changes``, or an outbox row's payload)."""
+    if isinstance(body, dict):
+        return _ANY_CHANGE.validate_python(body)
+    return _ANY_CHANGE.validate_json(body)
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower()
+                   for i, c in enumerate(name))
+
+
 AnyMessage = Annotated[
     SyncMailbox
     | SyncFolders
+    | ContinueSync
     | SyncStarted
     | FoldersListed
     | MessagesFetched

@@ -47,7 +47,7 @@ RUNS_REQUESTED = Counter(
 
 SYNCS = Counter(
     "mailferry_fetcher_syncs",
-    "Sync attempts by outcome (done, failed, retrying, throttled) and error kind ('' when none)",
+    "Sync attempts by outcome (done, sliced, failed, retrying, throttled) and error kind ('' when none)",
     ["outcome", "error_kind"], registry=None)
 SYNC_SECONDS = Histogram(
     "mailferry_fetcher_sync_duration_seconds", "Wall-clock time of one sync attempt",

@@ -15,18 +15,30 @@ fetcher, the persister, the scheduler and the CLI call them and write the table 
 Lock order, kept by every persister transaction that touches a run: folder rows (by id), then the
 run row (:func:`lock`), then the mailbox row. One order for every event of a run, so persisters
 applying events of one run never deadlock.
+
+A run that fails, and the credentials it proves refused or working again, are announced on the
+change stream (``shared/outbox.py``) in the transaction that records them: MailboxSyncFailed,
+CredentialsInvalid (the first refusal after they worked), CredentialsRestored (a completed run
+after a refusal). The outbox takes the mailbox row's lock, the last of the order.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from mailferry import outbox
 from mailferry.db import Connection
 from mailferry.errors import ErrorKind
+from mailferry.messages import (
+    MailboxCredentialsInvalid,
+    MailboxCredentialsRestored,
+    MailboxSyncFailed,
+)
 from mailferry.mime import clean_text
 
 
@@ -108,9 +120,35 @@ def request(conn: Connection, mailbox_id: int, *, kind: RunKind, force: bool,
     return None if row is None else uuid.UUID(str(row["id"]))
 
 
+def request_many(conn: Connection, mailbox_ids: Sequence[int], *, kind: RunKind, force: bool,
+                 requested_by: str) -> dict[int, uuid.UUID]:
+    """Queue a run for each mailbox in one statement; returns mailbox -> new run for those
+    that had none queued or running (the others are left out). Inserted in mailbox order, so
+    two requesters of overlapping sets wait on each other instead of deadlocking."""
+    ids = sorted(set(mailbox_ids))
+    rows = conn.execute(
+        """INSERT INTO sync_runs (id, mailbox_id, status, force, requested_by, kind)
+           SELECT r.id, r.mailbox_id, %s, %s, %s, %s
+             FROM unnest(%s::bigint[], %s::uuid[]) AS r (mailbox_id, id)
+            WHERE EXISTS (SELECT 1 FROM mailboxes m WHERE m.id = r.mailbox_id)
+            ORDER BY r.mailbox_id
+           ON CONFLICT DO NOTHING RETURNING id, mailbox_id""",
+        (RunStatus.QUEUED, force, requested_by, kind, ids, [uuid.uuid4() for _ in ids]),
+    ).fetchall()
+    return {int(r["mailbox_id"]): uuid.UUID(str(r["id"])) for r in rows}
+
+
+def withdraw(conn: Connection, run_ids: Sequence[uuid.UUID]) -> None:
+    """Queued runs whose command was never published (the broker went away first): gone, as
+    if never asked for, so that their mailboxes are due again at the next tick."""
+    conn.execute("DELETE FROM sync_runs WHERE id = ANY(%s) AND status = %s",
+                 (list(run_ids), RunStatus.QUEUED))
+
+
 def publish_failed(conn: Connection, run_id: uuid.UUID, error: str) -> None:
     """The run's command never reached the broker: nobody will work on it."""
-    _close(conn, run_id, RunStatus.FAILED, ErrorKind.BROKER, error)
+    with conn.transaction():
+        _close(conn, run_id, RunStatus.FAILED, ErrorKind.BROKER, error)
 
 
 def retrying(conn: Connection, run_id: uuid.UUID, kind: ErrorKind, error: str) -> None:
@@ -174,6 +212,7 @@ def finish(conn: Connection, run: Run, error: str | None) -> RunStatus:
     status = RunStatus.FAILED if error else RunStatus.DONE
     kind = ErrorKind.FOLDER if error else None
     _close(conn, run.id, status, kind, error)
+    was = _credentials(conn, run.mailbox_id)
     conn.execute(
         """UPDATE mailboxes SET last_sync_at = now(), last_sync_status = %s, last_error = %s,
                   last_error_kind = %s, credentials_invalid_at = NULL,
@@ -181,13 +220,25 @@ def finish(conn: Connection, run: Run, error: str | None) -> RunStatus:
             WHERE id = %s""",
         (status, error, kind, run.mailbox_id),
     )
+    if was is not None and (was["credentials_invalid_at"] is not None
+                            or was["last_error_kind"] == ErrorKind.AUTH):
+        outbox.append(conn, run.mailbox_id, [outbox.Change(
+            outbox.change_id(run.mailbox_id, "credentials-restored", run.id),
+            MailboxCredentialsRestored)])
     return status
 
 
 def fail(conn: Connection, run_id: uuid.UUID, mailbox_id: int, kind: ErrorKind, error: str,
          at: datetime) -> None:
     """The attempt failed as a whole (SyncFailed); refused credentials mark the mailbox."""
+    with conn.transaction():
+        _fail(conn, run_id, mailbox_id, kind, error, at)
+
+
+def _fail(conn: Connection, run_id: uuid.UUID, mailbox_id: int, kind: ErrorKind, error: str,
+          at: datetime) -> None:
     _close(conn, run_id, RunStatus.FAILED, kind, error, at)
+    was = _credentials(conn, mailbox_id)
     conn.execute(
         """UPDATE mailboxes
               SET last_sync_at = %s, last_sync_status = %s, last_error = %s,
@@ -197,6 +248,10 @@ def fail(conn: Connection, run_id: uuid.UUID, mailbox_id: int, kind: ErrorKind, 
             WHERE id = %s""",
         (at, RunStatus.FAILED, clean_text(error), kind, kind == ErrorKind.AUTH, at, mailbox_id),
     )
+    if kind == ErrorKind.AUTH and was is not None and was["credentials_invalid_at"] is None:
+        outbox.append(conn, mailbox_id, [outbox.Change(
+            outbox.change_id(mailbox_id, "credentials-invalid", run_id),
+            MailboxCredentialsInvalid, {"error": clean_text(error)[:2000]})])
 
 
 def throttled(conn: Connection, run_id: uuid.UUID, mailbox_id: int, error: str, *,
@@ -205,7 +260,17 @@ def throttled(conn: Connection, run_id: uuid.UUID, mailbox_id: int, error: str, 
     invalid", never retried at once) and the mailbox is backed off until the returned time:
     ``base`` doubling with each throttle in a row, at most ``cap``, with jitter (half of it
     fixed, half random, so that mailboxes throttled together do not come back together), and
-    never sooner than the server's own suggestion. The scheduler skips it until then."""
+    never sooner than the server's own suggestion. The scheduler skips it until then.
+
+    On the change stream it is a failed run like any other (MailboxSyncFailed, with
+    ``error_kind`` "throttled"), in the same transaction."""
+    with conn.transaction():
+        return _throttled(conn, run_id, mailbox_id, error, base=base, cap=cap,
+                          suggested=suggested)
+
+
+def _throttled(conn: Connection, run_id: uuid.UUID, mailbox_id: int, error: str, *,
+               base: float, cap: float, suggested: float | None) -> datetime:
     _close(conn, run_id, RunStatus.FAILED, ErrorKind.THROTTLED, error)
     row = conn.execute(
         """UPDATE mailboxes
@@ -229,11 +294,14 @@ def give_up(conn: Connection, run_id: uuid.UUID, mailbox_id: int, reason: str,
     """A message of the run will not be processed any more (retries exhausted, or it can never
     succeed): the run can no longer complete, so it is closed as failed. Keyed by run and
     mailbox, so a message naming another mailbox's run cannot fail that run."""
-    conn.execute(
-        """UPDATE sync_runs SET status = %s, finished_at = now(), error_kind = %s, error = %s
-            WHERE id = %s AND mailbox_id = %s AND status = ANY(%s)""",
-        (RunStatus.FAILED, kind, clean_text(reason)[:2000], run_id, mailbox_id, _ACTIVE),
-    )
+    with conn.transaction():
+        closed = conn.execute(
+            """UPDATE sync_runs SET status = %s, finished_at = now(), error_kind = %s, error = %s
+                WHERE id = %s AND mailbox_id = %s AND status = ANY(%s) RETURNING id""",
+            (RunStatus.FAILED, kind, clean_text(reason)[:2000], run_id, mailbox_id, _ACTIVE),
+        ).fetchone()
+        if closed is not None:
+            _announce_failure(conn, mailbox_id, run_id, kind, reason)
 
 
 def expire(conn: Connection, timeout_seconds: float) -> int:
@@ -250,9 +318,26 @@ def expire(conn: Connection, timeout_seconds: float) -> int:
 
 def _close(conn: Connection, run_id: uuid.UUID, status: RunStatus, kind: ErrorKind | None,
            error: str | None, at: datetime | None = None) -> None:
-    conn.execute(
+    closed = conn.execute(
         """UPDATE sync_runs SET status = %s, finished_at = COALESCE(%s, now()), error_kind = %s,
                   error = %s
-            WHERE id = %s AND status = ANY(%s)""",
+            WHERE id = %s AND status = ANY(%s) RETURNING mailbox_id""",
         (status, at, kind, clean_text(error)[:2000] if error else None, run_id, _ACTIVE),
-    )
+    ).fetchone()
+    if closed is not None and status == RunStatus.FAILED:
+        _announce_failure(conn, int(closed["mailbox_id"]), run_id, kind or ErrorKind.INTERNAL,
+                          error or "")
+
+
+def _announce_failure(conn: Connection, mailbox_id: int, run_id: uuid.UUID, kind: ErrorKind,
+                      error: str) -> None:
+    outbox.append(conn, mailbox_id, [outbox.Change(
+        outbox.change_id(mailbox_id, "sync-failed", run_id), MailboxSyncFailed,
+        {"run_id": run_id, "error_kind": kind, "error": clean_text(error)[:2000]})])
+
+
+def _credentials(conn: Connection, mailbox_id: int) -> dict[str, Any] | None:
+    """The mailbox's credential state, locked (the mailbox row: the last lock of the order)."""
+    return conn.execute(
+        """SELECT credentials_invalid_at, last_error_kind FROM mailboxes WHERE id = %s
+            FOR UPDATE""", (mailbox_id,)).fetchone()

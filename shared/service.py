@@ -9,7 +9,7 @@ from collections.abc import Callable
 import structlog
 
 from mailferry import db, metrics
-from mailferry.broker import Handlers, Publisher, RetryExhausted, Worker
+from mailferry.broker import Handlers, Publisher, PublisherPool, RetryExhausted, Worker
 from mailferry.config import Settings
 from mailferry.logging import configure_logging
 from mailferry.topology import WorkQueue
@@ -29,8 +29,9 @@ def start(settings: Settings, service: str) -> None:
     metrics.serve(service, settings.metrics_port, settings.metrics_addr)
 
 
-def run_worker(settings: Settings, work: WorkQueue, handlers: Handlers, publisher: Publisher,
-               prefetch: int = 1, on_retry_exhausted: RetryExhausted | None = None,
+def run_worker(settings: Settings, work: WorkQueue, handlers: Handlers,
+               publisher: Publisher | PublisherPool, prefetch: int = 1, concurrency: int = 1,
+               on_retry_exhausted: RetryExhausted | None = None,
                on_tick: Callable[[], None] | None = None, tick_seconds: float = 15.0) -> None:
     """Consume ``work`` with the service's ``HANDLERS`` (bound to their adapters)."""
     worker = Worker(
@@ -43,9 +44,12 @@ def run_worker(settings: Settings, work: WorkQueue, handlers: Handlers, publishe
         publisher=publisher,
         retry_delays=settings.retry_delays,
         prefetch=prefetch,
+        concurrency=concurrency,
+        heartbeat=settings.broker_heartbeat,
     )
     worker.install_signal_handlers()
-    log.info("worker.consuming", queue=work.name)
+    log.info("worker.consuming", queue=work.name, concurrency=worker.concurrency,
+             prefetch=worker.prefetch)
     try:
         worker.run()
     finally:

@@ -2,9 +2,11 @@
 
 Names say who consumes what, so the management UI reads like the design:
 
-    mailferry.commands (direct)  --sync-mailbox-->  mailferry.fetcher.sync-mailbox
+    mailferry.commands (direct)  --sync-mailbox, sync-folders, continue-sync-->
+                                                      mailferry.fetcher.sync-mailbox
     mailferry.events   (topic)   --sync.# folders.# folder.# messages.#-->  mailferry.persister.events
                                  --credentials.#-->  mailferry.notifier.credentials
+    mailferry.changes  (topic)   --mailbox.<id>.<event>-->  queues of other applications
 
 Each work queue is a durable quorum queue with
 - ``<queue>.dead-letter``: where a message goes with its reason when it cannot be processed
@@ -31,6 +33,10 @@ DEFAULT = Exchange("", type="direct")  # routes by queue name: retries and repla
 # ``x-queue-name: user-42-<tab>``); RabbitMQ permissions keep each person to queues named
 # ``user-<id>-...`` and topic permissions to their own key (see the README).
 NOTIFICATIONS = Exchange("mailferry.notifications", type="topic", durable=True)
+# The change stream for integrators (shared/outbox.py, published by the persisters' relay):
+# routing key ``mailbox.<mailbox id>.<event in snake case>`` (``mailbox.7.message_stored``).
+# mailferry binds no queue to it: each consuming application binds its own.
+CHANGES = Exchange("mailferry.changes", type="topic", durable=True)
 
 DELIVERY_LIMIT = 10
 
@@ -91,7 +97,8 @@ class WorkQueue:
         )
 
 
-FETCHER = WorkQueue("mailferry.fetcher.sync-mailbox", COMMANDS, ("sync-mailbox", "sync-folders"))
+FETCHER = WorkQueue("mailferry.fetcher.sync-mailbox", COMMANDS,
+                    ("sync-mailbox", "sync-folders", "continue-sync"))
 PERSISTER = WorkQueue(
     "mailferry.persister.events", EVENTS, ("sync.#", "folders.#", "folder.#", "messages.#")
 )
@@ -101,7 +108,7 @@ WORK_QUEUES = (FETCHER, PERSISTER, NOTIFIER)
 
 def declare(channel: Any, retry_delays: Sequence[float]) -> None:
     """Declare the whole topology (idempotent); every process does it before it publishes."""
-    for exchange in (COMMANDS, EVENTS, DEAD_LETTER, NOTIFICATIONS):
+    for exchange in (COMMANDS, EVENTS, DEAD_LETTER, NOTIFICATIONS, CHANGES):
         exchange(channel).declare()
     for work in WORK_QUEUES:
         queue = work.queue()(channel)
@@ -111,6 +118,12 @@ def declare(channel: Any, retry_delays: Sequence[float]) -> None:
         work.dead_letter_queue()(channel).declare()
         for delay in retry_delays:
             work.retry_queue(delay)(channel).declare()
+
+
+def changes_binding(mailbox_id: int | None = None, event: str = "#") -> str:
+    """The binding key for one mailbox's changes (or every mailbox's); ``event`` in snake case,
+    e.g. ``message_stored``."""
+    return f"mailbox.{'*' if mailbox_id is None else mailbox_id}.{event}"
 
 
 def user_routing_key(user_id: int) -> str:

@@ -22,7 +22,7 @@ import click
 import psycopg
 
 from mailferry import app, db
-from mailferry.app import dead_letters, removal, validation
+from mailferry.app import dead_letters, publishing, removal, validation
 from mailferry.app.mailboxes import folder_report, folder_reports
 from mailferry.config import Settings, load_settings
 from mailferry.crypto import PasswordBox, generate_key
@@ -38,6 +38,7 @@ from mailferry.errors import (
 )
 from mailferry.imap import Folder
 from mailferry.logging import configure_logging
+from mailferry.services.cli.changes import changes
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
 _JSON = click.option("--json", "as_json", is_flag=True,
@@ -290,6 +291,23 @@ def mailbox_add(owner: str | None, system: bool, host: str, port: int, security:
     _json({"id": mailbox_id})
 
 
+@mailbox_group.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+def mailbox_import(file: Any) -> None:
+    """Register many mailboxes from a JSON Lines FILE (- for standard input); prints
+    {"ids": [...]}, in the lines' order.
+
+    One object per line with the options of `mailbox add` as fields, the password included:
+    {"owner": "ann@example.com", "host": "imap.example.com", "port": 993, "security": "ssl",
+    "username": "ann", "password": "...", "folders": ["INBOX", "Sent"]} ("system": true instead
+    of "owner"; optional "folders", "name", "first_sync_days"). Every line is checked first: one
+    wrong line imports nothing, and the error names each wrong line and field (never a value).
+    """
+    settings = _settings()
+    ids = app.import_mailboxes(_conn(settings), PasswordBox(settings.secret_key), file)
+    _json({"ids": ids})
+
+
 @mailbox_group.command("update")
 @click.argument("mailbox_id", type=int)
 @click.option("--host", help="a new IMAP host name or IP address")
@@ -440,9 +458,9 @@ def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, time
         raise click.BadParameter("must be a number of seconds", param_hint="--timeout")
     settings = _settings()
     conn = _conn(settings)
-    with app.publisher(settings) as publisher:
-        requested = app.request_sync(conn, publisher.publish, None if all_ else mailbox_ids,
-                                     force=force)
+    with publishing.publisher_pool(settings) as pool:  # `--all`: many commands at once
+        requested = app.request_sync(conn, pool.publish, None if all_ else mailbox_ids,
+                                     force=force, parallel=pool.size)
     runs = {r.run_id: r for r in requested}
     if not wait:
         out = [{"mailbox_id": r.mailbox_id, "run_id": r.run_id,
@@ -687,6 +705,9 @@ def status(as_json: bool) -> None:
     click.echo("recent runs:")
     _table(result["recent_runs"], ["run_id", "mailbox_id", "status", "requested_by",
                                    "requested_at", "messages_stored", "error"])
+
+
+cli.add_command(changes)  # mailferry changes tail|list (services/cli/changes.py)
 
 
 def _seconds(value: float) -> str:

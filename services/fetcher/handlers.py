@@ -34,8 +34,11 @@ from mailferry.errors import (
 from mailferry.imap import ImapConnectorFactory, SyncSession, connector_factory, folder_type
 from mailferry.messages import (
     AnyMessage,
+    ContinueSync,
     CredentialsInvalid,
     CredentialsRestored,
+    FolderInfo,
+    FolderResume,
     SyncFolders,
     SyncMailbox,
 )
@@ -57,12 +60,21 @@ class FetcherDeps:
     today: Callable[[], date] = lambda: datetime.now(UTC).date()
 
 
-def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
-    """One attempt at one run. A transient fault (refused, timed out, [UNAVAILABLE], or the
-    connection lost in the middle of a folder) is recorded on the run and raised, so the worker
-    retries it after a delay; when no retry is left, :func:`command_given_up` closes the run. A
-    permanent one (refused credentials, settings that cannot work) is the run's outcome.
-    The attempt has a wall-clock deadline: past it, every read fails and the lease lapses."""
+Command = SyncMailbox | SyncFolders | ContinueSync
+
+
+def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
+    """One attempt at one run, or one slice of it. A transient fault (refused, timed out,
+    [UNAVAILABLE], or the connection lost in the middle of a folder) is recorded on the run and
+    raised, so the worker retries it after a delay; when no retry is left,
+    :func:`command_given_up` closes the run. A permanent one (refused credentials, settings that
+    cannot work) is the run's outcome. The attempt has a wall-clock deadline: past it, every
+    read fails and the lease lapses.
+
+    After ``MAILFERRY_FETCHER_SLICE_SECONDS`` the sync stops at the next batch or folder
+    boundary, hands its lease over and publishes a :class:`ContinueSync` (with the same fencing
+    token and the rest of the plan); the command in hand is then acked, so no delivery stays
+    unacknowledged anywhere near RabbitMQ's ``consumer_timeout``."""
     structlog.contextvars.bind_contextvars(mailbox_id=cmd.mailbox_id, run_id=str(cmd.run_id))
     started = time.monotonic()
     conn = deps.connection()
@@ -70,11 +82,13 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
     if mailbox is None:
         log.info("sync.skipped", reason="mailbox no longer exists")
         return
-    # A command published by hand straight to the broker has no run yet: register it, unless
-    # the mailbox already has a run queued or running (then this command is redundant).
-    runs.request(conn, mailbox.id, run_id=cmd.run_id, force=cmd.force,
-                 requested_by=cmd.requested_by,
-                 kind=runs.RunKind.FOLDERS if isinstance(cmd, SyncFolders) else runs.RunKind.MAILBOX)
+    if not isinstance(cmd, ContinueSync):
+        # A command published by hand straight to the broker has no run yet: register it,
+        # unless the mailbox already has a run queued or running (then it is redundant).
+        runs.request(conn, mailbox.id, run_id=cmd.run_id, force=cmd.force,
+                     requested_by=cmd.requested_by,
+                     kind=runs.RunKind.FOLDERS if isinstance(cmd, SyncFolders)
+                     else runs.RunKind.MAILBOX)
     run = runs.get(conn, cmd.run_id)
     if run is None:
         log.info("sync.skipped", reason="another run of this mailbox is queued or running")
@@ -85,10 +99,21 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
 
     s = deps.settings
     deadline = started + s.sync_deadline
+    slice_end = started + s.fetcher_slice_seconds
+    token: int | None = None
+    if isinstance(cmd, ContinueSync):
+        structlog.contextvars.bind_contextvars(slice=cmd.slice)
+        if leases.resume(conn, mailbox.id, deps.fetcher_id, s.lease_seconds, cmd.lease_token):
+            token = cmd.lease_token
+        else:  # a newer attempt, or a slice frozen past its lease: start over, fenced
+            log.info("sync.restarted", reason="the lease handed over moved on")
+            cmd = SyncMailbox(run_id=cmd.run_id, mailbox_id=cmd.mailbox_id, force=cmd.force,
+                              requested_by=cmd.requested_by)
     with leases.held(s.database_url, conn, mailbox.id, deps.fetcher_id,
-                     s.lease_seconds, deadline) as lease:
+                     s.lease_seconds, deadline, token=token) as lease:
         attempt = Attempt(cmd.run_id, mailbox.id, lease, conn, deps.publish)
-        attempt.started(deps.fetcher_id)
+        if token is None:
+            attempt.started(deps.fetcher_id)
         try:
             config = mailbox.imap_config(deps.passwords, timeout=s.imap_timeout,
                                          ca_file=s.imap_ca_file,
@@ -98,9 +123,11 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
                   metrics.imap_connection()):
                 connector.set_deadline(deadline)
                 connector.connect()  # a refused login fails here, before anything is published
-                if mailbox.credentials_invalid_at is not None or mailbox.last_error_kind == "auth":
+                if token is None and (mailbox.credentials_invalid_at is not None
+                                      or mailbox.last_error_kind == "auth"):
                     deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=now()))
-                totals = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox)
+                outcome = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox,
+                                        lambda: time.monotonic() > slice_end)
         except (ImapError, ConfigError) as exc:
             kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
             metrics.SYNC_SECONDS.observe(time.monotonic() - started)
@@ -127,19 +154,35 @@ def sync_mailbox(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps) -> None:
             log.warning("sync.failed", error_kind=kind, error=str(exc),
                         seconds=round(time.monotonic() - started, 3))
             return
-        attempt.finished(totals["folders"])
+        if isinstance(outcome, ContinueSync):
+            lease.handing_over = True
+        else:
+            attempt.finished(outcome.folders)
+    seconds = round(time.monotonic() - started, 3)
     metrics.SYNC_SECONDS.observe(time.monotonic() - started)
-    metrics.SYNCS.labels("done", ErrorKind.FOLDER if totals["failed_folders"] else "").inc()
-    log.info("sync.fetched", seconds=round(time.monotonic() - started, 3), **totals)
+    if isinstance(outcome, ContinueSync):
+        if not lease.handing_over:  # lost meanwhile: the newer attempt owns the run now
+            return
+        deps.publish(outcome)
+        metrics.SYNCS.labels("sliced", "").inc()
+        log.info("sync.sliced", seconds=seconds, next_slice=outcome.slice,
+                 folders_left=len(outcome.folders), folders=outcome.folders_done,
+                 messages=outcome.messages)
+        return
+    metrics.SYNCS.labels("done", ErrorKind.FOLDER if outcome.failed_folders else "").inc()
+    log.info("sync.fetched", seconds=seconds, folders=outcome.folders,
+             failed_folders=outcome.failed_folders, messages=outcome.messages,
+             bytes=outcome.bytes)
 
 
 def command_given_up(cmd: AnyMessage, exc: BaseException, deps: FetcherDeps) -> None:
     """A command that will not be tried again closes its run as failed, with the last error (an
     IMAP fault keeps its kind: the mailbox shows "timeout", not "internal"), so nobody waits on
     it (``sync --wait``) and the scheduler queues the mailbox again at the next interval."""
-    if not isinstance(cmd, SyncMailbox | SyncFolders):
+    if not isinstance(cmd, SyncMailbox | SyncFolders | ContinueSync):
         return
     kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.INTERNAL
+    metrics.SYNCS.labels("failed", kind).inc()
     runs.fail(deps.connection(), cmd.run_id, cmd.mailbox_id, kind,
               f"gave up: {type(exc).__name__}: {exc}", now())
 
@@ -147,38 +190,72 @@ def command_given_up(cmd: AnyMessage, exc: BaseException, deps: FetcherDeps) -> 
 HANDLERS: dict[type, Callable[..., None]] = {
     SyncMailbox: sync_mailbox,
     SyncFolders: sync_mailbox,
+    ContinueSync: sync_mailbox,
 }
 
 
-def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: Attempt,
-                  session: SyncSession, mailbox: repository.Mailbox) -> dict[str, int]:
+@dataclass
+class Totals:
+    """What one attempt published, over all its slices so far."""
+
+    folders: int = 0  # FolderSynced events
+    failed_folders: int = 0
+    messages: int = 0
+    bytes: int = 0  # this slice only
+
+
+def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: SyncSession,
+                  mailbox: repository.Mailbox, pause: Callable[[], bool],
+                  ) -> Totals | ContinueSync:
+    """The attempt's folders, or the next slice's command when ``pause`` ended this one."""
     conn = deps.connection()
     session.extensions()
     states = repository.folder_states(conn, mailbox.id)
-    folders, renamed = planning.detect_renames(
-        session, session.list_folders(), states,
-        lambda state: repository.newest_message_ids(conn, state, planning.RENAME_SAMPLE))
-    selection = None
-    if mailbox.initial_folders is not None:
-        selection = resolve_selection(
-            folders, mailbox.initial_folders, session.personal_namespace(),
-            {n.casefold(): folder_type(n, None, ()) for n in mailbox.initial_folders})
-        unmatched = [sel.name for sel in selection if sel.raw_name is None]
-        if unmatched:
-            log.warning("folders.selection_unmatched", names=unmatched)
-    attempt.folders_listed(folders, first_listing=not states, selection=selection)
-    totals = {"folders": 0, "failed_folders": 0, "messages": 0, "bytes": 0}
-    if isinstance(cmd, SyncFolders):
-        return totals
-    days = mailbox.first_sync_days or deps.settings.first_sync_days
     s = deps.settings
+    # Opened by every slice: what earlier slices spent is in the stored usage.
     allowance = budget.open_budget(conn, mailbox.id, mailbox.host, s)
-    to_sync = planning.folders_to_sync(folders, renamed, states, mailbox.initial_folders,
-                                       selection)
-    attempt.planned(len(to_sync))
+    resume: FolderResume | None = None
+    if isinstance(cmd, ContinueSync):
+        # The plan was made by the attempt's first slice: no second listing, no second
+        # FoldersListed; the folders' checkpoints have not moved (only this attempt moves them).
+        to_sync = list(cmd.folders)
+        resume, since = cmd.resume, cmd.since
+        totals = Totals(folders=cmd.folders_done, failed_folders=cmd.failed_folders,
+                        messages=cmd.messages)
+    else:
+        folders, renamed = planning.detect_renames(
+            session, session.list_folders(), states,
+            lambda state: repository.newest_message_ids(conn, state, planning.RENAME_SAMPLE))
+        selection = None
+        if mailbox.initial_folders is not None:
+            selection = resolve_selection(
+                folders, mailbox.initial_folders, session.personal_namespace(),
+                {n.casefold(): folder_type(n, None, ()) for n in mailbox.initial_folders})
+            unmatched = [sel.name for sel in selection if sel.raw_name is None]
+            if unmatched:
+                log.warning("folders.selection_unmatched", names=unmatched)
+        attempt.folders_listed(folders, first_listing=not states, selection=selection)
+        totals = Totals()
+        if isinstance(cmd, SyncFolders):
+            return totals
+        since = first_sync_since(deps.today(), mailbox.first_sync_days or s.first_sync_days)
+        to_sync = planning.folders_to_sync(folders, renamed, states, mailbox.initial_folders,
+                                           selection)
+        attempt.planned(len(to_sync))
+
+    def next_slice(rest: list[FolderInfo], where: FolderResume | None) -> ContinueSync:
+        return ContinueSync(
+            run_id=cmd.run_id, mailbox_id=cmd.mailbox_id,
+            lease_token=attempt.stamp.lease_token,
+            slice=cmd.slice + 1 if isinstance(cmd, ContinueSync) else 2,
+            force=cmd.force, requested_by=cmd.requested_by, since=since, folders=tuple(rest),
+            resume=where, folders_done=totals.folders, failed_folders=totals.failed_folders,
+            messages=totals.messages)
+
     for index, folder in enumerate(to_sync):
+        if index > 0 and pause():
+            return next_slice(to_sync[index:], None)
         attempt.lease.check()
-        totals["folders"] += 1
         structlog.contextvars.bind_contextvars(folder=folder.name)
         state = states.get(folder.raw_name)
         job = planning.FolderJob(
@@ -187,18 +264,24 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
             found=attempt.found,
             limits=planning.BatchLimits(s.batch_max_bytes, s.batch_max_messages,
                                         s.max_message_bytes),
-            since=first_sync_since(deps.today(), days), force=cmd.force,
+            since=since, force=cmd.force,
             stored_by_identity=functools.partial(repository.stored_by_identity, conn, state)
-            if state else lambda *_: {}, budget=allowance)
+            if state else lambda *_: {},
+            budget=allowance, pause=pause)
+        here = resume if index == 0 and resume and resume.folder == folder.raw_name else None
         try:
-            done = planning.sync_folder(session, folder, state, job)
-            totals["messages"] += done.messages
-            totals["bytes"] += done.bytes
+            done = planning.sync_folder(session, folder, state, job, here)
+            totals.folders += 1
+            totals.messages += done.messages - (here.messages if here else 0)
+            totals.bytes += done.bytes
             if done.budget_exhausted:
                 metrics.BUDGET_STOPS.inc()
             log.info("folder.fetched", messages=done.messages, bytes=done.bytes,
                      flag_changes=done.flag_changes, expunged=done.expunged, events=done.events,
                      recognised=done.recognised, backfill_below=done.backfill_below)
+        except planning.FolderPaused as paused:
+            totals.messages += paused.resume.messages - (here.messages if here else 0)
+            return next_slice(to_sync[index:], paused.resume)
         except planning.FolderFailed as failure:
             exc = failure.cause
             connection_gone = not session.connector.usable or isinstance(exc, ImapConnectionError)
@@ -211,13 +294,14 @@ def _sync_folders(cmd: SyncMailbox | SyncFolders, deps: FetcherDeps, attempt: At
             # One bad folder never stalls the mailbox (DESIGN invariant 5): close it with its
             # error (its checkpoint stays) and go on, unless the connection itself is gone:
             # then the folders not reached are closed with that error too.
-            totals["failed_folders"] += 1
+            totals.folders += 1
+            totals.failed_folders += 1
             attempt.folder_failed(folder.raw_name, failure.events, str(exc))
             log.warning("folder.failed", error=str(exc), error_kind=exc.kind)
             if connection_gone:
                 for rest in to_sync[index + 1:]:
                     attempt.folder_failed(rest.raw_name, 0, f"not reached: {exc}")
-                    totals["folders"] += 1
+                    totals.folders += 1
                 break
         finally:
             structlog.contextvars.unbind_contextvars("folder")

@@ -4,6 +4,12 @@ Taking the lease increments ``mailboxes.lease_token``; that number is the fencin
 of the attempt carries, and the persister refuses events whose token is older than the current one.
 A background thread renews the lease while the sync runs; when a renewal finds the token changed
 (someone took over after our lease expired), the sync stops at its next check.
+
+A sync cut into slices (``ContinueSync``) keeps one token for all its slices: the slice that stops
+*hands the lease over* (no owner, but unexpired for another lease period, so no new attempt can
+take it and fence off the events still in the queue), and the next slice *resumes* it, only if
+the token is unchanged and nobody owns it. A slice that finds the token moved on (a newer attempt
+started) takes a new lease as any attempt does; one that finds an owner waits (``LeaseHeld``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class Lease:
         self.mailbox_id = mailbox_id
         self.token = token
         self.seconds = seconds
+        self.handing_over = False  # set by a slice that stops: hand over instead of releasing
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
@@ -103,6 +110,41 @@ def renew(conn: db.Connection, mailbox_id: int, token: int, seconds: float) -> b
     return row is not None
 
 
+def resume(conn: db.Connection, mailbox_id: int, owner: str, seconds: float, token: int) -> bool:
+    """Take over a lease handed over with ``token``; False when that cannot be done safely and a
+    new lease must be taken: the token moved on (a newer attempt started), or a slice that held
+    it let it expire without handing it over (it may be frozen, not dead: a new token fences it
+    off). Raises ``LeaseHeld`` while another slice of the attempt holds it unexpired."""
+    row = conn.execute(
+        """UPDATE mailboxes SET lease_owner = %s,
+                  lease_expires_at = now() + make_interval(secs => %s)
+            WHERE id = %s AND lease_token = %s AND lease_owner IS NULL
+        RETURNING lease_token""",
+        (owner, seconds, mailbox_id, token),
+    ).fetchone()
+    if row is not None:
+        return True
+    held = conn.execute(
+        """SELECT lease_token, lease_owner, lease_expires_at > now() AS live
+             FROM mailboxes WHERE id = %s""", (mailbox_id,)).fetchone()
+    if held is not None and held["lease_token"] == token and held["live"]:
+        raise LeaseHeld(f"mailbox {mailbox_id} is being synced by {held['lease_owner']} "
+                        "(a slice of the same attempt)")
+    return False
+
+
+def hand_over(conn: db.Connection, mailbox_id: int, token: int, seconds: float) -> bool:
+    """Let the next slice resume this token: no owner, but unexpired for ``seconds``, so that no
+    new attempt fences off the events already published meanwhile. False: the lease was lost."""
+    row = conn.execute(
+        """UPDATE mailboxes SET lease_owner = NULL,
+                  lease_expires_at = now() + make_interval(secs => %s)
+            WHERE id = %s AND lease_token = %s RETURNING id""",
+        (seconds, mailbox_id, token),
+    ).fetchone()
+    return row is not None
+
+
 def release(conn: db.Connection, mailbox_id: int, token: int) -> None:
     conn.execute(
         """UPDATE mailboxes SET lease_expires_at = NULL, lease_owner = NULL
@@ -113,8 +155,13 @@ def release(conn: db.Connection, mailbox_id: int, token: int) -> None:
 
 @contextmanager
 def held(database_url: str, conn: db.Connection, mailbox_id: int, owner: str,
-         seconds: float, deadline: float | None = None) -> Iterator[Lease]:
-    token = acquire(conn, mailbox_id, owner, seconds)
+         seconds: float, deadline: float | None = None,
+         token: int | None = None) -> Iterator[Lease]:
+    """The lease for one attempt (or one slice of it: ``token`` names a lease handed over,
+    already resumed with :func:`resume`). On the way out it is released, or handed over when
+    the slice set ``handing_over`` (and then ``handing_over`` is reset if the lease was lost)."""
+    if token is None:
+        token = acquire(conn, mailbox_id, owner, seconds)
     lease = Lease(database_url, mailbox_id, token, seconds, deadline)
     lease.start()
     try:
@@ -122,7 +169,12 @@ def held(database_url: str, conn: db.Connection, mailbox_id: int, owner: str,
     finally:
         lease.stop()
         try:
-            release(conn, mailbox_id, token)
+            if lease.handing_over:
+                if not hand_over(conn, mailbox_id, token, seconds):
+                    lease.handing_over = False
+                    log.warning("lease.lost", mailbox_id=mailbox_id, lease_token=token)
+            else:
+                release(conn, mailbox_id, token)
         except Exception as exc:
             # Releasing only lets the next fetcher start sooner; the lease expires anyway. A
             # connection lost here (PostgreSQL restarted, the backend terminated) must not turn

@@ -1,11 +1,16 @@
-"""Wiring of a fetcher worker: real adapters in, then consume SyncMailbox commands."""
+"""Wiring of a fetcher worker: real adapters in, then consume SyncMailbox commands.
+
+One process syncs ``MAILFERRY_FETCHER_CONCURRENCY`` mailboxes at once, each on a handler thread
+with its own database connection and its own broker connection for publishing (a sync mostly
+waits on its IMAP server); the broker's prefetch matches, and the consuming thread acks.
+"""
 
 from __future__ import annotations
 
 import functools
 
 from mailferry import db, topology
-from mailferry.broker import Publisher
+from mailferry.broker import PublisherPool
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.imap import connector_factory
@@ -15,16 +20,22 @@ from mailferry.services.fetcher.handlers import HANDLERS, FetcherDeps, command_g
 
 def main(settings: Settings) -> None:
     start(settings, "fetcher")
-    publisher = Publisher(settings.broker_url, settings.retry_delays)
+    publishers = PublisherPool(settings.broker_url, settings.retry_delays)
+    connections = db.ReconnectingPerThread(settings.database_url)
     deps = FetcherDeps(
         settings=settings,
-        connection=db.Reconnecting(settings.database_url),
-        publish=publisher.publish,
+        connection=connections,
+        publish=publishers.publish,
         connectors=connector_factory,
         passwords=PasswordBox(settings.secret_key),
         fetcher_id=worker_id("fetcher"),
     )
 
     handlers = {kind: functools.partial(handler, deps=deps) for kind, handler in HANDLERS.items()}
-    run_worker(settings, topology.FETCHER, handlers, publisher,
-               on_retry_exhausted=functools.partial(command_given_up, deps=deps))
+    try:
+        run_worker(settings, topology.FETCHER, handlers, publishers,
+                   prefetch=settings.fetcher_concurrency,
+                   concurrency=settings.fetcher_concurrency,
+                   on_retry_exhausted=functools.partial(command_given_up, deps=deps))
+    finally:
+        connections.close()

@@ -25,6 +25,7 @@ from mailferry.messages import (
     FlagChange,
     FlagsChanged,
     FolderInfo,
+    FolderResume,
     FolderSelection,
     FolderSynced,
     MessagesExpunged,
@@ -89,8 +90,12 @@ class FolderJob:
     # Message-IDs) -> {identity: hex SHA-256}. What spares re-downloading them after a reset.
     stored_by_identity: Callable[[int, list[str]], dict[Identity, str]] = (
         lambda _uidvalidity, _ids: {})
-    # The mailbox's download budget (shared/budget.py); without a limit, nothing changes.
+    # The mailbox's download budget (shared/budget.py); without a limit, nothing changes. Each
+    # slice opens it again from the stored usage, so a resumed folder sees what earlier slices spent.
     budget: Budget = field(default_factory=Budget)
+    # True when the slice is over: the folder stops at the next batch boundary of its new mail
+    # (``FolderPaused``), to be resumed by a ContinueSync command.
+    pause: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -204,6 +209,14 @@ def fetched(metas: Sequence[MessageMeta], bodies: dict[int, Body],
     return out
 
 
+class FolderPaused(Exception):
+    """The slice ended inside this folder; ``resume`` says where the next one goes on."""
+
+    def __init__(self, resume: FolderResume) -> None:
+        super().__init__(f"paused at uid {resume.next_uid} of {resume.folder}")
+        self.resume = resume
+
+
 class FolderFailed(ImapError):
     """An IMAP error after some events of the folder were already published."""
 
@@ -215,15 +228,23 @@ class FolderFailed(ImapError):
 
 
 def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
-                job: FolderJob) -> FolderTotals:
+                job: FolderJob, resume: FolderResume | None = None) -> FolderTotals:
     """Bring one folder's store up to the server: changes to known messages first (flags,
     expunges), then new UIDs, window by window. Every event is numbered; FolderSynced says how
-    many there were. Raises ``FolderFailed`` when the server fails mid-folder."""
+    many there were. Raises ``FolderFailed`` when the server fails mid-folder, and
+    ``FolderPaused`` when ``job.pause()`` says the slice is over (checked after each batch of
+    new mail, so every slice publishes at least one). ``resume`` goes on where a paused slice
+    stopped: its known-message pass is done, its numbering continues."""
     totals = FolderTotals()
     try:
         status = session.select(folder)  # a folder the server will not open fails alone
     except ImapError as exc:
-        raise FolderFailed(exc, 0) from exc
+        raise FolderFailed(exc, resume.events if resume else 0) from exc
+    if resume is not None:
+        # The numbering goes on either way: batches published before count in FolderSynced.
+        totals.events, totals.messages = resume.events, resume.messages
+        if resume.uidvalidity != status.uidvalidity:
+            resume = None  # reset between two slices: the folder starts over
 
     def publish(message: FlagsChanged | MessagesExpunged | MessagesFetched) -> None:
         job.publish(message)
@@ -240,52 +261,95 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
     s = job.stamp
     highest_found = 0
     stopped_at: int | None = None  # new mail above the checkpoint stopped by the budget here
-    try:
-        if state is not None and same_generation and state.last_uid:
-            _known_messages(session, state, status, job, totals, publish)
-        if above and status.uidnext is not None and status.uidnext <= above + 1:
-            windows: list[tuple[int, int]] = []  # UIDNEXT says nothing arrived: no SEARCH
-        else:
-            windows = list(session.iter_windows(above + 1, status))
-        newest_first = job.budget.limit is not None and not above
+    start_at = above + 1
+    # A first sync under a budget goes newest first: what fits today is the recent mail, and the
+    # older mail follows over the next runs (``backfill_below``).
+    newest_first = job.budget.limit is not None and not above
+    below: int | None = None  # a descending pass's position: UIDs below it are still to go
+    top: int | None = None  # newest first: the highest UID the descending pass covers
+    if resume is not None:
+        above, start_at, highest_found = resume.above, resume.next_uid, resume.next_uid - 1
+        newest_first, below = resume.newest_first, resume.below
         if newest_first:
-            # A first sync under a budget goes newest first: what fits today is the recent mail,
-            # and the older mail follows over the next runs (``backfill_below``).
-            windows.reverse()
-        for low, high in windows:
-            # Everything above the checkpoint, whatever its date; on a first sync, the window.
-            uids = session.search(low, high, None if above else job.since)
+            top = resume.next_uid - 1
+    progressed = False  # a slice pauses only after some progress, and before more work
+
+    def pause_before(uid: int, descending: bool = False) -> None:
+        """Before the work at ``uid`` (ascending: it and above; descending: it and below)."""
+        if progressed and job.pause():
+            raise FolderPaused(FolderResume(
+                folder=folder.raw_name, uidvalidity=status.uidvalidity,
+                next_uid=(top + 1) if newest_first and top is not None else
+                (uid if not descending else max(above, highest_found,
+                                                (status.uidnext or 1) - 1) + 1),
+                above=above, events=totals.events, messages=totals.messages,
+                newest_first=newest_first, below=uid + 1 if descending else below))
+
+    def progress(uid: int | None) -> None:
+        nonlocal progressed, highest_found
+        progressed = True
+        if uid is not None and not newest_first:
+            highest_found = max(highest_found, uid)
+
+    def descend(high_bound: int | None) -> int | None:
+        """The first-sync windows below ``high_bound`` (None: all), newest first; returns the
+        first UID the budget did not allow, or None when all went."""
+        nonlocal below, top
+        for low, high in reversed(list(session.iter_windows(1, status))):
+            if high_bound is not None:
+                high = min(high, high_bound - 1)
+            if high < low:
+                continue
+            pause_before(high, descending=True)
+            uids = session.search(low, high, job.since)
             job.found(len(uids))
-            highest_found = max([highest_found, *uids])
-            stop = _fetch(session, folder, status, uids[::-1] if newest_first else uids,
-                          reset, job, totals, publish)
+            if newest_first:
+                top = max([top or 0, *uids])
+            stop = _fetch(session, folder, status, uids[::-1], reset, job, totals, publish,
+                          lambda uid: pause_before(uid, descending=True), progress)
             if stop is not None:
-                if newest_first:
-                    totals.backfill_below = stop + 1
-                else:
-                    stopped_at = stop
-                break
-        if pending is not None and stopped_at is None and not totals.budget_exhausted:
-            # Resume the cut first sync, newest first, below where it stopped.
-            totals.backfill_below = pending
-            for low, high in reversed(list(session.iter_windows(1, status))):
-                high = min(high, pending - 1)
-                if high < low:
-                    continue
-                uids = session.search(low, high, job.since)
-                job.found(len(uids))
-                stop = _fetch(session, folder, status, uids[::-1], reset, job, totals, publish)
-                if stop is not None:
-                    totals.backfill_below = stop + 1
-                    break
+                return stop
+            below = low
+            progress(None)
+        return None
+
+    try:
+        if state is not None and same_generation and state.last_uid and resume is None:
+            _known_messages(session, state, status, job, totals, publish)
+        if newest_first:
+            if top is None:  # the first slice: the top is UIDNEXT's, or what the SEARCH finds
+                top = (status.uidnext or 1) - 1
+            stop = descend(below)
+            totals.backfill_below = stop + 1 if stop is not None else None
+            highest_found = max(highest_found, top)
+        else:
+            if above and status.uidnext is not None and status.uidnext <= start_at:
+                windows = []  # UIDNEXT says nothing arrived: no SEARCH
             else:
-                totals.backfill_below = None
-        elif pending is not None:
-            totals.backfill_below = pending
+                windows = list(session.iter_windows(start_at, status))
+            for low, high in windows:
+                pause_before(low)
+                # Everything above the checkpoint, whatever its date; on a first sync, the window.
+                uids = session.search(low, high, None if above else job.since)
+                job.found(len(uids))
+                stop = _fetch(session, folder, status, uids, reset, job, totals, publish,
+                              pause_before, progress)
+                if stop is not None:
+                    stopped_at = stop
+                    break
+                highest_found = max([highest_found, *uids])
+                progress(None)
+            if pending is not None and stopped_at is None and not totals.budget_exhausted:
+                # Resume the cut first sync, newest first, below where it stopped.
+                stop = descend(below if below is not None else pending)
+                totals.backfill_below = stop + 1 if stop is not None else None
+            elif pending is not None:
+                totals.backfill_below = below if below is not None else pending
     except ImapError as exc:
         raise FolderFailed(exc, totals.events) from exc
     last_uid = (stopped_at - 1 if stopped_at is not None
-                else max(above, highest_found, (status.uidnext or 1) - 1))
+                else max(above, highest_found,
+                         (status.uidnext or 1) - 1 if not newest_first else 0))
     job.publish(FolderSynced(run_id=s.run_id, mailbox_id=s.mailbox_id, lease_token=s.lease_token,
                              folder=folder.raw_name, uidvalidity=status.uidvalidity,
                              uidnext=status.uidnext if stopped_at is None else None,
@@ -297,18 +361,25 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
 
 def _fetch(session: Session, folder: FolderInfo, status: FolderStatus, uids: list[int],
            reset: int | None, job: FolderJob, totals: FolderTotals,
-           publish: Callable[[MessagesFetched], None]) -> int | None:
+           publish: Callable[[MessagesFetched], None],
+           pause_before: Callable[[int], None] = lambda _uid: None,
+           progress: Callable[[int | None], None] = lambda _uid: None) -> int | None:
     """Fetch and publish ``uids`` in the order given, in bounded batches; returns the first UID
-    the download budget did not allow (it and those after it are left), or None when all went."""
+    the download budget did not allow (it and those after it are left), or None when all went.
+    ``pause_before(uid)`` may end the slice (``FolderPaused``) before the work at ``uid``;
+    ``progress(uid)`` is told of each batch published, by its last UID."""
     s = job.stamp
     budget = job.budget
     for start in range(0, len(uids), META_CHUNK):
         chunk = uids[start:start + META_CHUNK]
+        pause_before(chunk[0])
         metas = session.metadata(chunk, message_ids=reset is not None)
         ordered = [metas[u] for u in chunk if u in metas]
         known = _known(ordered, reset, job)
         for group in batches([m for m in ordered if m.uid not in known],
                              job.limits.max_bytes, job.limits.max_count):
+            if not known:  # recognised ones are published after the chunk's batches
+                pause_before(group[0].uid)
             while group:
                 take, beyond = _affordable(group, budget)
                 if not take and not beyond:
@@ -331,7 +402,9 @@ def _fetch(session: Session, folder: FolderInfo, status: FolderStatus, uids: lis
                                         uidvalidity=status.uidvalidity,
                                         batch_no=totals.events, messages=tuple(messages)))
                 totals.messages += len(messages)
-                group = group[len(take) + len(beyond):]
+                done = len(take) + len(beyond)
+                progress(group[done - 1].uid)
+                group = group[done:]
         if known:
             recognised = tuple(
                 FetchedMessage(uid=m.uid, flags=m.flags, internal_date=m.internal_date,
@@ -343,6 +416,7 @@ def _fetch(session: Session, folder: FolderInfo, status: FolderStatus, uids: lis
                                     batch_no=totals.events, messages=recognised))
             totals.messages += len(recognised)
             totals.recognised += len(recognised)
+        progress(chunk[-1])
     return None
 
 

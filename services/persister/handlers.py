@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from mailferry import runs
+from mailferry import outbox, runs
 from mailferry.db import Connection
 from mailferry.errors import PermanentError, TransientError
 from mailferry.messages import (
@@ -65,9 +65,11 @@ def handle(event: FetcherEvent, deps: PersisterDeps) -> None:
                 # the run-level writes (batches, checkpoints, status) are keyed by run
                 raise PermanentError(f"run {event.run_id} belongs to mailbox {owner}, "
                                      f"not to mailbox {event.mailbox_id}")
-            summary, progress = apply(conn, event, prepared)
+            changes: list[outbox.Change] = []
+            summary, progress = apply(conn, event, prepared, changes)
             status = store.settle(conn, event.mailbox_id, event.run_id, event.lease_token,
                                   progress) if progress is not None else None
+            outbox.append(conn, event.mailbox_id, changes)  # last: the mailbox row's lock
     except psycopg.DataError as exc:
         # a value the schema cannot hold: the same event fails the same way every time, so it
         # goes to the dead letters at once rather than after the whole retry budget
@@ -111,20 +113,33 @@ def _prepare(event: FetcherEvent, conn: Connection) -> Any:
 Applied = tuple[dict[str, Any], runs.Progress | None]
 
 
-def _on_started(conn: Connection, e: SyncStarted, _: Any) -> Applied:
+# Each applier writes the event and adds to ``changes`` what it changed in the store (the change
+# stream, shared/outbox.py): a snapshot of the rows it touches before, the difference after.
+Changes = list[outbox.Change]
+
+
+def _on_started(conn: Connection, e: SyncStarted, _: Any, changes: Changes) -> Applied:
     return {}, runs.Progress(started_at=e.started_at, token=e.lease_token)
 
 
-def _on_folders(conn: Connection, e: FoldersListed, _: Any) -> Applied:
+def _on_folders(conn: Connection, e: FoldersListed, _: Any, changes: Changes) -> Applied:
+    before = outbox.folders_before(conn, e.mailbox_id)
     counts = store.upsert_folders(conn, e.mailbox_id, e.folders,
                                   store.initial_folders(conn, e.mailbox_id), e.first_listing,
                                   e.selection)
+    changes += outbox.folder_changes(conn, e.mailbox_id, before, f"{e.run_id}/{e.lease_token}")
     return counts, runs.Progress(folders_listed=True)
 
 
-def _on_messages(conn: Connection, e: MessagesFetched, incoming: list[store.Incoming]) -> Applied:
+def _on_messages(conn: Connection, e: MessagesFetched, incoming: list[store.Incoming],
+                 changes: Changes) -> Applied:
     folder = store.folder_id(conn, e.mailbox_id, e.folder)
+    uids = [m.uid for m in e.messages]
+    before = outbox.messages_before(conn, e.mailbox_id, folder, e.uidvalidity, uids,
+                                    [m.sha256 for m in incoming if m.sha256])
     store.store_messages(conn, e.mailbox_id, folder, e.uidvalidity, incoming, e.lease_token)
+    changes += outbox.message_changes(conn, e.mailbox_id, folder, e.uidvalidity, uids, before,
+                                      e.lease_token)
     new_batch = store.batch_stored(conn, e.run_id, e.lease_token, e.folder, e.batch_no,
                                    len(e.messages))
     summary = {"folder": e.folder, "messages": len(e.messages),
@@ -132,34 +147,42 @@ def _on_messages(conn: Connection, e: MessagesFetched, incoming: list[store.Inco
     return summary, runs.Progress(messages_stored=len(e.messages) if new_batch else 0)
 
 
-def _on_flags(conn: Connection, e: FlagsChanged, _: Any) -> Applied:
-    store.apply_flags(conn, store.folder_id(conn, e.mailbox_id, e.folder), e.uidvalidity,
-                      e.changes, e.lease_token)
+def _on_flags(conn: Connection, e: FlagsChanged, _: Any, changes: Changes) -> Applied:
+    folder = store.folder_id(conn, e.mailbox_id, e.folder)
+    uids = [c.uid for c in e.changes]
+    before = outbox.messages_before(conn, e.mailbox_id, folder, e.uidvalidity, uids)
+    store.apply_flags(conn, folder, e.uidvalidity, e.changes, e.lease_token)
+    changes += outbox.message_changes(conn, e.mailbox_id, folder, e.uidvalidity, uids, before,
+                                      e.lease_token)
     store.batch_stored(conn, e.run_id, e.lease_token, e.folder, e.batch_no, 0)
     return {"folder": e.folder, "changes": len(e.changes)}, runs.Progress()
 
 
-def _on_expunged(conn: Connection, e: MessagesExpunged, _: Any) -> Applied:
-    store.expunge(conn, store.folder_id(conn, e.mailbox_id, e.folder), e.uidvalidity, e.uids)
+def _on_expunged(conn: Connection, e: MessagesExpunged, _: Any, changes: Changes) -> Applied:
+    folder = store.folder_id(conn, e.mailbox_id, e.folder)
+    before = outbox.messages_before(conn, e.mailbox_id, folder, e.uidvalidity, e.uids)
+    store.expunge(conn, folder, e.uidvalidity, e.uids)
+    changes += outbox.message_changes(conn, e.mailbox_id, folder, e.uidvalidity, e.uids, before,
+                                      e.lease_token)
     store.batch_stored(conn, e.run_id, e.lease_token, e.folder, e.batch_no, 0)
     return {"folder": e.folder, "expunged": len(e.uids)}, runs.Progress()
 
 
-def _on_folder_synced(conn: Connection, e: FolderSynced, _: Any) -> Applied:
+def _on_folder_synced(conn: Connection, e: FolderSynced, _: Any, changes: Changes) -> Applied:
     store.folder_synced(conn, e)
     return {"folder": e.folder, "batches": e.batches, "error": e.error}, runs.Progress()
 
 
-def _on_finished(conn: Connection, e: SyncFinished, _: Any) -> Applied:
+def _on_finished(conn: Connection, e: SyncFinished, _: Any, changes: Changes) -> Applied:
     return {"folders": e.folders}, runs.Progress(folders_expected=e.folders, token=e.lease_token)
 
 
-def _on_failed(conn: Connection, e: SyncFailed, _: Any) -> Applied:
+def _on_failed(conn: Connection, e: SyncFailed, _: Any, changes: Changes) -> Applied:
     runs.fail(conn, e.run_id, e.mailbox_id, e.error_kind, e.error, e.finished_at)
     return {"error_kind": e.error_kind, "error": e.error}, None
 
 
-_APPLY: dict[type, Callable[[Connection, Any, Any], Applied]] = {
+_APPLY: dict[type, Callable[[Connection, Any, Any, Changes], Applied]] = {
     SyncStarted: _on_started,
     FoldersListed: _on_folders,
     MessagesFetched: _on_messages,

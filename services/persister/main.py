@@ -13,6 +13,7 @@ from mailferry.config import Settings
 from mailferry.service import run_worker, start
 from mailferry.services.persister.handlers import HANDLERS, PersisterDeps, event_given_up
 from mailferry.services.persister.indexer import Indexer
+from mailferry.services.persister.relay import Relay
 
 
 def main(settings: Settings) -> None:
@@ -31,6 +32,10 @@ def main(settings: Settings) -> None:
 
     indexer = Indexer(settings.database_url, lambda: last_event[0])
     indexer.start()
+    # The change stream's relay, on its own broker connection (services/persister/relay.py).
+    relay = Relay(settings.database_url, Publisher(settings.broker_url, settings.retry_delays),
+                  settings.changes_retention)
+    relay.start()
     try:
         run_worker(settings, topology.PERSISTER,
                    {kind: busy(handler) for kind, handler in HANDLERS.items()},
@@ -38,4 +43,6 @@ def main(settings: Settings) -> None:
                    prefetch=settings.persister_prefetch,
                    on_retry_exhausted=functools.partial(event_given_up, deps=deps))
     finally:
+        relay.stop()
+        relay.publisher.close()
         indexer.stop()

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from mailferry import runs
+from mailferry import outbox, runs
 from mailferry.db import Connection, mailbox_lock_key
 from mailferry.domain import enabled_on_discovery
 from mailferry.imap import decode_folder_name
@@ -115,13 +115,15 @@ def _advance_folder(conn: Connection, mailbox_id: int, f: dict[str, Any]) -> Non
     # A new UIDVALIDITY means the old UIDs name nothing any more (RFC 3501 2.3.1.1): their
     # placements become tombstones. The messages and raw bytes stay, so mail that comes back
     # under new UIDs is not stored twice.
-    conn.execute(
+    reset = conn.execute(
         """UPDATE message_folders mf SET expunged_at = now()
              FROM folders f
             WHERE f.id = mf.folder_id AND f.mailbox_id = %s AND f.raw_name = %s
-              AND mf.uidvalidity <> %s AND mf.expunged_at IS NULL""",
+              AND mf.uidvalidity <> %s AND mf.expunged_at IS NULL
+        RETURNING mf.folder_id, f.name AS folder, mf.uidvalidity, mf.uid, mf.message_id""",
         (mailbox_id, f["folder"], f["uidvalidity"]),
-    )
+    ).fetchall()
+    outbox.append(conn, mailbox_id, outbox.expunged_by_reset(mailbox_id, reset))
     # Checkpoints only move forward within one UIDVALIDITY; a new UIDVALIDITY starts over.
     conn.execute(
         """UPDATE folders

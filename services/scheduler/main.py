@@ -8,7 +8,7 @@ import threading
 import structlog
 
 from mailferry import db, metrics
-from mailferry.broker import Publisher
+from mailferry.app.publishing import PARALLEL_PUBLISHES, PublisherPool
 from mailferry.config import Settings
 from mailferry.errors import MailferryError
 from mailferry.service import start
@@ -19,7 +19,7 @@ log = structlog.get_logger(__name__)
 
 def main(settings: Settings) -> None:
     start(settings, "scheduler")
-    publisher = Publisher(settings.broker_url, settings.retry_delays)
+    publisher = PublisherPool(settings.broker_url, settings.retry_delays, PARALLEL_PUBLISHES)
     connection = db.Reconnecting(settings.database_url)
     metrics.watch_store(settings.database_url, scheduler_interval=settings.sync_interval)
     stop = threading.Event()

@@ -12,12 +12,16 @@ from __future__ import annotations
 from mailferry.app.dead_letters import list_dead_letters, replay_dead_letters
 from mailferry.app.mailboxes import (
     CheckResult,
+    ImportRefused,
+    LineError,
     MailboxChanges,
+    MailboxLine,
     Updated,
     add_mailbox,
     add_user,
     check_mailbox,
     get_mailbox,
+    import_mailboxes,
     list_folders,
     list_mailboxes,
     list_messages,
@@ -36,8 +40,9 @@ from mailferry.app.removal import remove_mailbox, remove_user
 from mailferry.notifications import list_notifications, pop_notifications
 
 __all__ = [
-    "CheckResult", "MailboxChanges", "Publish", "Updated", "add_mailbox", "add_user",
-    "check_mailbox", "get_mailbox", "list_dead_letters", "list_folders", "list_mailboxes",
+    "CheckResult", "ImportRefused", "LineError", "MailboxChanges", "MailboxLine", "Publish",
+    "Updated", "add_mailbox", "add_user", "check_mailbox", "get_mailbox", "import_mailboxes",
+    "list_dead_letters", "list_folders", "list_mailboxes",
     "list_messages", "list_notifications", "list_users", "pop_notifications", "publisher",
     "raw_message", "remove_mailbox", "remove_user", "replay_dead_letters", "request_sync",
     "rotate_keys", "run_states", "selection_notes", "set_folders", "status", "update_mailbox",

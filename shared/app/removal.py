@@ -73,7 +73,8 @@ def remove_mailbox(conn: db.Connection, mailbox_id: int, *, batch: int = DEFAULT
         raise InvalidInput("batch: must be at least 1")
     _fence(conn, mailbox_id)
     removed = {"mailbox_id": mailbox_id, "placements": 0, "messages": 0, "raw_messages": 0,
-               "raw_bytes": 0, "notifications": 0, "folders": 0, "run_records": 0}
+               "raw_bytes": 0, "notifications": 0, "folders": 0, "run_records": 0,
+               "changes": 0}
     for step in (_placements, _messages, _notifications):
         while (n := step(conn, mailbox_id, batch, removed)) > 0:
             if on_chunk is not None:
@@ -87,6 +88,9 @@ def remove_mailbox(conn: db.Connection, mailbox_id: int, *, batch: int = DEFAULT
         removed["run_records"] += conn.execute(
             """DELETE FROM sync_batches WHERE run_id IN
                    (SELECT id FROM sync_runs WHERE mailbox_id = %s)""", (mailbox_id,)).rowcount
+        # the change stream's rows name its mail (subjects, addresses): they go too
+        removed["changes"] += conn.execute(
+            "DELETE FROM change_outbox WHERE mailbox_id = %s", (mailbox_id,)).rowcount
         conn.execute("DELETE FROM mailboxes WHERE id = %s AND removing_at IS NOT NULL",
                      (mailbox_id,))
     return removed

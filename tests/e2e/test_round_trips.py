@@ -21,7 +21,8 @@ from mailferry.devkit.dovecot import Dovecot
 from mailferry.devkit.tcp_proxy import Command, TcpProxy, Traffic
 
 USER, PASSWORD = "carol", "round trips"
-FOLDERS = ("INBOX", "Work")
+EMPTY = "Empty"  # enabled, never holds mail: its UIDNEXT never moves
+FOLDERS = ("INBOX", "Work", EMPTY)
 # The commands an unchanged CONDSTORE folder may cost: the session, the folder list, one
 # EXAMINE/SELECT or STATUS per folder. Anything that reads messages or searches them is out.
 SESSION_VERBS = frozenset({
@@ -36,9 +37,11 @@ BODY_ITEMS = ("BODY[", "BODY.PEEK[", "BINARY[", "BINARY.PEEK[", "RFC822")  # RFC
 
 @contextmanager
 def _server(base: Path, hidden: Sequence[str] = ()) -> Iterator[Dovecot]:
-    """Dovecot with 180 messages in two folders; ``hidden`` capabilities not announced."""
+    """Dovecot with 180 messages in two folders and an empty third; ``hidden`` capabilities
+    not announced."""
     with Dovecot(base, capabilities_hidden=hidden) as server:
         server.add_user(USER, PASSWORD)
+        server.create_folder(USER, EMPTY)
         rng = random.Random(6)
         faults.fill(server, USER, "INBOX", range(120), rng)
         faults.fill(server, USER, "Work", range(120, 180), rng, flags=["\\Seen"])
@@ -74,6 +77,27 @@ def _first_and_second_sync(server: Dovecot, env: dict[str, str],
     return first, second
 
 
+def _while_open(folder: str, commands: list[Command]) -> list[Command]:
+    """The commands sent while ``folder`` was the one selected (up to the next selection)."""
+    out, inside = [], False
+    for command in commands:
+        if command.verb in ("EXAMINE", "SELECT", "UNSELECT", "CLOSE", "LOGOUT"):
+            inside = command.verb in ("EXAMINE", "SELECT") and folder in command.text
+        elif inside:
+            out.append(command)
+    return out
+
+
+def _assert_no_needless_round_trip(first: Traffic, second: Traffic) -> None:
+    """Issue 11: no CAPABILITY after a greeting that carried the capabilities (Dovecot's does),
+    and no SEARCH in a folder that is empty, on the first sync or any later one."""
+    assert "CAPABILITY" not in first.verbs + second.verbs, first.verbs
+    for traffic in (first, second):
+        assert EMPTY in " ".join(c.text for c in traffic.commands), traffic.verbs
+        searches = [c.text for c in _while_open(EMPTY, traffic.commands) if "SEARCH" in c.verb]
+        assert not searches, f"the empty folder was searched: {searches}"
+
+
 def _fetches(commands: list[Command]) -> list[str]:
     return [c.text.upper() for c in commands if c.verb in ("FETCH", "UID FETCH")]
 
@@ -97,6 +121,7 @@ def test_a_resync_of_an_unchanged_condstore_mailbox_sends_no_fetch_and_no_search
     reads = [c.text for c in second.commands if c.verb in READS]
     assert not reads, f"an unchanged CONDSTORE folder was read: {reads}"
     assert set(second.verbs) <= SESSION_VERBS, second.verbs
+    _assert_no_needless_round_trip(first, second)
     # A few round trips per session and folder, whatever the folders hold (180 messages here).
     assert len(second.commands) <= 8 + 2 * len(FOLDERS), second.verbs
 
@@ -115,3 +140,4 @@ def test_a_resync_without_condstore_fetches_flags_but_no_message_body(
     assert not bodies, f"an unchanged folder's messages were downloaded again: {bodies}"
     # Without CONDSTORE only a flags pass can find re-flagged messages (invariant 7).
     assert any("FLAGS" in text for text in fetches), second.verbs
+    _assert_no_needless_round_trip(first, second)

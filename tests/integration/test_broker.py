@@ -4,10 +4,12 @@ dead-letter with the reason, never drop."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -27,13 +29,14 @@ def _command() -> messages.SyncMailbox:
 @contextmanager
 def _worker(settings: Settings, handler: Callable[[Any], None],
             exhausted: list[tuple[messages.AnyMessage, BaseException]] | None = None,
-            ) -> Iterator[Publisher]:
+            concurrency: int = 1, heartbeat: float = 30.0) -> Iterator[Publisher]:
     """A fetcher-queue worker whose HANDLERS send SyncMailbox and MessagesFetched to
     ``handler``; SyncFolders has no handler."""
     publisher = Publisher(settings.broker_url, DELAYS)
     worker = Worker(url=settings.broker_url, work=topology.FETCHER,
                     handlers={messages.SyncMailbox: handler, messages.MessagesFetched: handler},
-                    publisher=publisher, retry_delays=DELAYS,
+                    publisher=publisher, retry_delays=DELAYS, concurrency=concurrency,
+                    prefetch=concurrency, heartbeat=heartbeat,
                     on_retry_exhausted=(lambda m, e: exhausted.append((m, e)))
                     if exhausted is not None else None)
     thread = threading.Thread(target=worker.run, daemon=True)
@@ -230,3 +233,62 @@ def test_a_command_published_by_hand_without_requested_by_says_broker() -> None:
                               '"mailbox_id": 7}'.encode())
     assert isinstance(decoded, messages.SyncMailbox)
     assert decoded.requested_by == "broker"
+
+
+def _queue_is_empty(settings: Settings) -> bool:
+    with connect(settings.broker_url) as conn:
+        declared = conn.default_channel.queue_declare(topology.FETCHER.name, passive=True)
+    return bool(declared.message_count == 0)
+
+
+def test_a_worker_runs_as_many_handlers_at_once_as_its_concurrency_and_acks_each(
+    settings: Settings
+) -> None:
+    together = threading.Barrier(3, timeout=10)  # passes only if three handlers wait at once
+    done: list[messages.AnyMessage] = []
+
+    def waits_for_the_others(message: messages.AnyMessage) -> None:
+        together.wait()
+        done.append(message)
+
+    with _worker(settings, waits_for_the_others, concurrency=3) as publisher:
+        commands = [_command() for _ in range(3)]
+        for command in commands:
+            publisher.publish(command)
+        assert services.eventually(lambda: len(done) == 3, timeout=15)
+        time.sleep(0.5)  # the acks go out
+    assert _queue_is_empty(settings)  # acked: nothing came back when the worker stopped
+    assert sorted(str(m.run_id) for m in done) == sorted(str(c.run_id) for c in commands)
+    assert not together.broken
+    assert _dead_letters(settings) == []
+
+
+def test_a_handler_longer_than_two_heartbeats_keeps_its_connection_and_runs_once(
+    settings: Settings, vhost: tuple[str, str]
+) -> None:
+    calls: list[messages.AnyMessage] = []
+    finished: list[messages.AnyMessage] = []
+    heartbeats: list[object] = []
+
+    def slow(message: messages.AnyMessage) -> None:
+        calls.append(message)
+        started = time.monotonic()
+
+        def negotiated() -> list[object]:
+            listed = services.rabbit_api("GET", f"/vhosts/{quote(vhost[0], safe='')}"
+                                                "/connections")
+            assert isinstance(listed, list)
+            return [c.get("timeout") for c in listed if c.get("timeout")]
+
+        heartbeats.extend(services.eventually(negotiated, timeout=6, interval=0.5))
+        # RabbitMQ closes a connection silent for two heartbeats (2 s each)
+        time.sleep(max(0.0, 8 - (time.monotonic() - started)))
+        finished.append(message)
+
+    with _worker(settings, slow, heartbeat=2) as publisher:
+        publisher.publish(_command())
+        assert services.eventually(lambda: finished, timeout=30)
+        time.sleep(1)  # the ack goes out; a redelivery would show now
+    assert len(calls) == 1
+    assert _queue_is_empty(settings)
+    assert 2 in heartbeats  # the consuming connection negotiated 2 s heartbeats

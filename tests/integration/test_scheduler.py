@@ -10,7 +10,9 @@ import pytest
 from mailferry import db, messages, topology
 from mailferry.broker import Publisher, connect
 from mailferry.config import Settings
+from mailferry.errors import BrokerUnavailable
 from mailferry.services.scheduler.handlers import tick
+from mailferry.sync_requests import request_syncs
 
 
 @pytest.fixture
@@ -144,3 +146,23 @@ def test_a_throttled_mailbox_waits_for_its_back_off_then_is_due_within_the_inter
     again = runs.throttled(conn, second, mailbox, "NO [THROTTLED]", base=300, cap=3600)
     doubled = conn.execute("SELECT extract(epoch FROM %s - now()) AS s", (again,)).fetchone()
     assert doubled is not None and 300 - 1 <= doubled["s"] <= 600  # the second in a row: doubled
+
+
+def test_when_the_broker_fails_mid_tick_the_unpublished_mailboxes_are_due_again_at_once(
+    conn: db.Connection, settings: Settings, publisher: Publisher
+) -> None:
+    ids = _mailboxes(conn, enabled=4)
+    calls: list[int] = []
+
+    def failing_second(message: messages.AnyMessage) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise BrokerUnavailable("publish to RabbitMQ failed: injected")
+        publisher.publish(message)
+
+    with pytest.raises(BrokerUnavailable):
+        request_syncs(conn, failing_second, ids, requested_by="scheduler")
+    runs = conn.execute("SELECT mailbox_id, status FROM sync_runs ORDER BY mailbox_id").fetchall()
+    assert [(r["mailbox_id"], r["status"]) for r in runs] == [(ids[0], "queued"), (ids[1], "failed")]
+    assert tick(conn, publisher.publish, settings) == 2  # the two never published
+    assert sorted(c.mailbox_id for c in _queued_commands(settings)) == [ids[0], ids[2], ids[3]]

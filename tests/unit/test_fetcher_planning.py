@@ -232,3 +232,67 @@ def test_a_folder_the_server_will_not_open_fails_alone_with_no_event_out() -> No
     with pytest.raises(planning.FolderFailed) as failure:
         planning.sync_folder(session, INBOX, None, _job([]))
     assert (failure.value.kind, failure.value.events) == ("protocol", 0)
+
+
+def _slices(session: FakeSession, state: FolderState | None, job: planning.FolderJob,
+            published: list[AnyMessage]) -> int:
+    """Sync the folder pausing after every batch, resuming each time; returns the slices."""
+    resume = None
+    for count in range(1, 100):
+        try:
+            planning.sync_folder(session, INBOX, state, job, resume)
+        except planning.FolderPaused as paused:
+            resume = paused.resume
+            continue
+        return count
+    raise AssertionError("the folder never finished")
+
+
+def test_a_folder_paused_after_every_batch_publishes_each_message_once_numbered_on() -> None:
+    uids = {u: 40 for u in range(1, 12)}
+    published: list[AnyMessage] = []
+    job = _job(published)
+    job.pause = lambda: True
+    slices = _slices(FakeSession(uids=dict(uids)), _state(0), job, published)
+    fetched = [e for e in published if isinstance(e, MessagesFetched)]
+    closing = [e for e in published if isinstance(e, FolderSynced)]
+    assert slices == len(fetched) > 3  # one batch a slice
+    assert [m.uid for e in fetched for m in e.messages] == sorted(uids)
+    assert [e.batch_no for e in fetched] == list(range(len(fetched)))
+    assert [(e.batches, e.messages, e.last_uid) for e in closing] == [(len(fetched), 11, 11)]
+
+
+def test_a_resumed_folder_does_not_redo_its_flag_pass_nor_search_below_where_it_stopped() -> None:
+    session = FakeSession(uids={u: 40 for u in range(1, 12)}, window=100)
+    published: list[AnyMessage] = []
+    job = _job(published)
+    job.pause = lambda: True
+    with pytest.raises(planning.FolderPaused) as first:
+        planning.sync_folder(session, INBOX, _state(2), job)
+    resume = first.value.resume
+    assert (resume.next_uid, resume.above, resume.events) == (5, 2, 1)
+    session.calls.clear()
+    job.pause = lambda: False
+    planning.sync_folder(session, INBOX, _state(2), job, resume)
+    assert not [c for c in session.calls if c.startswith("flags")]
+    assert [c for c in session.calls if c.startswith("search")] == ["search 5:11"]
+    done = published[-1]
+    assert isinstance(done, FolderSynced)
+    assert (done.batches, done.last_uid, done.messages) == (5, 11, 9)
+
+
+def test_a_uidvalidity_reset_between_two_slices_starts_the_folder_over_numbering_on() -> None:
+    session = FakeSession(uids={u: 40 for u in range(1, 6)})
+    published: list[AnyMessage] = []
+    job = _job(published)
+    job.pause = lambda: True
+    with pytest.raises(planning.FolderPaused) as first:
+        planning.sync_folder(session, INBOX, None, job)
+    session.generation = 8
+    job.pause = lambda: False
+    planning.sync_folder(session, INBOX, None, job, first.value.resume)
+    fetched = [e for e in published if isinstance(e, MessagesFetched)]
+    assert [e.batch_no for e in fetched] == list(range(len(fetched)))
+    assert [e.uidvalidity for e in fetched][-1] == 8
+    assert sorted(m.uid for e in fetched if e.uidvalidity == 8
+                  for m in e.messages) == [1, 2, 3, 4, 5]

@@ -13,7 +13,6 @@ Three kinds of evidence, because the parser's promise is about *any* input:
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -623,12 +622,13 @@ def test_a_utf16_body_with_a_lone_surrogate_is_cleaned() -> None:
     assert_well_formed(parsed)
 
 
+# Quadratic work on a megabyte would run for minutes: the timeout marks a blow-up, not a speed goal
+# (speed lives in bench/).
+@pytest.mark.timeout(60)
 def test_a_one_megabyte_header_line_is_handled() -> None:
-    started = time.perf_counter()
     parsed = parse_message(mime("Subject: " + "x" * 1_000_000, "To: " + "a@b.c, " * 150_000))
     assert parsed.subject == "x" * 1_000_000
     assert parsed.to == ["a@b.c"]
-    assert time.perf_counter() - started < 5
 
 
 @pytest.mark.parametrize(
@@ -652,23 +652,21 @@ def test_a_one_megabyte_header_line_is_handled() -> None:
         "date",
     ],
 )
-def test_a_hostile_one_megabyte_header_is_handled_quickly(header: str) -> None:
-    started = time.perf_counter()
+@pytest.mark.timeout(60)
+def test_a_hostile_one_megabyte_header_is_handled_without_a_blow_up(header: str) -> None:
     parsed = parse_message(mime(header))
     assert_well_formed(parsed)
-    assert time.perf_counter() - started < 5
 
 
-def test_ten_thousand_mime_parts_parse_quickly() -> None:
+@pytest.mark.timeout(60)
+def test_ten_thousand_mime_parts_parse_without_a_blow_up() -> None:
     parts = b"".join(
         b"--b\r\nContent-Type: application/octet-stream; name=f%d.bin\r\n"
         b"Content-Transfer-Encoding: base64\r\n\r\nAAAA\r\n" % i
         for i in range(10_000)
     )
     raw = mime("Content-Type: multipart/mixed; boundary=b", body=parts + b"--b--\r\n")
-    started = time.perf_counter()
     parsed = parse_message(raw)
-    assert time.perf_counter() - started < 5
     assert len(parsed.attachments) == 10_000
     assert parsed.attachments[-1] == Attachment(
         filename="f9999.bin", content_type="application/octet-stream", size=3

@@ -137,3 +137,55 @@ def test_without_a_budget_a_first_sync_keeps_its_oldest_first_order() -> None:
     planning.sync_folder(session, INBOX, None, _job(published, Budget()))
     assert _fetched(published) == [1, 2, 3, 4, 5]
     assert _synced(published).backfill_below is None
+
+
+def _sliced(session: FakeSession, state: FolderState | None,
+            job: planning.FolderJob) -> list[planning.FolderResume]:
+    """Sync the folder pausing after every batch, resuming each time (as ContinueSync does);
+    returns where each slice stopped."""
+    from mailferry.messages import FolderResume
+
+    stops: list[FolderResume] = []
+    job.pause = lambda: True
+    for _ in range(100):
+        try:
+            planning.sync_folder(session, INBOX, state, job, stops[-1] if stops else None)
+        except planning.FolderPaused as paused:
+            stops.append(paused.resume)
+            continue
+        return stops
+    raise AssertionError("the folder never finished")
+
+
+def test_a_sliced_first_sync_under_a_budget_stays_newest_first_across_its_slices() -> None:
+    session = FakeSession(uids={uid: 1000 for uid in range(1, 11)}, window=4)
+    published: list[AnyMessage] = []
+    # the same budget object across slices: each slice's is opened from the stored usage
+    stops = _sliced(session, None, _job(published, Budget(5 * budget.cost(1000))))
+    assert len(stops) >= 2 and all(s.newest_first for s in stops)
+    assert _fetched(published) == [10, 9, 8, 7, 6]
+    done = _synced(published)
+    assert (done.last_uid, done.backfill_below, done.messages) == (10, 6, 5)
+    assert [e.batch_no for e in published if isinstance(e, MessagesFetched)] == list(range(3))
+
+
+def test_a_sliced_backfill_fetches_new_mail_first_then_goes_on_below_where_it_paused() -> None:
+    session = FakeSession(uids={uid: 1000 for uid in range(1, 15)}, window=4)
+    state = FolderState(mailbox_id=1, raw_name="INBOX", sync_enabled=True, uidvalidity=7,
+                        last_uid=10, highest_modseq=None, backfill_below=8)
+    published: list[AnyMessage] = []
+    stops = _sliced(session, state, _job(published, Budget(8 * budget.cost(1000))))
+    assert any(s.below is not None for s in stops)  # paused inside the backfill too
+    assert _fetched(published) == [11, 12, 13, 14, 7, 6, 5, 4]
+    done = _synced(published)
+    assert (done.last_uid, done.backfill_below) == (14, 4)
+
+
+def test_a_sliced_backfill_that_ends_clears_backfill_below() -> None:
+    session = FakeSession(uids={uid: 1000 for uid in range(1, 11)}, window=2)
+    state = FolderState(mailbox_id=1, raw_name="INBOX", sync_enabled=True, uidvalidity=7,
+                        last_uid=10, highest_modseq=None, backfill_below=6)
+    published: list[AnyMessage] = []
+    _sliced(session, state, _job(published, Budget(100 * budget.cost(1000))))
+    assert _fetched(published) == [5, 4, 3, 2, 1]
+    assert (_synced(published).last_uid, _synced(published).backfill_below) == (10, None)
