@@ -114,7 +114,8 @@ def timed_tick(conn: db.Connection, publisher: PublisherPool, settings: Settings
     return {"queued": queued, "seconds": round(total, 4), "steps": spent}
 
 
-def explain(conn: db.Connection, sql: str, params: tuple[Any, ...]) -> list[str]:
+def explain(conn: db.Connection, sql: str,
+            params: tuple[Any, ...] | dict[str, Any]) -> list[str]:
     """The plan as run (in a transaction rolled back: the expiry is an UPDATE)."""
     try:
         with conn.transaction():
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(queued {result['queued']}; {result['steps']})", flush=True)
                 conn.execute("UPDATE sync_runs SET status = 'done' WHERE status = 'queued'")
             make_due(conn, args.few, interval)
-            report["explain_due"] = explain(conn, sync_requests.DUE_MAILBOXES, (interval,))
+            report["explain_due"] = explain(conn, sync_requests.DUE_MAILBOXES, {"interval": interval})
             report["explain_expire"] = explain(conn, EXPIRE, (["queued", "running"],
                                                               settings.run_timeout))
         finally:

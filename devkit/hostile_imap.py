@@ -49,6 +49,12 @@ client reaches its sync part before the server turns on it:
 - ``long_line``: models a server that never ends a line. The first sync command is answered with
   one untagged line of ``long_line_bytes`` (default 50 MB) with no CRLF, streamed, and then the
   connection closes. Only a cap on line length protects the client.
+- ``refuse``: models a provider that limits the account. ``refusal=(COMMAND, ANSWER)``: every
+  COMMAND (``GREETING`` for the greeting, ``AUTHENTICATE``, ``LOGIN``, ``EXAMINE``, ``FETCH``...)
+  is answered with ANSWER's lines, ``{tag}`` replaced by the command's tag; after a ``* BYE`` line
+  the connection closes. E.g. Gmail's ``{tag} NO [ALERT] Too many simultaneous connections.
+  (Failure)`` on AUTHENTICATE, or Exchange's ``{tag} BAD Request is throttled. Suggested Backoff
+  Time: 299961 milliseconds`` then ``* BYE Connection closed. 14`` on FETCH.
 
 Every loop of the server (reading, streaming, dripping) ends when the client disconnects, when
 :meth:`HostileImapServer.stop` is called, or after ``stream_deadline`` seconds, whichever is first.
@@ -214,6 +220,10 @@ class _GeneratedPayload(_Payload):
 
 class _Gone(Exception):
     """The client left, the server is stopping, or a stream ran past its deadline."""
+
+
+class _Refused(Exception):
+    """The command was answered with the configured refusal; the session goes on."""
 
 
 class _Hangup(Exception):
@@ -404,7 +414,7 @@ class HostileImapServer:
 
     BEHAVIOURS: tuple[str, ...] = (
         "healthy", "slow_drip", "endless_list", "lying_size", "huge_folder", "garbage_literal",
-        "disconnect_mid_literal", "bye_mid_command", "long_line", "idle_drip",
+        "disconnect_mid_literal", "bye_mid_command", "long_line", "idle_drip", "refuse",
     )
 
     def __init__(
@@ -423,6 +433,7 @@ class HostileImapServer:
         long_line_bytes: int = 50_000_000,
         bye_times: int = 1,
         bye_text: str = "server shutting down",
+        refusal: tuple[str, str] = ("AUTHENTICATE", "{tag} NO [UNAVAILABLE] Try again later"),
         stream_deadline: float = 300.0,
         idle_timeout: float = 120.0,
     ) -> None:
@@ -448,6 +459,7 @@ class HostileImapServer:
         self.drip_interval = drip_interval
         self.literal_bytes = literal_bytes
         self.long_line_bytes = long_line_bytes
+        self.refusal = (refusal[0].upper(), refusal[1])
         self.stream_deadline = stream_deadline
         self.idle_timeout = idle_timeout
         self.host = "127.0.0.1"
@@ -672,6 +684,8 @@ class _Session:
     def run(self) -> None:
         try:
             caps = " ".join(self.server.capabilities)
+            if self.behaviour == "refuse" and self.server.refusal[0] == "GREETING":
+                self._refuse("*")
             self._send(f"* OK [CAPABILITY {caps}] Hostile IMAP ready\r\n".encode())
             while True:
                 raw = self._read_command()
@@ -728,7 +742,10 @@ class _Session:
         # Every command, hostile streams included, ends within stream_deadline.
         self._stream_deadline = time.monotonic() + self.server.stream_deadline
         try:
-            self._turn_hostile_before(cmd)
+            try:
+                self._turn_hostile_before(cmd)
+            except _Refused:
+                return
             try:
                 reply = handler(self, cmd)
             except _Bad as exc:
@@ -757,8 +774,18 @@ class _Session:
 
     # -- misbehaviours --------------------------------------------------------------------------
 
+    def _refuse(self, tag: str) -> None:
+        """The configured refusal, instead of the answer; a BYE in it ends the connection."""
+        lines = [line.replace("{tag}", tag) for line in self.server.refusal[1].splitlines()]
+        self._send("".join(f"{line}\r\n" for line in lines).encode())
+        if any(line.startswith("* BYE") for line in lines):
+            raise _Hangup
+        raise _Refused
+
     def _turn_hostile_before(self, cmd: _Command) -> None:
         """Misbehaviours that replace the whole answer and end the connection."""
+        if self.behaviour == "refuse" and cmd.name == self.server.refusal[0]:
+            self._refuse(cmd.tag)
         if not self.authenticated:
             return
         if self.behaviour == "bye_mid_command" and cmd.name in ("SELECT", "EXAMINE", "FETCH") \

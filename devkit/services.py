@@ -128,13 +128,15 @@ class ServiceProcesses:
         self.log_dir = log_dir
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, service: str, count: int = 1) -> None:
+    def start(self, service: str, count: int = 1, env: Mapping[str, str] | None = None) -> None:
+        """``count`` processes of ``service``; ``env`` adds to the deployment's environment
+        (e.g. its own ``MAILFERRY_METRICS_PORT``)."""
         for _ in range(count):
             index = sum(1 for name, _ in self.processes if name == service)
             log = open(self.log_dir / f"{service}-{index}.log", "wb")  # noqa: SIM115
             process = subprocess.Popen(
                 [sys.executable, "-m", "mailferry.services.cli.main", service],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             )
             self.processes.append((service, process))
 

@@ -46,7 +46,7 @@ from kombu.mixins import ConsumerMixin
 from kombu.transport.base import Message
 from pydantic import ValidationError
 
-from mailferry import messages, topology
+from mailferry import messages, metrics, topology
 from mailferry.errors import BrokerUnavailable, PermanentError
 
 log = structlog.get_logger(__name__)
@@ -453,6 +453,7 @@ class Worker(ConsumerMixin):
             },
             content_type=message.content_type,
         )
+        metrics.DEAD_LETTERED.labels(self.work.name).inc()
         log.error("message.dead_lettered", type=message.properties.get("type"), reason=reason)
 
     def install_signal_handlers(self) -> None:

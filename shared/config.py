@@ -91,6 +91,20 @@ class Settings(BaseSettings):
     notifier_tick: float = Field(default=15.0, gt=0, description="seconds between retry passes")
     notify_retry_base: float = Field(default=30.0, gt=0, description="first retry of a channel")
 
+    # Prometheus metrics (shared/metrics.py): off when no port is set. Under `mailferry up`, each
+    # child process takes the next port (the supervisor's children in order, from this one).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_addr: str = "0.0.0.0"
+
+    # Provider limits (README "Provider limits"). A download budget per mailbox over a rolling
+    # window, in MB of 1,000,000 bytes; unset: none, except the presets (Gmail: 2,500 MB a day).
+    download_budget_mb: float | None = Field(default=None, gt=0)
+    download_budget_window: float = Field(default=24 * 3600.0, gt=0, description="seconds")
+    # A throttled mailbox waits this long before its next sync, doubling while it stays throttled
+    # (with jitter), at most throttle_backoff_max; a server's own suggestion wins when longer.
+    throttle_backoff: float = Field(default=300.0, gt=0, description="seconds")
+    throttle_backoff_max: float = Field(default=6 * 3600.0, gt=0, description="seconds")
+
     # The change stream (shared/outbox.py): published rows are kept this long for consumers
     # catching up (`mailferry changes list --since SEQ`), then pruned by the relay.
     changes_retention: float = Field(default=7 * 86400.0, gt=0, description="seconds")

@@ -14,7 +14,8 @@ class ErrorKind(StrEnum):
     """Why a run failed, as recorded with it and carried by SyncFailed."""
 
     AUTH = "auth"  # the server refused the credentials
-    CONNECTION = "connection"  # refused, unreachable, dropped, [UNAVAILABLE]
+    CONNECTION = "connection"  # refused, unreachable, dropped
+    THROTTLED = "throttled"  # the provider limits us: [THROTTLED], [UNAVAILABLE], too many connections
     TLS = "tls"
     PROTOCOL = "protocol"  # a NO/BAD answer, or an answer beyond the limits
     TIMEOUT = "timeout"  # a deadline passed, or the run was never finished (expired)
@@ -64,9 +65,22 @@ class ImapError(MailferryError):
 
 
 class ImapConnectionError(ImapError, TransientError):
-    """Refused, unreachable, timed out, dropped, or [UNAVAILABLE]."""
+    """Refused, unreachable, timed out, or dropped."""
 
     kind = ErrorKind.CONNECTION
+
+
+class ImapThrottled(ImapError, TransientError):
+    """The provider limits this account now ([THROTTLED], [OVERQUOTA], [UNAVAILABLE], "too many
+    simultaneous connections", a BYE with a rate-limit text): never a credentials problem. The
+    fetcher backs the mailbox off (``mailboxes.throttled_until``) instead of retrying soon.
+    ``retry_after``: the seconds the server suggested, when it said (Exchange does)."""
+
+    kind = ErrorKind.THROTTLED
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ImapTlsError(ImapError, PermanentError):

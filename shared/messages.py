@@ -88,6 +88,12 @@ class FolderResume(BaseModel):
     above: int  # the checkpoint this folder's sync started from (0: a first sync)
     events: int
     messages: int
+    # The download budget's order (shared/budget.py): a first sync under a budget goes newest
+    # first, and ``next_uid - 1`` is then the top it covers; ``below``: that descending pass (or
+    # a backfill of an earlier cut first sync) has fetched everything from here up, and goes on
+    # below it.
+    newest_first: bool = False
+    below: int | None = None
 
 
 class ContinueSync(_Message):
@@ -241,6 +247,9 @@ class FolderSynced(FetcherEvent):
     batches: int
     messages: int
     error: str | None = None
+    # A first sync cut by the download budget (newest mail first): UIDs below this one, in the
+    # first-sync window, are still to fetch. None: nothing is pending.
+    backfill_below: int | None = None
 
 
 class SyncFinished(FetcherEvent):

@@ -68,11 +68,13 @@ class FolderState:
     uidvalidity: int | None
     last_uid: int
     highest_modseq: int | None
+    backfill_below: int | None = None  # a first sync cut by the download budget: UIDs below
 
 
 def folder_states(conn: Connection, mailbox_id: int) -> dict[str, FolderState]:
     rows = conn.execute(
-        """SELECT mailbox_id, raw_name, sync_enabled, uidvalidity, last_uid, highest_modseq
+        """SELECT mailbox_id, raw_name, sync_enabled, uidvalidity, last_uid, highest_modseq,
+                  backfill_below
            FROM folders WHERE mailbox_id = %s""",
         (mailbox_id,),
     ).fetchall()

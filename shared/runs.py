@@ -3,7 +3,7 @@
 ::
 
     request ──> queued ──record(started)──> running ──finish──> done | failed
-                  │                  └──fail / give_up──> failed
+                  │                  └──fail / give_up / throttled──> failed
                   └──────────expire (MAILFERRY_RUN_TIMEOUT)──> expired
 
 A run is what someone asked for (the scheduler, an operator, a push); attempts at it are fetcher
@@ -218,7 +218,8 @@ def finish(conn: Connection, run: Run, error: str | None) -> RunStatus:
     was = _credentials(conn, run.mailbox_id)
     conn.execute(
         """UPDATE mailboxes SET last_sync_at = now(), last_sync_status = %s, last_error = %s,
-                  last_error_kind = %s, credentials_invalid_at = NULL
+                  last_error_kind = %s, credentials_invalid_at = NULL,
+                  throttled_until = NULL, throttle_count = 0
             WHERE id = %s""",
         (status, error, kind, run.mailbox_id),
     )
@@ -254,6 +255,41 @@ def _fail(conn: Connection, run_id: uuid.UUID, mailbox_id: int, kind: ErrorKind,
         outbox.append(conn, mailbox_id, [outbox.Change(
             outbox.change_id(mailbox_id, "credentials-invalid", run_id),
             MailboxCredentialsInvalid, {"error": clean_text(error)[:2000]})])
+
+
+def throttled(conn: Connection, run_id: uuid.UUID, mailbox_id: int, error: str, *,
+              base: float, cap: float, suggested: float | None = None) -> datetime:
+    """The provider limits the account: the run fails with ``throttled`` (never "credentials
+    invalid", never retried at once) and the mailbox is backed off until the returned time:
+    ``base`` doubling with each throttle in a row, at most ``cap``, with jitter (half of it
+    fixed, half random, so that mailboxes throttled together do not come back together), and
+    never sooner than the server's own suggestion. The scheduler skips it until then.
+
+    On the change stream it is a failed run like any other (MailboxSyncFailed, with
+    ``error_kind`` "throttled"), in the same transaction."""
+    with conn.transaction():
+        return _throttled(conn, run_id, mailbox_id, error, base=base, cap=cap,
+                          suggested=suggested)
+
+
+def _throttled(conn: Connection, run_id: uuid.UUID, mailbox_id: int, error: str, *,
+               base: float, cap: float, suggested: float | None) -> datetime:
+    _close(conn, run_id, RunStatus.FAILED, ErrorKind.THROTTLED, error)
+    row = conn.execute(
+        """UPDATE mailboxes
+              SET throttle_count = throttle_count + 1,
+                  throttled_until = now() + make_interval(secs => GREATEST(%(suggested)s,
+                      LEAST(%(cap)s, %(base)s * power(2, LEAST(throttle_count, 30)))
+                      * (0.5 + random() * 0.5))),
+                  last_sync_at = now(), last_sync_status = %(status)s, last_error = %(error)s,
+                  last_error_kind = %(kind)s
+            WHERE id = %(id)s RETURNING throttled_until""",
+        {"suggested": suggested or 0.0, "cap": cap, "base": base, "status": RunStatus.FAILED,
+         "error": clean_text(error)[:2000], "kind": ErrorKind.THROTTLED, "id": mailbox_id},
+    ).fetchone()
+    assert row is not None
+    until: datetime = row["throttled_until"]
+    return until
 
 
 def give_up(conn: Connection, run_id: uuid.UUID, mailbox_id: int, reason: str,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import structlog
 
-from mailferry import db
+from mailferry import db, metrics
 from mailferry.broker import Handlers, Publisher, PublisherPool, RetryExhausted, Worker
 from mailferry.config import Settings
 from mailferry.logging import configure_logging
@@ -26,6 +26,7 @@ def start(settings: Settings, service: str) -> None:
     configure_logging(settings.log_level, settings.log_format, service=service)
     applied = db.migrate_when_ready(settings.database_url)
     log.info("service.starting", worker=worker_id(service), migrations_applied=applied)
+    metrics.serve(service, settings.metrics_port, settings.metrics_addr)
 
 
 def run_worker(settings: Settings, work: WorkQueue, handlers: Handlers,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from mailferry import runs
+from mailferry import metrics, runs
 from mailferry.db import Connection
 from mailferry.errors import BrokerUnavailable
 from mailferry.messages import AnyMessage, SyncFolders, SyncMailbox
@@ -65,6 +65,8 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
                         folders=only)
             for m in chunk if m in queued]
         published, failed, skipped = _publish_all(publish, commands, parallel)
+        if published:  # queued, whatever befalls the rest of the chunk
+            metrics.RUNS_REQUESTED.labels(metrics.reason(requested_by)).inc(len(published))
         if failed:
             for message, exc in failed:
                 runs.publish_failed(conn, message.run_id, str(exc))
@@ -153,25 +155,40 @@ def _request_one(conn: Connection, publish: Callable[[AnyMessage], None], mailbo
     except BrokerUnavailable as exc:
         runs.publish_failed(conn, run_id, str(exc))
         raise
+    metrics.RUNS_REQUESTED.labels(metrics.reason(requested_by)).inc()
     return Requested(mailbox_id, run_id, queued=True)
 
 
+# Two index range scans: the mailboxes whose interval is over (a throttled one among them waits
+# for its back-off: a filter after the scan, throttled mailboxes are few), and the ones whose
+# back-off ended since their last request (due at once, whatever the interval).
 DUE_MAILBOXES = """
-SELECT m.id FROM mailboxes m
- WHERE m.sync_enabled AND m.credentials_invalid_at IS NULL AND m.removing_at IS NULL
-   AND m.sync_requested_at <= now() - make_interval(secs => %s)
-   AND NOT EXISTS (SELECT 1 FROM sync_runs r WHERE r.mailbox_id = m.id
+SELECT due.id FROM (
+    SELECT m.id FROM mailboxes m
+     WHERE m.sync_enabled AND m.credentials_invalid_at IS NULL AND m.removing_at IS NULL
+       AND m.sync_requested_at <= now() - make_interval(secs => %(interval)s)
+       AND (m.throttled_until IS NULL OR m.throttled_until <= now())
+    UNION
+    SELECT m.id FROM mailboxes m
+     WHERE m.sync_enabled AND m.credentials_invalid_at IS NULL AND m.removing_at IS NULL
+       AND m.throttled_until IS NOT NULL AND m.throttled_until <= now()
+       AND m.sync_requested_at < m.throttled_until
+) due
+ WHERE NOT EXISTS (SELECT 1 FROM sync_runs r WHERE r.mailbox_id = due.id
                       AND r.status IN ('queued', 'running'))
- ORDER BY m.id"""
+ ORDER BY due.id"""
 
 
 def due_mailboxes(conn: Connection, interval_seconds: float) -> list[int]:
     """Enabled mailboxes with working credentials, nothing queued or running, and no run asked
     for within the interval (a failed run waits too: no hammering a broken server). Push runs
     (of the folders that changed) do not count: the schedule stays the full safety net (the
-    trigger of migrations 0011/0014 leaves them out of ``sync_requested_at``). One range scan of
-    ``mailboxes_due_idx`` (migration 0011): the cost follows the due mailboxes, not the table."""
-    rows = conn.execute(DUE_MAILBOXES, (interval_seconds,)).fetchall()
+    trigger of migrations 0011/0014 leaves them out of ``sync_requested_at``). A throttled
+    mailbox waits until its ``throttled_until``, and is due then (its sync did not happen).
+    One range scan of ``mailboxes_due_idx`` (migration 0011) and one of
+    ``mailboxes_throttled_idx`` (0016): the cost follows the due and the throttled mailboxes,
+    not the table."""
+    rows = conn.execute(DUE_MAILBOXES, {"interval": interval_seconds}).fetchall()
     return [r["id"] for r in rows]
 
 

@@ -432,8 +432,8 @@ def mailbox_list(as_json: bool) -> None:
         _json(rows)
     else:
         _table(rows, ["id", "name", "owner", "host", "security", "auth_kind", "last_sync_status",
-                      "last_sync_at", "messages", "watch", "watch_holder", "token_expires_at",
-                      "token_refreshed_at", "last_error", "folder_notes"])
+                      "last_sync_at", "messages", "watch", "watch_holder", "throttled_until",
+                      "token_expires_at", "token_refreshed_at", "last_error", "folder_notes"])
 
 
 @mailbox_group.command("check")
@@ -752,13 +752,19 @@ def status(as_json: bool) -> None:
         return
     for key, value in result.items():
         if key not in ("runs", "recent_runs", "queues", "watches", "watch_holders",
-                       "oauth_mailboxes"):
+                       "oauth_mailboxes", "sync_lag"):
             click.echo(f"{key}: {value}")
     click.echo("runs: " + (", ".join(f"{k} {v}" for k, v in result["runs"].items()) or "none"))
     click.echo("watches: " + (", ".join(f"{k} {v}" for k, v in result["watches"].items())
                               or "none"))
     for holder, count in result["watch_holders"].items():
         click.echo(f"  {holder}: {count}")
+    lag = result["sync_lag"]
+    quantiles = ", ".join(f"{'max' if float(q) == 1 else f'p{float(q) * 100:g}'} {_seconds(v)}"
+                          for q, v in lag["quantiles"].items() if v is not None)
+    click.echo(f"sync lag (since the last completed sync, {lag['mailboxes']} enabled mailboxes): "
+               f"{quantiles or 'none synced yet'}; never synced {lag['never_synced']}, "
+               f"throttled {lag['throttled']}")
     click.echo("queues:")
     for name, depth in result["queues"].items():
         click.echo(f"  {name}: {depth}")
@@ -773,6 +779,17 @@ def status(as_json: bool) -> None:
 
 
 cli.add_command(changes)  # mailferry changes tail|list (services/cli/changes.py)
+
+
+def _seconds(value: float) -> str:
+    """A lag for people: 42s, 12m, 3.5h, 2.0d."""
+    if value < 120:
+        return f"{value:.0f}s"
+    if value < 7200:
+        return f"{value / 60:.0f}m"
+    if value < 172800:
+        return f"{value / 3600:.1f}h"
+    return f"{value / 86400:.1f}d"
 
 
 # --- services ---------------------------------------------------------------------------------
@@ -806,7 +823,8 @@ def up(fetchers: int, persisters: int) -> None:
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format, service="supervisor")
     db.migrate(settings.database_url)  # once here, rather than raced by every child
-    supervise({"scheduler": 1, "fetcher": fetchers, "persister": persisters, "notifier": 1})
+    supervise({"scheduler": 1, "fetcher": fetchers, "persister": persisters, "notifier": 1},
+              metrics_port=settings.metrics_port)
 
 
 def main() -> None:

@@ -1,7 +1,14 @@
-"""``mailferry up``: the services as child processes, restarted when they die, stopped together."""
+"""``mailferry up``: the services as child processes, restarted when they die, stopped together.
+
+Metrics: with ``MAILFERRY_METRICS_PORT=P``, the children serve theirs on consecutive ports in the
+order they are listed (scheduler P, fetchers P+1..., persisters, notifier last), each keeping its
+port across restarts; the supervisor itself serves none. One registry per process, as Prometheus
+expects (no multiprocess files to clean up); ``deploy/prometheus.yml`` lists the ports.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,15 +27,24 @@ class _Child:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
+    metrics_port: int | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "mailferry.services.cli.main", self.service])
+        env = dict(os.environ)
+        if self.metrics_port is not None:
+            env["MAILFERRY_METRICS_PORT"] = str(self.metrics_port)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mailferry.services.cli.main", self.service], env=env)
         self.started_at = time.monotonic()
-        log.info("child.started", service=self.service, index=self.index, pid=self.process.pid)
+        log.info("child.started", service=self.service, index=self.index, pid=self.process.pid,
+                 metrics_port=self.metrics_port)
 
 
-def supervise(counts: dict[str, int]) -> None:
+def supervise(counts: dict[str, int], metrics_port: int | None = None) -> None:
     children = [_Child(s, i) for s, n in counts.items() for i in range(n)]
+    if metrics_port is not None:
+        for offset, child in enumerate(children):
+            child.metrics_port = metrics_port + offset
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:

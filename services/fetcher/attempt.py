@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from mailferry import repository, runs
+from mailferry import metrics, repository, runs
 from mailferry.db import Connection
 from mailferry.errors import ErrorKind
 from mailferry.messages import (
@@ -15,6 +15,7 @@ from mailferry.messages import (
     FolderSelection,
     FoldersListed,
     FolderSynced,
+    MessagesFetched,
     SyncFailed,
     SyncFinished,
     SyncStarted,
@@ -37,6 +38,10 @@ class Attempt:
     def publish(self, message: AnyMessage) -> None:
         self.lease.check()
         self._publish(message)
+        if isinstance(message, MessagesFetched):
+            metrics.MESSAGES_FETCHED.inc(len(message.messages))
+            metrics.BYTES_FETCHED.inc(sum(len(m.raw) for m in message.messages
+                                          if m.raw is not None))
 
     def started(self, fetcher: str) -> None:
         s = self.stamp

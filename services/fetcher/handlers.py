@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 
 import structlog
 
-from mailferry import oauth, repository, runs
+from mailferry import budget, metrics, oauth, repository, runs
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
@@ -28,6 +28,7 @@ from mailferry.errors import (
     ImapAuthError,
     ImapConnectionError,
     ImapError,
+    ImapThrottled,
     TransientError,
 )
 from mailferry.imap import (
@@ -126,7 +127,8 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
                                          limits=s.imap_limits())
             # OAuth2: the access token comes from the token row (refreshed under its lock).
             auth = oauth.authenticator(mailbox, conn, deps.passwords, timeout=s.imap_timeout)
-            with deps.connectors.create_imap_connector(config, auth) as connector:
+            with (deps.connectors.create_imap_connector(config, auth) as connector,
+                  metrics.imap_connection()):
                 connector.set_deadline(deadline)
                 connector.connect()  # a refused login fails here, before anything is published
                 if token is None and (mailbox.credentials_invalid_at is not None
@@ -136,8 +138,19 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
                                         lambda: time.monotonic() > slice_end, auth)
         except (ImapError, ConfigError) as exc:
             kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
+            metrics.SYNC_SECONDS.observe(time.monotonic() - started)
+            if isinstance(exc, ImapThrottled):
+                # The provider limits the account: back off (the scheduler waits), never a
+                # retry soon, never "credentials invalid", never a dead letter.
+                until = runs.throttled(conn, cmd.run_id, mailbox.id, str(exc),
+                                       base=s.throttle_backoff, cap=s.throttle_backoff_max,
+                                       suggested=exc.retry_after)
+                metrics.SYNCS.labels("throttled", kind).inc()
+                log.warning("sync.throttled", error=str(exc), until=until.isoformat())
+                return
             if isinstance(exc, TransientError):
                 runs.retrying(conn, cmd.run_id, kind, str(exc))
+                metrics.SYNCS.labels("retrying", kind).inc()
                 log.warning("sync.retrying", error_kind=kind, error=str(exc))
                 raise
             attempt.failed(kind, str(exc))
@@ -145,6 +158,7 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
                 # Every refusal is told; the notifier tells people once per transition.
                 deps.publish(CredentialsInvalid(mailbox_id=mailbox.id, run_id=cmd.run_id,
                                                 error=str(exc), detected_at=now()))
+            metrics.SYNCS.labels("failed", kind).inc()
             log.warning("sync.failed", error_kind=kind, error=str(exc),
                         seconds=round(time.monotonic() - started, 3))
             return
@@ -153,14 +167,17 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
         else:
             attempt.finished(outcome.folders)
     seconds = round(time.monotonic() - started, 3)
+    metrics.SYNC_SECONDS.observe(time.monotonic() - started)
     if isinstance(outcome, ContinueSync):
         if not lease.handing_over:  # lost meanwhile: the newer attempt owns the run now
             return
         deps.publish(outcome)
+        metrics.SYNCS.labels("sliced", "").inc()
         log.info("sync.sliced", seconds=seconds, next_slice=outcome.slice,
                  folders_left=len(outcome.folders), folders=outcome.folders_done,
                  messages=outcome.messages)
         return
+    metrics.SYNCS.labels("done", ErrorKind.FOLDER if outcome.failed_folders else "").inc()
     log.info("sync.fetched", seconds=seconds, folders=outcome.folders,
              failed_folders=outcome.failed_folders, messages=outcome.messages,
              bytes=outcome.bytes)
@@ -173,6 +190,7 @@ def command_given_up(cmd: AnyMessage, exc: BaseException, deps: FetcherDeps) -> 
     if not isinstance(cmd, SyncMailbox | SyncFolders | ContinueSync):
         return
     kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.INTERNAL
+    metrics.SYNCS.labels("failed", kind).inc()
     runs.fail(deps.connection(), cmd.run_id, cmd.mailbox_id, kind,
               f"gave up: {type(exc).__name__}: {exc}", now())
 
@@ -202,6 +220,8 @@ def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: Sy
     session.extensions()
     states = repository.folder_states(conn, mailbox.id)
     s = deps.settings
+    # Opened by every slice: what earlier slices spent is in the stored usage.
+    allowance = budget.open_budget(conn, mailbox.id, mailbox.host, s)
     resume: FolderResume | None = None
     if isinstance(cmd, ContinueSync):
         # The plan was made by the attempt's first slice: no second listing, no second
@@ -255,26 +275,29 @@ def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: Sy
             since=since, force=cmd.force,
             stored_by_identity=functools.partial(repository.stored_by_identity, conn, state)
             if state else lambda *_: {},
-            pause=pause)
+            budget=allowance, pause=pause)
         here = resume if index == 0 and resume and resume.folder == folder.raw_name else None
         try:
             done = _sync_folder(session, folder, state, job, here, auth)
             totals.folders += 1
             totals.messages += done.messages - (here.messages if here else 0)
             totals.bytes += done.bytes
+            if done.budget_exhausted:
+                metrics.BUDGET_STOPS.inc()
             log.info("folder.fetched", messages=done.messages, bytes=done.bytes,
                      flag_changes=done.flag_changes, expunged=done.expunged, events=done.events,
-                     recognised=done.recognised)
+                     recognised=done.recognised, backfill_below=done.backfill_below)
         except planning.FolderPaused as paused:
             totals.messages += paused.resume.messages - (here.messages if here else 0)
             return next_slice(to_sync[index:], paused.resume)
         except planning.FolderFailed as failure:
             exc = failure.cause
             connection_gone = not session.connector.usable or isinstance(exc, ImapConnectionError)
-            if connection_gone and isinstance(exc, TransientError):
+            if isinstance(exc, ImapThrottled) or (connection_gone
+                                                  and isinstance(exc, TransientError)):
                 # The connection dropped or timed out mid-folder: a transient fault, so the
                 # attempt is retried after a delay like one before any folder work, rather than
-                # the run failed.
+                # the run failed. A provider's limit stops the whole mailbox (backed off).
                 raise exc from failure
             # One bad folder never stalls the mailbox (DESIGN invariant 5): close it with its
             # error (its checkpoint stays) and go on, unless the connection itself is gone:

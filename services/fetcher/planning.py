@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Protocol
 
 import structlog
 
+from mailferry.budget import Budget, cost
 from mailferry.domain import enabled_on_discovery
 from mailferry.errors import ImapError
 from mailferry.imap.manager import FolderStatus
@@ -89,6 +90,9 @@ class FolderJob:
     # Message-IDs) -> {identity: hex SHA-256}. What spares re-downloading them after a reset.
     stored_by_identity: Callable[[int, list[str]], dict[Identity, str]] = (
         lambda _uidvalidity, _ids: {})
+    # The mailbox's download budget (shared/budget.py); without a limit, nothing changes. Each
+    # slice opens it again from the stored usage, so a resumed folder sees what earlier slices spent.
+    budget: Budget = field(default_factory=Budget)
     # True when the slice is over: the folder stops at the next batch boundary of its new mail
     # (``FolderPaused``), to be resumed by a ContinueSync command.
     pause: Callable[[], bool] = lambda: False
@@ -102,6 +106,8 @@ class FolderTotals:
     expunged: int = 0
     events: int = 0
     recognised: int = 0  # stored messages found again under new UIDs: not downloaded
+    budget_exhausted: bool = False  # the download budget stopped the folder; the rest waits
+    backfill_below: int | None = None  # what FolderSynced says is still to fetch
 
 
 RENAME_SAMPLE = 20  # the vanished folder's newest stored Message-IDs a rename must hold
@@ -261,77 +267,187 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
     reset = (state.uidvalidity if state is not None and not same_generation and state.last_uid
              and state.uidvalidity is not None else None)
     above = state.last_uid if (state is not None and same_generation and not job.force) else 0
+    # A first sync that the download budget cut earlier: UIDs below this still to fetch.
+    pending = state.backfill_below if (state is not None and same_generation and above) else None
     s = job.stamp
     highest_found = 0
+    stopped_at: int | None = None  # new mail above the checkpoint stopped by the budget here
     start_at = above + 1
+    # A first sync under a budget goes newest first: what fits today is the recent mail, and the
+    # older mail follows over the next runs (``backfill_below``).
+    newest_first = job.budget.limit is not None and not above
+    below: int | None = None  # a descending pass's position: UIDs below it are still to go
+    top: int | None = None  # newest first: the highest UID the descending pass covers
     if resume is not None:
         above, start_at, highest_found = resume.above, resume.next_uid, resume.next_uid - 1
+        newest_first, below = resume.newest_first, resume.below
+        if newest_first:
+            top = resume.next_uid - 1
+    progressed = False  # a slice pauses only after some progress, and before more work
 
-    def paused(next_uid: int) -> FolderPaused:
-        return FolderPaused(FolderResume(folder=folder.raw_name, uidvalidity=status.uidvalidity,
-                                         next_uid=next_uid, above=above, events=totals.events,
-                                         messages=totals.messages))
+    def pause_before(uid: int, descending: bool = False) -> None:
+        """Before the work at ``uid`` (ascending: it and above; descending: it and below)."""
+        if progressed and job.pause():
+            raise FolderPaused(FolderResume(
+                folder=folder.raw_name, uidvalidity=status.uidvalidity,
+                next_uid=(top + 1) if newest_first and top is not None else
+                (uid if not descending else max(above, highest_found,
+                                                (status.uidnext or 1) - 1) + 1),
+                above=above, events=totals.events, messages=totals.messages,
+                newest_first=newest_first, below=uid + 1 if descending else below))
+
+    def progress(uid: int | None) -> None:
+        nonlocal progressed, highest_found
+        progressed = True
+        if uid is not None and not newest_first:
+            highest_found = max(highest_found, uid)
+
+    def descend(high_bound: int | None) -> int | None:
+        """The first-sync windows below ``high_bound`` (None: all), newest first; returns the
+        first UID the budget did not allow, or None when all went."""
+        nonlocal below, top
+        for low, high in reversed(list(session.iter_windows(1, status))):
+            if high_bound is not None:
+                high = min(high, high_bound - 1)
+            if high < low:
+                continue
+            pause_before(high, descending=True)
+            uids = session.search(low, high, job.since)
+            job.found(len(uids))
+            if newest_first:
+                top = max([top or 0, *uids])
+            stop = _fetch(session, folder, status, uids[::-1], reset, job, totals, publish,
+                          lambda uid: pause_before(uid, descending=True), progress)
+            if stop is not None:
+                return stop
+            below = low
+            progress(None)
+        return None
 
     try:
         if state is not None and same_generation and state.last_uid and resume is None:
             _known_messages(session, state, status, job, totals, publish)
-        if above and status.uidnext is not None and status.uidnext <= start_at:
-            windows: list[tuple[int, int]] = []  # UIDNEXT says nothing arrived: no SEARCH
+        if newest_first:
+            if top is None:  # the first slice: the top is UIDNEXT's, or what the SEARCH finds
+                top = (status.uidnext or 1) - 1
+            stop = descend(below)
+            totals.backfill_below = stop + 1 if stop is not None else None
+            highest_found = max(highest_found, top)
         else:
-            windows = list(session.iter_windows(start_at, status))
-        progressed = False  # a slice pauses only after some progress, and before more work
-
-        def pause_before(next_uid: int) -> None:
-            if progressed and job.pause():
-                raise paused(next_uid)
-
-        for low, high in windows:
-            pause_before(low)
-            # Everything above the checkpoint, whatever its date; on a first sync, the window.
-            uids = session.search(low, high, None if above else job.since)
-            job.found(len(uids))
-            for start in range(0, len(uids), META_CHUNK):
-                chunk = uids[start:start + META_CHUNK]
-                pause_before(chunk[0])
-                metas = session.metadata(chunk, message_ids=reset is not None)
-                ordered = [metas[u] for u in chunk if u in metas]
-                known = _known(ordered, reset, job)
-                for group in batches([m for m in ordered if m.uid not in known],
-                                     job.limits.max_bytes, job.limits.max_count):
-                    if not known:  # recognised ones are published after the chunk's batches
-                        pause_before(group[0].uid)
-                    messages = fetched(group, session.bodies([m.uid for m in group]),
-                                       job.limits.max_message)
-                    publish(MessagesFetched(run_id=s.run_id, mailbox_id=s.mailbox_id,
-                                            lease_token=s.lease_token, folder=folder.raw_name,
-                                            uidvalidity=status.uidvalidity,
-                                            batch_no=totals.events, messages=tuple(messages)))
-                    totals.messages += len(messages)
-                    totals.bytes += sum(m.size for m in messages)
-                    highest_found = max(highest_found, group[-1].uid)
-                    progressed = True
-                if known:
-                    recognised = tuple(
-                        FetchedMessage(uid=m.uid, flags=m.flags, internal_date=m.internal_date,
-                                       size=m.size, raw=None, sha256=known[m.uid])
-                        for m in ordered if m.uid in known)
-                    publish(MessagesFetched(run_id=s.run_id, mailbox_id=s.mailbox_id,
-                                            lease_token=s.lease_token, folder=folder.raw_name,
-                                            uidvalidity=status.uidvalidity,
-                                            batch_no=totals.events, messages=recognised))
-                    totals.messages += len(recognised)
-                    totals.recognised += len(recognised)
-                highest_found = max(highest_found, chunk[-1])
-                progressed = True
-            highest_found = max([highest_found, *uids])
+            if above and status.uidnext is not None and status.uidnext <= start_at:
+                windows = []  # UIDNEXT says nothing arrived: no SEARCH
+            else:
+                windows = list(session.iter_windows(start_at, status))
+            for low, high in windows:
+                pause_before(low)
+                # Everything above the checkpoint, whatever its date; on a first sync, the window.
+                uids = session.search(low, high, None if above else job.since)
+                job.found(len(uids))
+                stop = _fetch(session, folder, status, uids, reset, job, totals, publish,
+                              pause_before, progress)
+                if stop is not None:
+                    stopped_at = stop
+                    break
+                highest_found = max([highest_found, *uids])
+                progress(None)
+            if pending is not None and stopped_at is None and not totals.budget_exhausted:
+                # Resume the cut first sync, newest first, below where it stopped.
+                stop = descend(below if below is not None else pending)
+                totals.backfill_below = stop + 1 if stop is not None else None
+            elif pending is not None:
+                totals.backfill_below = below if below is not None else pending
     except ImapError as exc:
         raise FolderFailed(exc, totals.events) from exc
-    last_uid = max(above, highest_found, (status.uidnext or 1) - 1)
+    last_uid = (stopped_at - 1 if stopped_at is not None
+                else max(above, highest_found,
+                         (status.uidnext or 1) - 1 if not newest_first else 0))
     job.publish(FolderSynced(run_id=s.run_id, mailbox_id=s.mailbox_id, lease_token=s.lease_token,
                              folder=folder.raw_name, uidvalidity=status.uidvalidity,
-                             uidnext=status.uidnext, highest_modseq=status.highest_modseq,
-                             last_uid=last_uid, batches=totals.events, messages=totals.messages))
+                             uidnext=status.uidnext if stopped_at is None else None,
+                             highest_modseq=status.highest_modseq if stopped_at is None else None,
+                             last_uid=last_uid, batches=totals.events, messages=totals.messages,
+                             backfill_below=totals.backfill_below))
     return totals
+
+
+def _fetch(session: Session, folder: FolderInfo, status: FolderStatus, uids: list[int],
+           reset: int | None, job: FolderJob, totals: FolderTotals,
+           publish: Callable[[MessagesFetched], None],
+           pause_before: Callable[[int], None] = lambda _uid: None,
+           progress: Callable[[int | None], None] = lambda _uid: None) -> int | None:
+    """Fetch and publish ``uids`` in the order given, in bounded batches; returns the first UID
+    the download budget did not allow (it and those after it are left), or None when all went.
+    ``pause_before(uid)`` may end the slice (``FolderPaused``) before the work at ``uid``;
+    ``progress(uid)`` is told of each batch published, by its last UID."""
+    s = job.stamp
+    budget = job.budget
+    for start in range(0, len(uids), META_CHUNK):
+        chunk = uids[start:start + META_CHUNK]
+        pause_before(chunk[0])
+        metas = session.metadata(chunk, message_ids=reset is not None)
+        ordered = [metas[u] for u in chunk if u in metas]
+        known = _known(ordered, reset, job)
+        for group in batches([m for m in ordered if m.uid not in known],
+                             job.limits.max_bytes, job.limits.max_count):
+            if not known:  # recognised ones are published after the chunk's batches
+                pause_before(group[0].uid)
+            while group:
+                take, beyond = _affordable(group, budget)
+                if not take and not beyond:
+                    totals.budget_exhausted = True
+                    log.info("folder.budget_exhausted", used=budget.used, limit=budget.limit,
+                             next_uid=group[0].uid)
+                    return group[0].uid
+                messages = fetched(take, session.bodies([m.uid for m in take]),
+                                   job.limits.max_message)
+                declared = {m.uid: m.size for m in take}
+                budget.spend(sum(cost(declared[m.uid], m.size) for m in messages))
+                totals.bytes += sum(m.size for m in messages)
+                messages += [FetchedMessage(uid=m.uid, flags=m.flags,
+                                            internal_date=m.internal_date, size=m.size, raw=None,
+                                            skipped_reason="larger than the download budget "
+                                                           f"({budget.limit} bytes)")
+                             for m in beyond]
+                publish(MessagesFetched(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                        lease_token=s.lease_token, folder=folder.raw_name,
+                                        uidvalidity=status.uidvalidity,
+                                        batch_no=totals.events, messages=tuple(messages)))
+                totals.messages += len(messages)
+                done = len(take) + len(beyond)
+                progress(group[done - 1].uid)
+                group = group[done:]
+        if known:
+            recognised = tuple(
+                FetchedMessage(uid=m.uid, flags=m.flags, internal_date=m.internal_date,
+                               size=m.size, raw=None, sha256=known[m.uid])
+                for m in ordered if m.uid in known)
+            publish(MessagesFetched(run_id=s.run_id, mailbox_id=s.mailbox_id,
+                                    lease_token=s.lease_token, folder=folder.raw_name,
+                                    uidvalidity=status.uidvalidity,
+                                    batch_no=totals.events, messages=recognised))
+            totals.messages += len(recognised)
+            totals.recognised += len(recognised)
+        progress(chunk[-1])
+    return None
+
+
+def _affordable(group: list[MessageMeta],
+                budget: Budget) -> tuple[list[MessageMeta], list[MessageMeta]]:
+    """The head of ``group`` whose declared cost fits the budget, and (when nothing fits) a
+    first message that no budget ever could: it is recorded without its bytes rather than
+    stalling the folder for good."""
+    if budget.limit is None:
+        return group, []
+    take: list[MessageMeta] = []
+    planned = 0
+    for meta in group:
+        if not budget.allows(planned + cost(meta.size)):
+            break
+        take.append(meta)
+        planned += cost(meta.size)
+    if not take and cost(group[0].size) > budget.limit:
+        return [], [group[0]]
+    return take, []
 
 
 def _known(metas: Sequence[MessageMeta], reset: int | None, job: FolderJob) -> dict[int, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from mailferry import db, topology
+from mailferry import db, metrics, topology
 from mailferry.broker import Publisher
 from mailferry.config import Settings
 from mailferry.service import run_worker, start
@@ -22,8 +22,9 @@ def main(settings: Settings) -> None:
         connection=db.Reconnecting(settings.database_url),
         reminder_seconds=settings.notify_reminder,
         retry_base_seconds=settings.notify_retry_base,
-        send_email=email.send if email else None,
-        send_realtime=RealtimePublisher(publisher).send if settings.realtime else None,
+        send_email=metrics.counted_channel("email", email.send) if email else None,
+        send_realtime=(metrics.counted_channel("realtime", RealtimePublisher(publisher).send)
+                       if settings.realtime else None),
     )
 
     handlers = {kind: functools.partial(handler, deps=deps) for kind, handler in HANDLERS.items()}

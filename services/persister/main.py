@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mailferry import db, topology
+from mailferry import db, metrics, topology
 from mailferry.broker import Publisher
 from mailferry.config import Settings
 from mailferry.service import run_worker, start
@@ -26,7 +26,9 @@ def main(settings: Settings) -> None:
         def handle(event: Any) -> None:
             last_event[0] = time.monotonic()  # the indexer waits for quiet
             handler(event, deps)
-        return handle
+        return metrics.measured_event(handle)
+
+    metrics.watch_store(settings.database_url, search_backlog=True)
 
     indexer = Indexer(settings.database_url, lambda: last_event[0])
     indexer.start()

@@ -54,7 +54,7 @@ def settle(conn: Connection, mailbox_id: int, run_id: uuid.UUID, token: int,
     """
     pending = conn.execute(
         """SELECT f.folder, f.uidvalidity, f.batches, f.last_uid, f.uidnext, f.highest_modseq,
-                  f.error,
+                  f.error, f.backfill_below,
                   (SELECT count(*) FROM sync_batches b
                     WHERE b.run_id = f.run_id AND b.lease_token = f.lease_token
                       AND b.folder = f.folder) AS stored
@@ -127,21 +127,24 @@ def _advance_folder(conn: Connection, mailbox_id: int, f: dict[str, Any]) -> Non
                                         ELSE GREATEST(highest_modseq, %(hms)s) END,
                   uidnext = CASE WHEN uidvalidity IS DISTINCT FROM %(uv)s THEN %(next)s
                                  ELSE GREATEST(uidnext, %(next)s) END,
-                  uidvalidity = %(uv)s, last_synced_at = now(), last_error = NULL
+                  uidvalidity = %(uv)s, last_synced_at = now(), last_error = NULL,
+                  backfill_below = %(backfill)s
             WHERE mailbox_id = %(mb)s AND raw_name = %(folder)s""",
         {"uv": f["uidvalidity"], "last": f["last_uid"], "hms": f["highest_modseq"],
-         "next": f["uidnext"], "mb": mailbox_id, "folder": f["folder"]},
+         "next": f["uidnext"], "mb": mailbox_id, "folder": f["folder"],
+         "backfill": f["backfill_below"]},
     )
 
 
 def folder_synced(conn: Connection, e: FolderSynced) -> None:
     conn.execute(
         """INSERT INTO sync_folders (run_id, lease_token, folder, uidvalidity, batches, last_uid,
-                                     uidnext, highest_modseq, messages, error)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                     uidnext, highest_modseq, messages, error, backfill_below)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
            ON CONFLICT (run_id, lease_token, folder) DO NOTHING""",
         (e.run_id, e.lease_token, e.folder, e.uidvalidity, e.batches, e.last_uid, e.uidnext,
-         e.highest_modseq, e.messages, clean_text(e.error) if e.error else None),
+         e.highest_modseq, e.messages, clean_text(e.error) if e.error else None,
+         e.backfill_below),
     )
 
 

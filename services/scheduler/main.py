@@ -8,7 +8,7 @@ import threading
 
 import structlog
 
-from mailferry import db
+from mailferry import db, metrics
 from mailferry.app.publishing import PARALLEL_PUBLISHES, PublisherPool
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
@@ -24,6 +24,7 @@ def main(settings: Settings) -> None:
     start(settings, "scheduler")
     publisher = PublisherPool(settings.broker_url, settings.retry_delays, PARALLEL_PUBLISHES)
     connection = db.Reconnecting(settings.database_url)
+    metrics.watch_store(settings.database_url, scheduler_interval=settings.sync_interval)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -18,7 +18,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
 
-from mailferry import db, oauth, repository
+from mailferry import db, metrics, oauth, repository
 from mailferry.app import validation as valid
 from mailferry.app.publishing import Publish
 from mailferry.config import Settings
@@ -418,8 +418,11 @@ SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m
        m.credentials_invalid_at IS NOT NULL AS credentials_invalid,
        m.auth_kind, t.access_token_expires_at AS token_expires_at,
        t.last_refreshed_at AS token_refreshed_at,
+       CASE WHEN m.throttled_until > now() THEN m.throttled_until END AS throttled_until,
        (SELECT count(*) FROM folders f WHERE f.mailbox_id = m.id AND f.sync_enabled)
            AS folders_enabled,
+       (SELECT count(*) FROM folders f WHERE f.mailbox_id = m.id AND f.sync_enabled
+                                         AND f.backfill_below IS NOT NULL) AS folders_backfilling,
        (SELECT count(*) FROM messages g WHERE g.mailbox_id = m.id) AS messages,
        m.folder_report, m.push,
        CASE WHEN w.holder IS NOT NULL AND w.lease_expires_at > now() THEN w.state ELSE 'off' END
@@ -707,7 +710,7 @@ def status(conn: db.Connection, settings: Settings) -> dict[str, Any]:
             by_holder[row["holder"]] = by_holder.get(row["holder"], 0) + row["n"]
     return {**(counts or {}), "runs": {r["status"]: r["n"] for r in runs},
             "watches": by_state, "watch_holders": by_holder, "push": settings.push,
-            "recent_runs": recent, "oauth_mailboxes": tokens,
+            "sync_lag": metrics.sync_lag(conn), "recent_runs": recent, "oauth_mailboxes": tokens,
             "queues": queue_depths(settings)}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import imaplib
+import re
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from mailferry.errors import (
     ImapConnectionError,
     ImapError,
     ImapProtocolError,
+    ImapThrottled,
     ImapTimeout,
     ImapTlsError,
 )
@@ -37,7 +39,31 @@ Security = Literal["ssl", "starttls", "none"]
 
 # Response codes that mean "the server cannot serve you now", not "your password is wrong"
 # (RFC 5530 section 3).
-_TRANSIENT_CODES = (b"[UNAVAILABLE]", b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]")
+_TRANSIENT_CODES = (b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]")
+
+# What providers answer when they limit an account (README "Provider limits"), on NO, BAD or BYE,
+# at login or mid-sync. Response codes: [UNAVAILABLE] (RFC 5530 3: Dovecot's "Maximum number of
+# connections from user+IP exceeded"), [THROTTLED] and [OVERQUOTA] (Gmail: "Account exceeded
+# command or bandwidth limits"). Texts without a code: Gmail's "NO [ALERT] Too many simultaneous
+# connections. (Failure)", Exchange Online's "Request is throttled. Suggested Backoff Time: N
+# milliseconds" (then "* BYE Connection closed. 14") and "NO Server Unavailable. 15".
+_THROTTLE_CODES = ("[UNAVAILABLE]", "[THROTTLED]", "[OVERQUOTA]")
+_THROTTLE_TEXTS = re.compile(
+    r"too many (simultaneous |concurrent )?connections|maximum number of connections"
+    r"|request is throttled|throttl|rate.?limit|bandwidth limit|server unavailable",
+    re.IGNORECASE)
+_SUGGESTED_BACKOFF = re.compile(r"suggested backoff time:\s*(\d+)\s*millisec", re.IGNORECASE)
+
+
+def throttled(where: str, answer: str) -> ImapThrottled | None:
+    """The error to raise when ``answer`` (a NO, BAD or BYE text) says the provider limits this
+    account; None when it says something else."""
+    upper = answer.upper()
+    if not any(code in upper for code in _THROTTLE_CODES) and not _THROTTLE_TEXTS.search(answer):
+        return None
+    suggested = _SUGGESTED_BACKOFF.search(answer)
+    retry_after = int(suggested.group(1)) / 1000 if suggested else None
+    return ImapThrottled(f"{where}: throttled by the server: {answer}", retry_after)
 
 
 class ImapConfig(BaseModel):
@@ -107,6 +133,8 @@ def open_connection(config: ImapConfig) -> IMAPClient:
     except TimeoutError as exc:
         raise ImapConnectionError(f"{where}: no answer within {connect_timeout:g}s") from exc
     except (imaplib.IMAP4.error, IMAPClientError) as exc:
+        if (limited := throttled(where, text(exc))) is not None:  # a BYE greeting
+            raise limited from exc
         raise ImapConnectionError(
             f"{where}: not an IMAP greeting ({text(exc)}); wrong port or security?"
         ) from exc
@@ -156,12 +184,12 @@ class PasswordAuth:
         username, password = config.username, config.password.get_secret_value()
         _check_login_string(username, "user name", config, show=True, ascii_only=False)
         _check_login_string(password, "password", config, show=False, ascii_only=False)
-        with _login_errors(config):
+        with _login_errors(config, client):
             plain = client.has_capability("AUTH=PLAIN")
         if plain:
             # authzid NUL authcid NUL passwd, authzid empty (RFC 4616 section 2).
             message = b"\0" + username.encode() + b"\0" + password.encode()
-            with _login_errors(config):
+            with _login_errors(config, client):
                 wire.authenticate(client, "PLAIN", message)
             return
         _check_login_string(username, "user name", config, show=True, ascii_only=True)
@@ -169,7 +197,7 @@ class PasswordAuth:
         # imaplib sends the user name of LOGIN as it is, unquoted: a space would split it and a
         # CRLF would end the command and start another one. It goes as a quoted string here
         # (RFC 3501 section 4.3), which cannot hold CR, LF or NUL.
-        with _login_errors(config):
+        with _login_errors(config, client):
             client.login(_quote(username), password)
 
 
@@ -198,7 +226,7 @@ class OAuth2Auth:
     def authenticate(self, client: IMAPClient, config: ImapConfig) -> None:
         username = config.username
         _check_login_string(username, "user name", config, show=True, ascii_only=False)
-        with _login_errors(config):
+        with _login_errors(config, client):
             bearer = client.has_capability("AUTH=OAUTHBEARER")
             xoauth2 = client.has_capability("AUTH=XOAUTH2")
         if not (bearer or xoauth2):
@@ -212,7 +240,7 @@ class OAuth2Auth:
             message = (_oauthbearer(username, token, config) if bearer
                        else _xoauth2(username, token))
             try:
-                with _login_errors(config):
+                with _login_errors(config, client):
                     # RFC 7628 3.2.3: after an error challenge the client answers %x01.
                     wire.authenticate(client, mechanism, message,
                                       abort=b"\x01" if bearer else b"")
@@ -236,14 +264,20 @@ def _oauthbearer(username: str, token: str, config: ImapConfig) -> bytes:
 
 
 @contextmanager
-def _login_errors(config: ImapConfig) -> Iterator[None]:
+def _login_errors(config: ImapConfig, client: IMAPClient) -> Iterator[None]:
     try:
         yield
     except ImapError:
         raise
     except (IMAPClientAbortError, OSError, EOFError) as exc:
+        said = wire.bye(client) or text(exc)  # a BYE at login, then the connection closed
+        if (limited := throttled(config.address, said)) is not None:
+            raise limited from exc
         raise ImapConnectionError(f"{config.address}: connection lost during login") from exc
     except (IMAPClientError, imaplib.IMAP4.error) as exc:
+        # A limit is never "credentials invalid": providers lock accounts that keep retrying.
+        if (limited := throttled(config.address, text(exc))) is not None:
+            raise limited from exc
         raw = text(exc).encode()
         if any(code in raw.upper() for code in _TRANSIENT_CODES):
             raise ImapConnectionError(
@@ -384,8 +418,12 @@ def imap_errors(where: str) -> Iterator[None]:
     except ImapError:
         raise
     except (TimeoutError, IMAPClientAbortError, OSError, EOFError) as exc:
+        if (limited := throttled(where, text(exc))) is not None:  # a BYE with a limit's text
+            raise limited from exc
         raise ImapConnectionError(f"{where}: connection lost: {text(exc)}") from exc
     except (IMAPClientError, imaplib.IMAP4.error) as exc:
+        if (limited := throttled(where, text(exc))) is not None:
+            raise limited from exc
         raise ImapProtocolError(f"{where}: {text(exc)}") from exc
 
 

@@ -322,6 +322,16 @@ def broken(client: IMAPClient) -> str | None:
     return engine(client).broken
 
 
+def bye(client: IMAPClient) -> str | None:
+    """The text of an untagged BYE the server sent before closing, if one was read: a lost
+    connection's reason (imaplib keeps it aside and reports only the EOF that follows)."""
+    said = engine(client).untagged_responses.get("BYE")
+    if not said:
+        return None
+    last = said[-1]
+    return last.decode("utf-8", "replace") if isinstance(last, bytes) else str(last)
+
+
 # --- UID sets -----------------------------------------------------------------------------------
 
 

@@ -292,6 +292,26 @@ def test_an_unknown_behaviour_is_refused_and_messages_makes_an_inbox_of_uids_1_t
             b'* STATUS "INBOX" (MESSAGES 250 UIDNEXT 251)\r\n'
 
 
+def test_refuse_answers_the_chosen_command_with_the_providers_words_and_a_bye_closes() -> None:
+    refusal = ("LOGIN", "{tag} NO [ALERT] Too many simultaneous connections. (Failure)")
+    with HostileImapServer("refuse", refusal=refusal) as server, RawClient(server) as raw:
+        answer = raw.command("a1", "LOGIN user secret")
+        assert answer == [b"a1 NO [ALERT] Too many simultaneous connections. (Failure)\r\n"]
+        assert raw.command("a2", "NOOP")[-1].startswith(b"a2 OK")  # the session goes on
+    exchange = ("SELECT", "{tag} BAD Request is throttled. Suggested Backoff Time: 299961 "
+                          "milliseconds\n* BYE Connection closed. 14")
+    with HostileImapServer("refuse", refusal=exchange) as server, RawClient(server) as raw:
+        raw.login()
+        raw.send("a1 SELECT INBOX")
+        assert raw.readline().startswith(b"a1 BAD Request is throttled.")
+        assert raw.readline() == b"* BYE Connection closed. 14\r\n"
+        with pytest.raises(EOFError):
+            raw.readline()
+    greeting = ("GREETING", "* BYE Too many connections from your address")
+    with HostileImapServer("refuse", refusal=greeting) as server, RawClient(server) as raw:
+        assert raw.greeting == b"* BYE Too many connections from your address\r\n"
+
+
 # -- misbehaviours ------------------------------------------------------------------------------
 
 

@@ -117,6 +117,37 @@ def test_a_run_that_never_finished_is_expired_and_the_mailbox_queued_again(
     assert [r["status"] for r in statuses] == ["expired", "queued"]
 
 
+def test_a_throttled_mailbox_waits_for_its_back_off_then_is_due_within_the_interval(
+    conn: db.Connection, settings: Settings,
+) -> None:
+    from mailferry import runs
+    from mailferry.sync_requests import due_mailboxes
+
+    [mailbox] = _mailboxes(conn, enabled=1)
+    run = runs.request(conn, mailbox, kind=runs.RunKind.MAILBOX, force=False,
+                       requested_by="scheduler")
+    assert run is not None
+    until = runs.throttled(conn, run, mailbox, "NO [THROTTLED] slow down", base=300, cap=3600)
+    backed_off = conn.execute("SELECT extract(epoch FROM %s - now()) AS s", (until,)).fetchone()
+    assert backed_off is not None and 150 - 1 <= backed_off["s"] <= 300  # jitter: half to all
+    assert due_mailboxes(conn, 0.001) == []  # not before throttled_until, whatever the interval
+    # five minutes later: the back-off has passed, the interval (an hour) has not
+    conn.execute("UPDATE sync_runs SET requested_at = requested_at - interval '5 minutes'")
+    conn.execute("UPDATE mailboxes SET throttled_until = throttled_until - interval '5 minutes'")
+    assert due_mailboxes(conn, 3600) == [mailbox]  # its sync did not happen: due at once
+    row = conn.execute("""SELECT r.status, r.error_kind, m.credentials_invalid_at,
+                                 m.throttle_count
+                            FROM sync_runs r JOIN mailboxes m ON m.id = r.mailbox_id""").fetchone()
+    assert row == {"status": "failed", "error_kind": "throttled", "credentials_invalid_at": None,
+                   "throttle_count": 1}
+    second = runs.request(conn, mailbox, kind=runs.RunKind.MAILBOX, force=False,
+                          requested_by="scheduler")
+    assert second is not None
+    again = runs.throttled(conn, second, mailbox, "NO [THROTTLED]", base=300, cap=3600)
+    doubled = conn.execute("SELECT extract(epoch FROM %s - now()) AS s", (again,)).fetchone()
+    assert doubled is not None and 300 - 1 <= doubled["s"] <= 600  # the second in a row: doubled
+
+
 def test_when_the_broker_fails_mid_tick_the_unpublished_mailboxes_are_due_again_at_once(
     conn: db.Connection, settings: Settings, publisher: Publisher
 ) -> None:
