@@ -169,9 +169,10 @@ class MailboxLine(BaseModel):
     @classmethod
     def _preset(cls, data: Any) -> Any:
         """``preset`` fills what the line leaves out (absent or null), as ``--preset`` does."""
-        if isinstance(data, Mapping) and data.get("preset") in oauth.MAILBOX_PRESETS:
+        preset = data.get("preset") if isinstance(data, Mapping) else None
+        if isinstance(preset, str) and preset in oauth.MAILBOX_PRESETS:
             server = dict(zip(("host", "port", "security"),
-                              oauth.MAILBOX_PRESETS[data["preset"]], strict=True))
+                              oauth.MAILBOX_PRESETS[preset], strict=True))
             data = {**data, **{k: v for k, v in server.items() if data.get(k) is None}}
         return data
 
