@@ -163,6 +163,11 @@ class Provider:
     scopes: list[str]
     app_scopes: list[str]
 
+    @property
+    def acts_alone(self) -> bool:
+        """Whether it can give app-only access (oauth2-app): a client secret or a key."""
+        return bool(self.client_secret_encrypted or self.service_account_key_encrypted)
+
     def client_secret(self, box: PasswordBox) -> str | None:
         enc = self.client_secret_encrypted
         return box.decrypt(enc) if enc else None
@@ -184,6 +189,15 @@ def provider_by_name(conn: Connection, name: str) -> Provider:
         raise InvalidInput(f"no OAuth2 provider named {name!r}; add it with "
                            "`mailferry oauth provider add`")
     return _provider(row)
+
+
+def providers_by_name(conn: Connection, names: Sequence[str]) -> dict[str, Provider]:
+    """The providers of these names (any case), in one query, keyed by the lowercased name;
+    unknown names are left out."""
+    rows = conn.execute(f"SELECT {PROVIDER_COLUMNS} FROM oauth_providers p "
+                        "WHERE lower(p.name) = ANY(%s)",
+                        (sorted({n.lower() for n in names}),)).fetchall() if names else []
+    return {row["name"].lower(): _provider(row) for row in rows}
 
 
 def _provider(row: dict[str, Any]) -> Provider:

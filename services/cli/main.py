@@ -337,8 +337,16 @@ def mailbox_import(file: Any) -> None:
     One object per line with the options of `mailbox add` as fields, the password included:
     {"owner": "ann@example.com", "host": "imap.example.com", "port": 993, "security": "ssl",
     "username": "ann", "password": "...", "folders": ["INBOX", "Sent"]} ("system": true instead
-    of "owner"; optional "folders", "name", "first_sync_days"). Every line is checked first: one
-    wrong line imports nothing, and the error names each wrong line and field (never a value).
+    of "owner"; optional "folders", "name", "first_sync_days"; "preset": "gmail" or "outlook"
+    instead of host, port and security).
+
+    \b
+    OAuth2 (as --auth):  "auth": "oauth2", "oauth_provider": "NAME", "refresh_token": "..."
+                         "auth": "oauth2-app", "oauth_provider": "NAME"   (no token)
+    An OAuth2 line has no "password"; only "oauth2" has a "refresh_token".
+
+    Every line is checked first, owners and providers included: one wrong line imports nothing,
+    and the error names each wrong line and field (never a value).
     """
     settings = _settings()
     ids = app.import_mailboxes(_conn(settings), PasswordBox(settings.secret_key), file)

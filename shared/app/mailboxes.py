@@ -13,10 +13,10 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from mailferry import db, metrics, oauth, repository
 from mailferry.app import validation as valid
@@ -130,26 +130,51 @@ def _checked(check: Any, value: Any, what: str) -> Any:
 
 class MailboxLine(BaseModel):
     """One mailbox of ``mailbox import``: the options of ``mailbox add``, by the same names
-    (``owner`` or ``system``, ``host``, ``port``, ``security``, ``username``, ``password``,
-    ``folders`` as a list or "F1,F2", ``name``, ``first_sync_days``), checked by the same rules.
-    An unknown field is refused, so a typo never silently drops a setting. The password is a
-    ``SecretStr``: no repr, log or error shows it.
+    (``owner`` or ``system``, ``host``, ``port``, ``security`` or a ``preset``, ``username``,
+    ``auth``, ``password``, ``oauth_provider``, ``refresh_token``, ``folders`` as a list or
+    "F1,F2", ``name``, ``first_sync_days``), checked by the same rules. An unknown field is
+    refused, so a typo never silently drops a setting.
 
-    To add a field (an ``auth`` kind, an OAuth2 refresh token), declare it here with its check
-    and map it in :meth:`row`; the import reports its errors by line and field unchanged."""
+    ``auth`` is "password" (the default: ``password`` required), "oauth2" (``oauth_provider``
+    and the person's ``refresh_token`` required, no password) or "oauth2-app" (``oauth_provider``
+    only: the provider's client secret or service account acts for the mailbox's user). A field
+    that the kind does not take is refused rather than ignored. ``preset`` ("gmail", "outlook")
+    fills ``host``, ``port`` and ``security``, each overridable, as ``--preset`` does. Whether
+    the provider (and the owner) exist is checked by :func:`import_mailboxes`, which has the
+    database. The password and the refresh token are ``SecretStr``: no repr, log or error shows
+    them.
+
+    To add a field, declare it here with its check and map it in :meth:`row` (or
+    :meth:`token_row`); the import reports its errors by line and field unchanged."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     owner: str | None = None
     system: bool = False
+    preset: Literal["gmail", "outlook"] | None = None
     host: str
     port: int
     security: str
     username: str
-    password: SecretStr
+    # Declared before the credentials: their checks read it (``info.data``).
+    auth: Literal["password", "oauth2", "oauth2-app"] = "password"
+    password: SecretStr | None = Field(default=None, validate_default=True)
+    oauth_provider: str | None = Field(default=None, validate_default=True)
+    refresh_token: SecretStr | None = Field(default=None, validate_default=True)
     folders: list[str] | None = None
     name: str | None = None
     first_sync_days: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """``preset`` fills what the line leaves out (absent or null), as ``--preset`` does."""
+        preset = data.get("preset") if isinstance(data, Mapping) else None
+        if isinstance(preset, str) and preset in oauth.MAILBOX_PRESETS:
+            server = dict(zip(("host", "port", "security"),
+                              oauth.MAILBOX_PRESETS[preset], strict=True))
+            data = {**data, **{k: v for k, v in server.items() if data.get(k) is None}}
+        return data
 
     @field_validator("owner")
     @classmethod
@@ -185,8 +210,46 @@ class MailboxLine(BaseModel):
 
     @field_validator("password")
     @classmethod
-    def _password(cls, value: SecretStr) -> SecretStr:
+    def _password(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        auth = info.data.get("auth")  # absent when "auth" itself is wrong: that error suffices
+        if value is None:
+            if auth == "password":
+                raise ValueError("missing")
+            return None
+        if auth in ("oauth2", "oauth2-app"):
+            raise ValueError(f'an "auth": "{auth}" mailbox signs in with OAuth2, not a password')
         _checked(valid.password, value.get_secret_value(), "password")
+        return value
+
+    @field_validator("oauth_provider")
+    @classmethod
+    def _oauth_provider(cls, value: str | None, info: ValidationInfo) -> str | None:
+        auth = info.data.get("auth")
+        if value is None:
+            if auth in ("oauth2", "oauth2-app"):
+                raise ValueError(f'missing: an "auth": "{auth}" mailbox needs its provider\'s '
+                                 "name (oauth provider list)")
+            return None
+        if auth == "password":
+            raise ValueError('only an "auth": "oauth2" or "oauth2-app" mailbox has a provider')
+        if not value:
+            raise ValueError("must not be empty")
+        return str(_checked(valid.printable, value, "oauth_provider"))
+
+    @field_validator("refresh_token")
+    @classmethod
+    def _refresh_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        auth = info.data.get("auth")
+        if value is None:
+            if auth == "oauth2":
+                raise ValueError('missing: an "auth": "oauth2" mailbox needs the person\'s '
+                                 "refresh token")
+            return None
+        if auth == "oauth2-app":
+            raise ValueError('an "auth": "oauth2-app" mailbox has no refresh token')
+        if auth == "password":
+            raise ValueError('only an "auth": "oauth2" mailbox has a refresh token')
+        _checked(valid.refresh_token, value.get_secret_value(), "refresh_token")
         return value
 
     @field_validator("folders", mode="before")
@@ -217,16 +280,29 @@ class MailboxLine(BaseModel):
         return self
 
     def row(self, owner_id: int | None, box: PasswordBox) -> tuple[Any, ...]:
-        """The values of ``_INSERT_MAILBOX``, the password encrypted."""
+        """The values of ``_INSERT_MAILBOX``, the password encrypted (an OAuth2 mailbox has
+        none: an empty value, as ``add_oauth_mailbox`` stores)."""
+        password = (box.encrypt(self.password.get_secret_value()) if self.password is not None
+                    else b"")
         return (owner_id, self.name or f"{self.username}@{self.host}", self.host, self.port,
-                self.security, self.username, box.encrypt(self.password.get_secret_value()),
-                self.folders, self.first_sync_days)
+                self.security, self.username, password, self.folders, self.first_sync_days,
+                self.auth)
+
+    def token_row(self, mailbox_id: int, provider_id: int,
+                  box: PasswordBox) -> tuple[int, int, bytes | None]:
+        """The values of ``_INSERT_TOKEN`` (OAuth2 only), the refresh token encrypted."""
+        token = self.refresh_token
+        return (mailbox_id, provider_id,
+                box.encrypt(token.get_secret_value()) if token is not None else None)
 
 
 _INSERT_MAILBOX = """
 INSERT INTO mailboxes (owner_id, name, host, port, security, username, password_encrypted,
-                       initial_folders, first_sync_days)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"""
+                       initial_folders, first_sync_days, auth_kind)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"""
+
+_INSERT_TOKEN = """
+INSERT INTO oauth_tokens (mailbox_id, provider_id, refresh_token_encrypted) VALUES (%s, %s, %s)"""
 
 
 @dataclass(frozen=True)
@@ -288,28 +364,46 @@ def _line_error(number: int, error: Any) -> LineError:
     if error["type"] == "extra_forbidden":
         message = f"unknown field (known: {', '.join(MailboxLine.model_fields)})"
     elif error["type"] == "missing":
-        message = "missing"
+        message = "missing" + (' (or a "preset": gmail, outlook)'
+                               if field in ("host", "port", "security") else "")
     return LineError(number, field, message[:1].lower() + message[1:])
 
 
 def import_mailboxes(conn: db.Connection, box: PasswordBox,
                      lines: Iterable[str | Mapping[str, Any]]) -> list[int]:
     """Register many mailboxes at once (``mailferry mailbox import``): one per line, each as
-    :func:`add_mailbox` would (a line repeating a registered mailbox registers it again, as
-    ``mailbox add`` run twice does). Every line is checked first, owners included; one wrong
+    :func:`add_mailbox` would, or ``app.oauth.add_oauth_mailbox`` for an OAuth2 line (a line
+    repeating a registered mailbox registers it again, as ``mailbox add`` run twice does). Every
+    line is checked first, owners and OAuth2 providers included (one query each); one wrong
     line writes nothing (``ImportRefused`` names every wrong line and field). Then all rows go
-    in one transaction, in one pipelined batch: 1,000 mailboxes take well under a second (the
-    Fernet encryption of each password included). Returns the new ids, in the lines' order."""
+    in one transaction, in pipelined batches: the mailboxes, then the OAuth2 lines' token rows.
+    1,000 mailboxes take well under a second (the Fernet encryption of each password or refresh
+    token included). Returns the new ids, in the lines' order."""
     entries = parse_mailbox_lines(lines)
     owners = sorted({e.owner.lower() for _, e in entries if e.owner is not None})
     known = {r["email"]: int(r["id"]) for r in conn.execute(
         "SELECT id, lower(email) AS email FROM users WHERE lower(email) = ANY(%s)",
         (owners,)).fetchall()} if owners else {}
-    missing = [LineError(n, "owner", f"no user with email {e.owner}; create it with "
-                                     "`mailferry user add`")
-               for n, e in entries if e.owner is not None and e.owner.lower() not in known]
-    if missing:
-        raise ImportRefused(missing)
+    providers = oauth.providers_by_name(
+        conn, [e.oauth_provider for _, e in entries if e.oauth_provider is not None])
+    errors: list[LineError] = []
+    for number, entry in entries:
+        if entry.owner is not None and entry.owner.lower() not in known:
+            errors.append(LineError(number, "owner", f"no user with email {entry.owner}; "
+                                                     "create it with `mailferry user add`"))
+        if entry.oauth_provider is None:
+            continue
+        provider = providers.get(entry.oauth_provider.lower())
+        if provider is None:
+            errors.append(LineError(number, "oauth_provider",
+                                    f"no OAuth2 provider named {entry.oauth_provider!r}; add it "
+                                    "with `mailferry oauth provider add`"))
+        elif entry.auth == "oauth2-app" and not provider.acts_alone:
+            errors.append(LineError(number, "oauth_provider",
+                                    f"provider {provider.name} has no client secret or service "
+                                    "account key: app-only access needs one"))
+    if errors:
+        raise ImportRefused(errors)
     rows = [e.row(known[e.owner.lower()] if e.owner else None, box) for _, e in entries]
     if not rows:
         return []
@@ -322,6 +416,11 @@ def import_mailboxes(conn: db.Connection, box: PasswordBox,
             ids.append(int(row["id"]))
             if not cur.nextset():
                 break
+        tokens = [e.token_row(mailbox_id, providers[e.oauth_provider.lower()].id, box)
+                  for mailbox_id, (_, e) in zip(ids, entries, strict=True)
+                  if e.oauth_provider is not None]
+        if tokens:
+            cur.executemany(_INSERT_TOKEN, tokens)
     return ids
 
 

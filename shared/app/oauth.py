@@ -117,12 +117,13 @@ def add_oauth_mailbox(conn: db.Connection, box: PasswordBox, *, owner_email: str
                       first_sync_days: int | None = None) -> int:
     """Register an OAuth2 mailbox: with a user's refresh token (``auth_kind`` oauth2), or, for
     ``app_only``, none: the provider's client credentials or service account act for the
-    mailbox's user (oauth2-app). A bulk import calls this per line. Returns the new id."""
+    mailbox's user (oauth2-app). ``mailboxes.import_mailboxes`` registers many by the same
+    rules, in bulk. Returns the new id."""
     found = oauth.provider_by_name(conn, provider)
     if app_only:
         if refresh_token is not None:
             raise InvalidInput("--refresh-token-stdin: an app-only mailbox has no refresh token")
-        if found.client_secret_encrypted is None and found.service_account_key_encrypted is None:
+        if not found.acts_alone:
             raise InvalidInput(f"provider {provider} has no client secret or service account "
                                "key: app-only access needs one")
     else:
@@ -142,9 +143,7 @@ def add_oauth_mailbox(conn: db.Connection, box: PasswordBox, *, owner_email: str
 def _check_refresh_token(token: str | None) -> str:
     if not token:
         raise InvalidInput("no refresh token given")
-    if valid.has_control(token) or len(token) > 8192:
-        raise InvalidInput("the refresh token holds control characters or is too long")
-    return token
+    return valid.refresh_token(token)
 
 
 def set_refresh_token(conn: db.Connection, box: PasswordBox, publish: Publish, mailbox_id: int,

@@ -118,6 +118,16 @@ def password(value: str, what: str = "password") -> str:
     return value
 
 
+def refresh_token(value: str, what: str = "refresh token") -> str:
+    """An OAuth2 refresh token: it goes into a form body, never a protocol line, but a control
+    character or a book is a paste gone wrong."""
+    if not value:
+        raise InvalidInput(f"{what}: must not be empty")
+    if has_control(value) or len(value) > 8192:
+        raise InvalidInput(f"{what}: holds control characters or is too long")
+    return value
+
+
 def display_name(value: str, what: str = "name") -> str:
     """Any text (it is shown escaped), but not empty and not a book."""
     if not value.strip() or len(value) > MAX_TEXT or "\x00" in value:
