@@ -32,8 +32,11 @@ def start(settings: Settings, service: str) -> None:
 def run_worker(settings: Settings, work: WorkQueue, handlers: Handlers,
                publisher: Publisher | PublisherPool, prefetch: int = 1, concurrency: int = 1,
                on_retry_exhausted: RetryExhausted | None = None,
-               on_tick: Callable[[], None] | None = None, tick_seconds: float = 15.0) -> None:
-    """Consume ``work`` with the service's ``HANDLERS`` (bound to their adapters)."""
+               on_tick: Callable[[], None] | None = None, tick_seconds: float = 15.0,
+               on_stop: Callable[[], None] | None = None) -> None:
+    """Consume ``work`` with the service's ``HANDLERS`` (bound to their adapters). ``on_stop``
+    stops the process's helper threads once consuming ended, before ``worker.stopped``: that
+    line is the process's last."""
     worker = Worker(
         on_retry_exhausted=on_retry_exhausted,
         on_tick=on_tick,
@@ -53,5 +56,9 @@ def run_worker(settings: Settings, work: WorkQueue, handlers: Handlers,
     try:
         worker.run()
     finally:
-        publisher.close()
-        log.info("worker.stopped", queue=work.name)
+        try:
+            if on_stop is not None:
+                on_stop()
+        finally:
+            publisher.close()
+            log.info("worker.stopped", queue=work.name)

@@ -36,13 +36,22 @@ def main(settings: Settings) -> None:
     relay = Relay(settings.database_url, Publisher(settings.broker_url, settings.retry_delays),
                   settings.changes_retention)
     relay.start()
+    stopped = False
+
+    def stop_helpers() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            relay.stop()
+            relay.publisher.close()
+            indexer.stop()
+
     try:
         run_worker(settings, topology.PERSISTER,
                    {kind: busy(handler) for kind, handler in HANDLERS.items()},
                    Publisher(settings.broker_url, settings.retry_delays),
                    prefetch=settings.persister_prefetch,
-                   on_retry_exhausted=functools.partial(event_given_up, deps=deps))
+                   on_retry_exhausted=functools.partial(event_given_up, deps=deps),
+                   on_stop=stop_helpers)
     finally:
-        relay.stop()
-        relay.publisher.close()
-        indexer.stop()
+        stop_helpers()  # run_worker may fail before it consumes

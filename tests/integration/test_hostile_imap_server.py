@@ -283,7 +283,7 @@ def test_connections_and_commands_are_recorded_across_concurrent_clients() -> No
 
 
 def test_an_unknown_behaviour_is_refused_and_messages_makes_an_inbox_of_uids_1_to_n() -> None:
-    assert len(HostileImapServer.BEHAVIOURS) == 10
+    assert len(HostileImapServer.BEHAVIOURS) == 11
     with pytest.raises(ValueError, match="unknown behaviour"):
         HostileImapServer("sulking")
     with HostileImapServer(messages=250) as server, RawClient(server) as raw:
