@@ -13,8 +13,11 @@ It serves, over plain HTTP on loopback (allowed by mailferry for loopback only):
 - ``/userinfo``: the bearer's ``email``.
 
 Access tokens last :attr:`access_lifetime` seconds (a few). :meth:`fail_next` makes the token
-endpoint answer ``invalid_grant``, 429 with Retry-After, 500, or slowly; :meth:`revoke` revokes
-a user's grants. Every request is counted in :attr:`requests` by grant type.
+endpoint answer ``invalid_grant``, 429 with Retry-After, 500, slowly, or not until the test
+calls :meth:`release` (``hold``: to make other processes ask while a refresh is in flight);
+:meth:`revoke` revokes a user's grants. Every request is counted in :attr:`requests` by grant
+type, and every ``refresh_token`` grant in :attr:`refreshes` by the refresh token it presented
+(a count above one: the same refresh token was used twice).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class _Grant:
 
 @dataclass
 class _Fault:
-    kind: str  # invalid_grant, 429, 500, slow
+    kind: str  # invalid_grant, 429, 500, slow, hold
     seconds: float = 0.0
 
 
@@ -65,6 +68,7 @@ class FakeProvider:
     service_account_public_key: Any = None  # a PEM for the JWT bearer grant
     id_tokens: bool = True  # False: the client must ask the user-info endpoint for the email
     requests: Counter[str] = field(default_factory=Counter)
+    refreshes: Counter[str] = field(default_factory=Counter)  # refresh_token grants by token
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -73,6 +77,8 @@ class FakeProvider:
         self._codes: dict[str, tuple[str, str, str]] = {}  # code -> (user, challenge, redirect)
         self._devices: dict[str, str] = {}  # device code -> user
         self._faults: list[_Fault] = []
+        self._holding = threading.Event()  # a "hold" fault has a request waiting
+        self._released = threading.Event()
         self.authorize_requests: list[dict[str, str]] = []
         self.device_scopes = ""
         self.scopes: dict[str, str] = {}  # the scope last asked for, by grant type
@@ -144,9 +150,21 @@ class FakeProvider:
 
     def fail_next(self, kind: str, times: int = 1, seconds: float = 0.0) -> None:
         """The next ``times`` token requests fail: ``invalid_grant``, ``429`` (Retry-After:
-        ``seconds``), ``500``, or ``slow`` (answered after ``seconds``)."""
+        ``seconds``), ``500``, ``slow`` (answered after ``seconds``), or ``hold`` (answered
+        when :meth:`release` is called, or after ``seconds``, 30 when 0)."""
         with self._lock:
+            if kind == "hold":
+                self._holding.clear()
+                self._released.clear()
             self._faults.extend(_Fault(kind, seconds) for _ in range(times))
+
+    def holding(self) -> bool:
+        """Whether a request held by a ``hold`` fault is waiting now (or was)."""
+        return self._holding.is_set()
+
+    def release(self) -> None:
+        """Let the held requests go on (they are then answered as usual)."""
+        self._released.set()
 
     def active_tokens(self, user: str) -> int:
         now = time.time()
@@ -219,13 +237,18 @@ class FakeProvider:
 
     def _token(self, request: BaseHTTPRequestHandler, form: dict[str, str]) -> None:
         grant_type = form.get("grant_type", "")
-        self.requests[grant_type] += 1
-        self.scopes[grant_type] = form.get("scope", "")
         with self._lock:
+            self.requests[grant_type] += 1
+            if grant_type == "refresh_token":
+                self.refreshes[form.get("refresh_token", "")] += 1
+            self.scopes[grant_type] = form.get("scope", "")
             fault = self._faults.pop(0) if self._faults else None
         if fault is not None:
             if fault.kind == "slow":
                 time.sleep(fault.seconds)
+            elif fault.kind == "hold":
+                self._holding.set()
+                self._released.wait(fault.seconds or 30.0)
             elif fault.kind == "429":
                 self._send(request, 429, {"error": "rate_limited"},
                            {"Retry-After": str(int(fault.seconds))})

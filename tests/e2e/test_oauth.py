@@ -1,22 +1,29 @@
 """OAuth2 mailboxes through the whole pipeline (fetcher, persister, notifier as processes), against
-Dovecot's oauth2 passdb and the devkit's fake provider, whose access tokens last two seconds."""
+Dovecot's oauth2 passdb and the devkit's fake provider, whose access tokens last two seconds:
+expiry, rotation, outages, revocation, one refresh when several processes want the token at
+once."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailferry import db, topology
-from mailferry.broker import connect
+from mailferry import db, oauth, topology
+from mailferry.app import oauth as app_oauth
+from mailferry.broker import Publisher, connect
+from mailferry.config import Settings
+from mailferry.crypto import PasswordBox
 from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
 from mailferry.devkit.hostile_imap import HostileImapServer
 from mailferry.devkit.oauth_provider import FakeProvider
+from mailferry.messages import SyncMailbox
 
 USER = "alice@example.test"
 OWNER = "owner@example.com"
@@ -185,3 +192,66 @@ def test_a_sync_that_outlives_its_token_logs_in_again_and_goes_on(
                           "INBOX", "--json")
     assert sorted(m["uid"] for m in stored) == [1, 2, 3]
     assert _told(env) == []
+
+
+def _waiting_on_a_token_row(conn: db.Connection) -> bool:
+    """Whether some session of this database waits for the lock on an ``oauth_tokens`` row."""
+    row = conn.execute(
+        """SELECT count(*) AS n FROM pg_stat_activity
+            WHERE datname = current_database() AND wait_event_type = 'Lock'
+              AND query ILIKE '%oauth_tokens%'""").fetchone()
+    return bool(row and row["n"])
+
+
+def test_two_fetchers_and_a_check_that_want_one_expired_token_at_once_refresh_it_once(
+        env: dict[str, str], idp: FakeProvider, server: Dovecot, conn: db.Connection,
+        settings: Settings, processes: services.ServiceProcesses, tmp_path: Path) -> None:
+    # Two fetcher processes taking one command at a time: while one is busy, the other gets
+    # the next command.
+    processes.start("fetcher", count=2, env={"MAILFERRY_FETCHER_CONCURRENCY": "1"})
+    processes.start("persister")
+    outputs: list[str] = []
+    box = PasswordBox(settings.secret_key)
+    app_oauth.add_provider(conn, box, name="fake", kind="generic", client_id=idp.client_id,
+                           client_secret=CLIENT_SECRET, token_url=f"{idp.url}/token")
+    mailbox_id = app_oauth.add_oauth_mailbox(
+        conn, box, owner_email=None, provider="fake", username=USER,
+        refresh_token=idp.grant(USER), host=server.host, port=server.port, security="none")
+    oauth.MailboxTokens(conn, box, mailbox_id)()  # an access token, cached
+    time.sleep(2.1)  # and expired: whoever uses the mailbox next refreshes it
+
+    # The next refresh stays in flight until released, and gives a token that outlives the
+    # wait (its lifetime counts from when it was asked for).
+    idp.fail_next("hold")
+    idp.access_lifetime = 60.0
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            syncing = pool.submit(_sync, env, outputs, mailbox_id)
+            assert services.eventually(idp.holding, timeout=20)  # one fetcher is refreshing
+            # The same command again (as a redelivery would be): the other fetcher takes it.
+            run = conn.execute("SELECT id FROM sync_runs WHERE mailbox_id = %s "
+                               "AND status = 'running'", (mailbox_id,)).fetchone()
+            assert run is not None
+            publisher = Publisher(settings.broker_url, settings.retry_delays)
+            publisher.publish(SyncMailbox(run_id=run["id"], mailbox_id=mailbox_id))
+            publisher.close()
+            # And someone checks the mailbox from the CLI, a process that takes no lease.
+            checking = pool.submit(services.run_cli,
+                                   ["mailbox", "check", str(mailbox_id), "--json"], env)
+            assert services.eventually(lambda: _waiting_on_a_token_row(conn), timeout=20)
+            # The other fetcher wanted the mailbox too: the lease held it back (retried later).
+            assert services.eventually(lambda: any(
+                "LeaseHeld" in log.read_text() for log in tmp_path.glob("fetcher-*.log")),
+                timeout=20)
+        finally:
+            idp.release()
+        assert syncing.result(timeout=60) == "done"
+        checked = checking.result(timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["ok"] is True
+
+    # Two refreshes in all: the first token's, then one for the three that wanted it at once.
+    # With rotation, each refresh token was presented once, never twice.
+    assert idp.requests["refresh_token"] == 2
+    assert sorted(idp.refreshes.values()) == [1, 1]
+    processes.assert_running()
