@@ -36,8 +36,8 @@ def idp() -> Iterator[FakeProvider]:
 
 @pytest.fixture
 def server(tmp_path: Path, idp: FakeProvider) -> Iterator[Dovecot]:
-    with Dovecot(tmp_path / "dovecot",
-                 oauth2_introspection_url=f"{idp.url}/introspect") as dovecot:
+    with Dovecot(tmp_path / "dovecot", oauth2_introspection_url=f"{idp.url}/introspect",
+                 oauth2_app_introspection_url=f"{idp.url}/introspect/app") as dovecot:
         dovecot.add_user(USER, "unused-password")
         yield dovecot
 
@@ -57,8 +57,8 @@ def _mailbox(conn: db.Connection, box: PasswordBox, idp: FakeProvider, server: D
                                        host=server.host, port=server.port, security="none")
 
 
-def _login(server: Dovecot, token: str) -> None:
-    config = ImapConfig(server.host, server.port, "none", USER, "", timeout=5,
+def _login(server: Dovecot, token: str, user: str = USER) -> None:
+    config = ImapConfig(server.host, server.port, "none", user, "", timeout=5,
                         allow_private_networks=True)
     with ImapConnector(config, OAuth2Auth(lambda fresh=False: token)) as connector:
         connector.connect()
@@ -257,7 +257,18 @@ def test_microsoft_app_only_access_uses_client_credentials_with_the_default_scop
     mailbox_id = app_oauth.add_oauth_mailbox(
         conn, box, owner_email=None, provider="tenant", username=USER, refresh_token=None,
         app_only=True, host=server.host, port=server.port, security="none")
-    assert oauth.MailboxTokens(conn, box, mailbox_id)().startswith("at-")
+    token = oauth.MailboxTokens(conn, box, mailbox_id)()
+    # A token for the app: any mailbox of its tenant's domain, none elsewhere, no user's own.
+    server.add_user("bob@example.test", "unused-password")
+    server.add_user("eve@elsewhere.test", "unused-password")
+    _login(server, token)
+    _login(server, token, "bob@example.test")
+    with pytest.raises(ImapAuthError):
+        _login(server, token, "eve@elsewhere.test")
+    with pytest.raises(ImapAuthError):  # a person's token stays that person's
+        _login(server, oauth.MailboxTokens(conn, box, _mailbox(conn, box, idp, server,
+                                                                idp.grant(USER)))(),
+               "bob@example.test")
     assert idp.requests["client_credentials"] == 1
     assert idp.scopes["client_credentials"] == "https://outlook.office365.com/.default"
     listed = app_oauth.list_providers(conn)[0]
