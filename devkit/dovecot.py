@@ -390,6 +390,7 @@ class Dovecot:
         courier_namespace: bool = False,
         oauth2_introspection_url: str | None = None,
         oauth2_mechanisms: Sequence[str] = ("xoauth2", "oauthbearer"),
+        oauth2_app_introspection_url: str | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.capabilities_hidden: tuple[str, ...] = tuple(c.upper() for c in capabilities_hidden)
@@ -403,6 +404,14 @@ class Dovecot:
         self.oauth2_introspection_url = oauth2_introspection_url
         self.oauth2_mechanisms = " ".join(oauth2_mechanisms)
         self.oauth2_config = self.base_dir / "dovecot-oauth2.conf.ext"
+        # App-only tokens (Microsoft's client credentials grant): a token for an application,
+        # not for a user. Dovecot 2.3 sends an introspection endpoint nothing but the token, so
+        # it cannot ask "may this app open this mailbox?": a second oauth2 passdb asks this
+        # endpoint (which calls only app tokens active, with the username "APP@TENANT-DOMAIN")
+        # and accepts the token for every user of that domain (username_format = %Ld), as
+        # Exchange Online accepts it for the tenant's mailboxes the app was given access to.
+        self.oauth2_app_introspection_url = oauth2_app_introspection_url
+        self.oauth2_app_config = self.base_dir / "dovecot-oauth2-app.conf.ext"
         # What a client sees: folder "Sent" is "INBOX.Sent" in the Courier-like namespace.
         self.namespace_prefix = "INBOX." if courier_namespace else ""
         self.separator = "." if courier_namespace else "/"
@@ -1024,12 +1033,20 @@ service anvil {{
     def _oauth2_passdb(self) -> str:
         if not self.oauth2_introspection_url:
             return ""
-        return f"""passdb {{
+        passdb = f"""passdb {{
   driver = oauth2
   mechanisms = {self.oauth2_mechanisms}
   args = {self.oauth2_config}
 }}
 """
+        if self.oauth2_app_introspection_url:  # tried when the first one refused the token
+            passdb += f"""passdb {{
+  driver = oauth2
+  mechanisms = {self.oauth2_mechanisms}
+  args = {self.oauth2_app_config}
+}}
+"""
+        return passdb
 
     def _write_config(self, capability_list: Sequence[str] | None) -> None:
         dict_config = _DICT_AUTH_CONF.replace("@USERS_FILE@", str(self.users_file))
@@ -1043,6 +1060,16 @@ service anvil {{
                 f"introspection_url = {self.oauth2_introspection_url}\n"
                 f"force_introspection = yes\n"
                 f"username_attribute = username\n"
+                f"active_attribute = active\n"
+                f"active_value = true\n").encode(), 0o600)
+        if self.oauth2_introspection_url and self.oauth2_app_introspection_url:
+            # Only the domains are compared: the SASL user's and the introspected username's.
+            _write_atomically(self.oauth2_app_config, (
+                f"introspection_mode = post\n"
+                f"introspection_url = {self.oauth2_app_introspection_url}\n"
+                f"force_introspection = yes\n"
+                f"username_attribute = username\n"
+                f"username_format = %Ld\n"
                 f"active_attribute = active\n"
                 f"active_value = true\n").encode(), 0o600)
         _write_atomically(self.config_file, self._render_config(capability_list).encode(), 0o644)

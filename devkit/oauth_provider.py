@@ -9,12 +9,35 @@ It serves, over plain HTTP on loopback (allowed by mailferry for loopback only):
   assertion verified with the registered public key), and the device-code grant (RFC 8628);
 - ``/device``: device authorization (approved at once for :attr:`consenting_user`);
 - ``/introspect``: RFC 7662 introspection, what Dovecot's oauth2 passdb asks
-  (``introspection_mode = post``);
+  (``introspection_mode = post``): ``username`` is the user a token acts for;
+- ``/introspect/app``: the same for app-only tokens only (see below);
 - ``/userinfo``: the bearer's ``email``.
 
 Access tokens last :attr:`access_lifetime` seconds (a few). :meth:`fail_next` makes the token
-endpoint answer ``invalid_grant``, 429 with Retry-After, 500, or slowly; :meth:`revoke` revokes
-a user's grants. Every request is counted in :attr:`requests` by grant type.
+endpoint answer ``invalid_grant``, 429 with Retry-After, 500, slowly, or not until the test
+calls :meth:`release` (``hold``: to make other processes ask while a refresh is in flight);
+:meth:`revoke` revokes a user's grants. Every request is counted in :attr:`requests` by grant
+type, and every ``refresh_token`` grant in :attr:`refreshes` by the refresh token it presented
+(a count above one: the same refresh token was used twice).
+
+Whom a token acts for, and how Dovecot (devkit.dovecot, 2.3's oauth2 passdb) checks it: Dovecot
+posts the token, and only the token, to the introspection endpoint, and accepts the login when
+the answer's ``username`` equals the SASL user (``username_format``, ``%Lu`` by default).
+
+- Tokens of a person (authorization code, device code, refresh token) act for that person.
+- A Google service account's JWT bearer grant (RFC 7523) acts for the user its assertion's
+  ``sub`` claim names (domain-wide delegation): introspected as that user, like Google's
+  tokeninfo answers the impersonated user's email.
+- Microsoft's client credentials grant gives a token for the *application*, with no user in it;
+  Exchange Online accepts it for any mailbox the app was given access to, the one named in the
+  XOAUTH2/OAUTHBEARER ``user=``. The introspection cannot see that name, so: ``/introspect``
+  answers the app token with ``username`` = the client id (RFC 7662: the resource owner of a
+  client credentials token is the client itself), which matches no mailbox; and
+  ``/introspect/app`` calls only app tokens active, with ``username`` =
+  ``CLIENT_ID@`` :attr:`app_domain`, which Dovecot's second oauth2 passdb compares by domain
+  (``username_format = %Ld``). An app token thus opens every mailbox of its tenant's domain and
+  none elsewhere: the tenant-wide grant of an admin consent, without Exchange's per-mailbox
+  permissions (``Add-MailboxPermission``), which Dovecot 2.3 cannot ask about.
 """
 
 from __future__ import annotations
@@ -49,7 +72,7 @@ class _Grant:
 
 @dataclass
 class _Fault:
-    kind: str  # invalid_grant, 429, 500, slow
+    kind: str  # invalid_grant, 429, 500, slow, hold
     seconds: float = 0.0
 
 
@@ -64,15 +87,20 @@ class FakeProvider:
     consenting_user: str = "alice@example.test"
     service_account_public_key: Any = None  # a PEM for the JWT bearer grant
     id_tokens: bool = True  # False: the client must ask the user-info endpoint for the email
+    app_domain: str = "example.test"  # the tenant: what app-only tokens may open
     requests: Counter[str] = field(default_factory=Counter)
+    refreshes: Counter[str] = field(default_factory=Counter)  # refresh_token grants by token
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._grants: dict[str, _Grant] = {}  # refresh token -> grant
         self._access: dict[str, tuple[str, float]] = {}  # access token -> (user, expiry)
+        self._app_tokens: set[str] = set()  # the access tokens of client credentials grants
         self._codes: dict[str, tuple[str, str, str]] = {}  # code -> (user, challenge, redirect)
         self._devices: dict[str, str] = {}  # device code -> user
         self._faults: list[_Fault] = []
+        self._holding = threading.Event()  # a "hold" fault has a request waiting
+        self._released = threading.Event()
         self.authorize_requests: list[dict[str, str]] = []
         self.device_scopes = ""
         self.scopes: dict[str, str] = {}  # the scope last asked for, by grant type
@@ -144,9 +172,21 @@ class FakeProvider:
 
     def fail_next(self, kind: str, times: int = 1, seconds: float = 0.0) -> None:
         """The next ``times`` token requests fail: ``invalid_grant``, ``429`` (Retry-After:
-        ``seconds``), ``500``, or ``slow`` (answered after ``seconds``)."""
+        ``seconds``), ``500``, ``slow`` (answered after ``seconds``), or ``hold`` (answered
+        when :meth:`release` is called, or after ``seconds``, 30 when 0)."""
         with self._lock:
+            if kind == "hold":
+                self._holding.clear()
+                self._released.clear()
             self._faults.extend(_Fault(kind, seconds) for _ in range(times))
+
+    def holding(self) -> bool:
+        """Whether a request held by a ``hold`` fault is waiting now (or was)."""
+        return self._holding.is_set()
+
+    def release(self) -> None:
+        """Let the held requests go on (they are then answered as usual)."""
+        self._released.set()
 
     def active_tokens(self, user: str) -> int:
         now = time.time()
@@ -168,7 +208,8 @@ class FakeProvider:
             body = request.rfile.read(length).decode()
             form.update({k: v[0] for k, v in parse_qs(body).items()})
         routes = {"/authorize": self._authorize, "/token": self._token, "/device": self._device,
-                  "/introspect": self._introspect, "/userinfo": self._userinfo}
+                  "/introspect": self._introspect, "/introspect/app": self._introspect_app,
+                  "/userinfo": self._userinfo}
         route = routes.get(parts.path)
         if route is None:
             self._send(request, 404, {"error": "not_found"})
@@ -219,13 +260,18 @@ class FakeProvider:
 
     def _token(self, request: BaseHTTPRequestHandler, form: dict[str, str]) -> None:
         grant_type = form.get("grant_type", "")
-        self.requests[grant_type] += 1
-        self.scopes[grant_type] = form.get("scope", "")
         with self._lock:
+            self.requests[grant_type] += 1
+            if grant_type == "refresh_token":
+                self.refreshes[form.get("refresh_token", "")] += 1
+            self.scopes[grant_type] = form.get("scope", "")
             fault = self._faults.pop(0) if self._faults else None
         if fault is not None:
             if fault.kind == "slow":
                 time.sleep(fault.seconds)
+            elif fault.kind == "hold":
+                self._holding.set()
+                self._released.wait(fault.seconds or 30.0)
             elif fault.kind == "429":
                 self._send(request, 429, {"error": "rate_limited"},
                            {"Retry-After": str(int(fault.seconds))})
@@ -248,6 +294,8 @@ class FakeProvider:
         access = self._new("at")
         with self._lock:
             self._access[access] = (user, time.time() + self.access_lifetime)
+            if grant_type == "client_credentials":
+                self._app_tokens.add(access)
         body: dict[str, Any] = {"access_token": access, "token_type": "Bearer",
                                 "expires_in": self.access_lifetime}
         if grant_type in ("authorization_code", DEVICE_GRANT) or (
@@ -281,7 +329,7 @@ class FakeProvider:
             if grant_type == DEVICE_GRANT:
                 return self._devices.pop(form.get("device_code", ""), None)
             if grant_type == "client_credentials":
-                return "*"  # app-only: every mailbox of the tenant
+                return self.client_id  # app-only: the application itself
         if grant_type == JWT_BEARER and self.service_account_public_key is not None:
             key = RSAKey.import_key(self.service_account_public_key)
             try:
@@ -293,8 +341,8 @@ class FakeProvider:
         return None
 
     def _introspect(self, request: BaseHTTPRequestHandler, form: dict[str, str]) -> None:
-        """RFC 7662: ``active`` and the ``username`` the token belongs to. An app-only token
-        belongs to every user (Dovecot then checks it for the user logging in)."""
+        """RFC 7662: ``active`` and the ``username`` the token acts for (an app-only token: the
+        client id, see the module docstring)."""
         token = form.get("token", "")
         with self._lock:
             found = self._access.get(token)
@@ -302,6 +350,18 @@ class FakeProvider:
             self._send(request, 200, {"active": False})
             return
         self._send(request, 200, {"active": True, "username": found[0],
+                                  "exp": int(found[1]), "client_id": self.client_id})
+
+    def _introspect_app(self, request: BaseHTTPRequestHandler, form: dict[str, str]) -> None:
+        """App-only tokens only: ``username`` is ``CLIENT_ID@APP_DOMAIN``, for Dovecot to
+        compare by domain with the mailbox logging in."""
+        token = form.get("token", "")
+        with self._lock:
+            found = self._access.get(token) if token in self._app_tokens else None
+        if found is None or found[1] <= time.time():
+            self._send(request, 200, {"active": False})
+            return
+        self._send(request, 200, {"active": True, "username": f"{found[0]}@{self.app_domain}",
                                   "exp": int(found[1]), "client_id": self.client_id})
 
     def _userinfo(self, request: BaseHTTPRequestHandler, form: dict[str, str]) -> None:

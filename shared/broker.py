@@ -19,7 +19,9 @@ A failure is never acked and dropped, and never requeued in a loop:
 - a malformed message, a header mailferry cannot read, a type the queue has no handler for, or a
   ``PermanentError``: published to the dead-letter queue with its reason, then acked;
 - anything else: published to the next retry queue (exponential delays) with the attempt count,
-  then acked; after the last delay, dead-lettered;
+  then acked; after the last delay, dead-lettered. A ``TransientError`` with ``retry_after``
+  (the other side said when to come back) goes to a queue whose delay is at least that long,
+  up to the longest one (:func:`retry_delay`);
 - when a message will not be tried again (either way), the service's one
   ``on_retry_exhausted(message, exc)`` hook records what that means (a run closed as failed);
 - if even the republish fails, the message is rejected back to its queue (RabbitMQ counts it: after
@@ -47,7 +49,7 @@ from kombu.transport.base import Message
 from pydantic import ValidationError
 
 from mailferry import messages, metrics, topology
-from mailferry.errors import BrokerUnavailable, PermanentError
+from mailferry.errors import BrokerUnavailable, PermanentError, TransientError
 
 log = structlog.get_logger(__name__)
 
@@ -420,7 +422,7 @@ class Worker(ConsumerMixin):
             self._dead_letter(message, f"retries exhausted; last error: {reason}", attempt,
                               decoded, exc)
             return
-        delay = self.retry_delays[attempt]
+        delay = retry_delay(self.retry_delays, attempt, exc)
         self.publisher.publish_raw(
             message.body,
             exchange=topology.DEFAULT.name,
@@ -465,6 +467,18 @@ class Worker(ConsumerMixin):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+
+
+def retry_delay(delays: Sequence[float], attempt: int, exc: BaseException) -> float:
+    """How long retry number ``attempt + 1`` waits: ``delays[attempt]``, unless the failure is a
+    ``TransientError`` whose ``retry_after`` asks for longer (a token endpoint's 429 with
+    ``Retry-After``): then the shortest configured delay that is at least that long, capped at
+    the longest (a retry waits in a queue with a fixed TTL, one per configured delay)."""
+    delay = delays[attempt]
+    wanted = exc.retry_after if isinstance(exc, TransientError) else None
+    if wanted is None or wanted <= delay:
+        return delay
+    return min((d for d in delays if d >= wanted), default=max(delays))
 
 
 def _attempt(message: Message) -> int | None:

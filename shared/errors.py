@@ -30,7 +30,11 @@ class MailferryError(Exception):
 
 
 class TransientError(MailferryError):
-    pass
+    """``retry_after``: the seconds the other side asked us to wait (an HTTP ``Retry-After``,
+    Exchange's "Suggested Backoff Time"), or None. The worker's retry of a message that failed
+    with it waits at least that long (up to its longest retry delay)."""
+
+    retry_after: float | None = None
 
 
 class PermanentError(MailferryError):
@@ -74,7 +78,8 @@ class ImapThrottled(ImapError, TransientError):
     """The provider limits this account now ([THROTTLED], [OVERQUOTA], [UNAVAILABLE], "too many
     simultaneous connections", a BYE with a rate-limit text): never a credentials problem. The
     fetcher backs the mailbox off (``mailboxes.throttled_until``) instead of retrying soon.
-    ``retry_after``: the seconds the server suggested, when it said (Exchange does)."""
+    ``retry_after``: the seconds the server suggested, when it said (Exchange does); the
+    backoff is at least that long."""
 
     kind = ErrorKind.THROTTLED
 

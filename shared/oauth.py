@@ -16,7 +16,8 @@ decides *when* to ask and what a provider's answer means for a sync:
   the same path (the run fails with kind ``auth``, ``CredentialsInvalid`` is published, people
   are told once), with a message that says how to re-authorize;
 - 429, 5xx and timeouts of the token endpoint are :class:`TokenEndpointUnavailable`, an
-  ``ImapConnectionError``: transient, retried with the worker's backoff, nobody told.
+  ``ImapConnectionError``: transient, retried with the worker's backoff, nobody told; a
+  ``Retry-After`` rides on it as ``retry_after``, and the worker's retry waits at least that.
 
 Nothing here logs or raises a token, a client secret or a key: messages name the provider and
 the mailbox, never a credential.
@@ -43,6 +44,8 @@ from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import AssertionSession, OAuth2Session
 from joserfc import jws
 from joserfc.jwk import RSAKey
+from urllib3.exceptions import InvalidHeader
+from urllib3.util import Retry
 
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
@@ -141,7 +144,24 @@ class GrantInvalid(ImapAuthError):
 
 
 class TokenEndpointUnavailable(ImapConnectionError):
-    """The token endpoint answered 429 or 5xx, or not in time: try again later."""
+    """The token endpoint answered 429 or 5xx, or not in time: try again later, and not before
+    ``retry_after`` seconds when the provider said so (``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after(resp: requests.Response | None) -> float | None:
+    """The seconds an HTTP ``Retry-After`` header asks for (RFC 9110 section 10.2.3: seconds
+    or an HTTP date; urllib3 parses both), None when absent or unreadable."""
+    value = resp.headers.get("Retry-After") if resp is not None else None
+    if not value:
+        return None
+    try:
+        return float(Retry().parse_retry_after(value))
+    except (InvalidHeader, ValueError, TypeError, OverflowError):
+        return None
 
 
 # --- providers ----------------------------------------------------------------------------------
@@ -215,10 +235,11 @@ def _provider(row: dict[str, Any]) -> Provider:
 def _raise_unavailable(provider: Provider) -> Callable[[requests.Response], requests.Response]:
     def hook(resp: requests.Response) -> requests.Response:
         if resp.status_code == 429 or resp.status_code >= 500:
-            wait = resp.headers.get("Retry-After")
+            wait = retry_after(resp)
             raise TokenEndpointUnavailable(
                 f"OAuth2 provider {provider.name}: token endpoint answered HTTP "
-                f"{resp.status_code}" + (f" (retry after {clean_text(wait)[:20]}s)" if wait else ""))
+                f"{resp.status_code}" + (f" (retry after {wait:g}s)" if wait is not None else ""),
+                retry_after=wait)
         return resp
     return hook
 
@@ -273,7 +294,7 @@ def token_request(provider: Provider, what: str, call: Callable[[], Any]) -> dic
         if status == 429 or status >= 500:
             raise TokenEndpointUnavailable(
                 f"OAuth2 provider {provider.name}: token endpoint answered HTTP "
-                f"{status}") from None
+                f"{status}", retry_after=retry_after(exc.response)) from None
         raise GrantInvalid(f"OAuth2 provider {provider.name} refused the {what} "
                            f"(HTTP {status})") from None
     except requests.Timeout:

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import click
 import psycopg
+import structlog
 
 from mailferry import app, db
 from mailferry.app import dead_letters, publishing, removal, validation
@@ -836,7 +837,10 @@ def up(fetchers: int, persisters: int) -> None:
 
 
 def main() -> None:
-    """Every error, usage errors included, is one line on stderr with a stable exit code."""
+    """Every error, usage errors included, is one line on stderr with a stable exit code.
+    Log lines go to stderr too (the services configure their own logging): stdout is the
+    command's output, JSON with ``--json``."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     try:
         code = cli.main(prog_name="mailferry", standalone_mode=False)
     except click.UsageError as exc:

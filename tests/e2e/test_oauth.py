@@ -1,22 +1,29 @@
 """OAuth2 mailboxes through the whole pipeline (fetcher, persister, notifier as processes), against
-Dovecot's oauth2 passdb and the devkit's fake provider, whose access tokens last two seconds."""
+Dovecot's oauth2 passdb and the devkit's fake provider, whose access tokens last two seconds:
+expiry, rotation, outages, revocation, one refresh when several processes want the token at
+once, and app-only access (Microsoft client credentials, Google service accounts)."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailferry import db, topology
-from mailferry.broker import connect
+from mailferry import db, oauth, topology
+from mailferry.app import oauth as app_oauth
+from mailferry.broker import Publisher, connect
+from mailferry.config import Settings
+from mailferry.crypto import PasswordBox
 from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
 from mailferry.devkit.hostile_imap import HostileImapServer
 from mailferry.devkit.oauth_provider import FakeProvider
+from mailferry.messages import SyncMailbox
 
 USER = "alice@example.test"
 OWNER = "owner@example.com"
@@ -31,8 +38,8 @@ def idp() -> Iterator[FakeProvider]:
 
 @pytest.fixture
 def server(tmp_path: Path, idp: FakeProvider) -> Iterator[Dovecot]:
-    with Dovecot(tmp_path / "dovecot",
-                 oauth2_introspection_url=f"{idp.url}/introspect") as dovecot:
+    with Dovecot(tmp_path / "dovecot", oauth2_introspection_url=f"{idp.url}/introspect",
+                 oauth2_app_introspection_url=f"{idp.url}/introspect/app") as dovecot:
         dovecot.add_user(USER, "unused-password")
         with dovecot.session(USER) as imap:
             imap.append("INBOX", b"Subject: one\r\n\r\nfirst\r\n")
@@ -185,3 +192,128 @@ def test_a_sync_that_outlives_its_token_logs_in_again_and_goes_on(
                           "INBOX", "--json")
     assert sorted(m["uid"] for m in stored) == [1, 2, 3]
     assert _told(env) == []
+
+
+def _waiting_on_a_token_row(conn: db.Connection) -> bool:
+    """Whether some session of this database waits for the lock on an ``oauth_tokens`` row."""
+    row = conn.execute(
+        """SELECT count(*) AS n FROM pg_stat_activity
+            WHERE datname = current_database() AND wait_event_type = 'Lock'
+              AND query ILIKE '%oauth_tokens%'""").fetchone()
+    return bool(row and row["n"])
+
+
+def test_two_fetchers_and_a_check_that_want_one_expired_token_at_once_refresh_it_once(
+        env: dict[str, str], idp: FakeProvider, server: Dovecot, conn: db.Connection,
+        settings: Settings, processes: services.ServiceProcesses, tmp_path: Path) -> None:
+    # Two fetcher processes taking one command at a time: while one is busy, the other gets
+    # the next command. Their one retry comes after the run is over: with the tests' 1, 2, 4 s,
+    # a loaded machine could use up the duplicate's retries while the first sync still runs,
+    # and a command given up closes its run as failed.
+    processes.start("fetcher", count=2, env={"MAILFERRY_FETCHER_CONCURRENCY": "1",
+                                             "MAILFERRY_RETRY_DELAYS": "30"})
+    processes.start("persister")
+    outputs: list[str] = []
+    box = PasswordBox(settings.secret_key)
+    app_oauth.add_provider(conn, box, name="fake", kind="generic", client_id=idp.client_id,
+                           client_secret=CLIENT_SECRET, token_url=f"{idp.url}/token")
+    mailbox_id = app_oauth.add_oauth_mailbox(
+        conn, box, owner_email=None, provider="fake", username=USER,
+        refresh_token=idp.grant(USER), host=server.host, port=server.port, security="none")
+    oauth.MailboxTokens(conn, box, mailbox_id)()  # an access token, cached
+    time.sleep(2.1)  # and expired: whoever uses the mailbox next refreshes it
+
+    # The next refresh stays in flight until released, and gives a token that outlives the
+    # wait (its lifetime counts from when it was asked for).
+    idp.fail_next("hold")
+    idp.access_lifetime = 60.0
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            syncing = pool.submit(_sync, env, outputs, mailbox_id)
+            assert services.eventually(idp.holding, timeout=20)  # one fetcher is refreshing
+            # The same command again (as a redelivery would be): the other fetcher takes it.
+            run = conn.execute("SELECT id FROM sync_runs WHERE mailbox_id = %s "
+                               "AND status = 'running'", (mailbox_id,)).fetchone()
+            assert run is not None
+            publisher = Publisher(settings.broker_url, settings.retry_delays)
+            publisher.publish(SyncMailbox(run_id=run["id"], mailbox_id=mailbox_id))
+            publisher.close()
+            # And someone checks the mailbox from the CLI, a process that takes no lease.
+            checking = pool.submit(services.run_cli,
+                                   ["mailbox", "check", str(mailbox_id), "--json"], env)
+            assert services.eventually(lambda: _waiting_on_a_token_row(conn), timeout=20)
+            # The other fetcher wanted the mailbox too: the lease held it back (retried later).
+            assert services.eventually(lambda: any(
+                "LeaseHeld" in log.read_text() for log in tmp_path.glob("fetcher-*.log")),
+                timeout=20)
+        finally:
+            idp.release()
+        assert syncing.result(timeout=60) == "done"
+        checked = checking.result(timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["ok"] is True
+
+    # Two refreshes in all: the first token's, then one for the three that wanted it at once.
+    # With rotation, each refresh token was presented once, never twice.
+    assert idp.requests["refresh_token"] == 2
+    assert sorted(idp.refreshes.values()) == [1, 1]
+    processes.assert_running()
+
+
+def _service_account(idp: FakeProvider) -> str:
+    """A Google service account's JSON key, whose public half the fake provider knows."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    idp.service_account_public_key = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return json.dumps({"type": "service_account", "client_email": "sync@proj.iam.example",
+                       "private_key_id": "k1", "private_key": private})
+
+
+def test_app_only_mailboxes_of_microsoft_and_google_sync_end_to_end(
+        env: dict[str, str], idp: FakeProvider, server: Dovecot, conn: db.Connection,
+        settings: Settings, pipeline: services.ServiceProcesses, tmp_path: Path) -> None:
+    box = PasswordBox(settings.secret_key)
+    # Microsoft: the client credentials grant, a token for the app, for any mailbox of the
+    # tenant. Google: a service account's JWT bearer grant, a token for the mailbox's user.
+    app_oauth.add_provider(conn, box, name="m365-app", kind="microsoft", client_id=idp.client_id,
+                           client_secret=CLIENT_SECRET, tenant="contoso.example",
+                           token_url=f"{idp.url}/token")
+    account = _service_account(idp)
+    app_oauth.add_provider(conn, box, name="workspace", kind="google", client_id="sync",
+                           token_url=f"{idp.url}/token", service_account_key=account)
+    bob = "bob@example.test"
+    server.add_user(bob, "unused-password")
+    with server.session(bob) as imap:
+        imap.append("INBOX", b"Subject: for bob\r\n\r\nbody\r\n")
+    mailboxes = {
+        app_oauth.add_oauth_mailbox(conn, box, owner_email=None, provider=provider,
+                                    username=user, refresh_token=None, app_only=True,
+                                    host=server.host, port=server.port, security="none"): user
+        for provider, user in (("m365-app", bob), ("workspace", USER))}
+
+    result = services.run_cli(["sync", *[f"--mailbox={m}" for m in mailboxes], "--wait",
+                               "--timeout", "60", "--json"], env)
+    assert [run["status"] for run in json.loads(result.stdout)] == ["done", "done"]
+    stored = conn.execute("SELECT mailbox_id, subject FROM messages ORDER BY mailbox_id"
+                          ).fetchall()
+    assert [(r["mailbox_id"], r["subject"]) for r in stored] == list(
+        zip(mailboxes, ["for bob", "one"], strict=True))
+    assert idp.requests["client_credentials"] == 1
+    assert idp.requests[oauth.JWT_BEARER] == 1
+    assert idp.requests["refresh_token"] == 0  # app-only: no refresh token anywhere
+    logins = server.log_file.read_text()
+    assert f"user=<{bob}>, method=OAUTHBEARER" in logins
+    assert f"user=<{USER}>, method=OAUTHBEARER" in logins
+
+    logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+    assert "sync.fetched" in logs
+    private_key = json.loads(account)["private_key"].splitlines()[1]
+    leaked = [s for s in (*idp.issued, CLIENT_SECRET, private_key)
+              if s in logs or s in result.stdout.decode() + result.stderr.decode()]
+    assert leaked == []
+    pipeline.assert_running()

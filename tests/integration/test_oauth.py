@@ -1,20 +1,25 @@
 """OAuth2 mailboxes against a real Dovecot (oauth2 passdb) and the devkit's fake provider: the
 token life cycle in the database (cache, refresh, rotation, one refresh at a time, refused and
-unavailable grants) and the SASL mechanisms on the wire."""
+unavailable grants, a provider's Retry-After honoured by the worker) and the SASL mechanisms on
+the wire."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mailferry import db, oauth
+from mailferry import db, messages, oauth, topology
 from mailferry.app import oauth as app_oauth
+from mailferry.broker import Publisher, Worker
+from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
+from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
 from mailferry.devkit.oauth_provider import FakeProvider
 from mailferry.errors import ImapAuthError, ImapConnectionError, InvalidInput
@@ -31,8 +36,8 @@ def idp() -> Iterator[FakeProvider]:
 
 @pytest.fixture
 def server(tmp_path: Path, idp: FakeProvider) -> Iterator[Dovecot]:
-    with Dovecot(tmp_path / "dovecot",
-                 oauth2_introspection_url=f"{idp.url}/introspect") as dovecot:
+    with Dovecot(tmp_path / "dovecot", oauth2_introspection_url=f"{idp.url}/introspect",
+                 oauth2_app_introspection_url=f"{idp.url}/introspect/app") as dovecot:
         dovecot.add_user(USER, "unused-password")
         yield dovecot
 
@@ -52,8 +57,8 @@ def _mailbox(conn: db.Connection, box: PasswordBox, idp: FakeProvider, server: D
                                        host=server.host, port=server.port, security="none")
 
 
-def _login(server: Dovecot, token: str) -> None:
-    config = ImapConfig(server.host, server.port, "none", USER, "", timeout=5,
+def _login(server: Dovecot, token: str, user: str = USER) -> None:
+    config = ImapConfig(server.host, server.port, "none", user, "", timeout=5,
                         allow_private_networks=True)
     with ImapConnector(config, OAuth2Auth(lambda fresh=False: token)) as connector:
         connector.connect()
@@ -151,7 +156,39 @@ def test_an_unavailable_token_endpoint_is_transient(
         oauth.MailboxTokens(conn, box, mailbox_id)()
     assert not isinstance(unavailable.value, ImapAuthError)
     assert f"HTTP {fault}" in str(unavailable.value)
+    assert unavailable.value.retry_after == (7.0 if fault == "429" else None)
     _login(server, oauth.MailboxTokens(conn, box, mailbox_id)())  # and the next try works
+
+
+def test_a_429_with_retry_after_makes_the_workers_retry_wait_at_least_that_long(
+        server: Dovecot, idp: FakeProvider, database_url: str, conn: db.Connection,
+        box: PasswordBox, settings: Settings) -> None:
+    mailbox_id = _mailbox(conn, box, idp, server, idp.grant(USER))
+    idp.fail_next("429", seconds=1)
+    delays = (0.2, 1.0)  # the first retry would wait 0.2 s; the provider asks for 1 s
+    tried: list[float] = []
+    got: list[str] = []
+
+    def handler(_command: messages.SyncMailbox) -> None:
+        tried.append(time.monotonic())
+        with db.connect(database_url, autocommit=True) as own:
+            got.append(oauth.MailboxTokens(own, box, mailbox_id)())
+
+    publisher = Publisher(settings.broker_url, delays)
+    worker = Worker(url=settings.broker_url, work=topology.FETCHER,
+                    handlers={messages.SyncMailbox: handler}, publisher=publisher,
+                    retry_delays=delays)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        publisher.publish(messages.SyncMailbox(run_id=uuid.uuid4(), mailbox_id=mailbox_id))
+        assert services.eventually(lambda: got, timeout=10)
+    finally:
+        worker.should_stop = True
+        thread.join(timeout=10)
+        publisher.close()
+    assert len(tried) == 2 and tried[1] - tried[0] >= 1.0
+    assert idp.requests["refresh_token"] == 2
 
 
 def test_a_token_endpoint_that_is_too_slow_is_transient(
@@ -220,7 +257,18 @@ def test_microsoft_app_only_access_uses_client_credentials_with_the_default_scop
     mailbox_id = app_oauth.add_oauth_mailbox(
         conn, box, owner_email=None, provider="tenant", username=USER, refresh_token=None,
         app_only=True, host=server.host, port=server.port, security="none")
-    assert oauth.MailboxTokens(conn, box, mailbox_id)().startswith("at-")
+    token = oauth.MailboxTokens(conn, box, mailbox_id)()
+    # A token for the app: any mailbox of its tenant's domain, none elsewhere, no user's own.
+    server.add_user("bob@example.test", "unused-password")
+    server.add_user("eve@elsewhere.test", "unused-password")
+    _login(server, token)
+    _login(server, token, "bob@example.test")
+    with pytest.raises(ImapAuthError):
+        _login(server, token, "eve@elsewhere.test")
+    with pytest.raises(ImapAuthError):  # a person's token stays that person's
+        _login(server, oauth.MailboxTokens(conn, box, _mailbox(conn, box, idp, server,
+                                                                idp.grant(USER)))(),
+               "bob@example.test")
     assert idp.requests["client_credentials"] == 1
     assert idp.scopes["client_credentials"] == "https://outlook.office365.com/.default"
     listed = app_oauth.list_providers(conn)[0]
@@ -230,8 +278,6 @@ def test_microsoft_app_only_access_uses_client_credentials_with_the_default_scop
 
 def test_the_cli_registers_app_only_mailboxes_with_a_preset_and_never_prints_a_secret(
         env: dict[str, str], tmp_path: Path) -> None:
-    from mailferry.devkit import services
-
     key_file = tmp_path / "account.json"
     key_file.write_text(json.dumps({"client_email": "sync@proj.iam.example",
                                     "private_key": "-----BEGIN PRIVATE KEY-----\nsecret-key"}))

@@ -1,5 +1,5 @@
-"""OAuth2 rules without I/O: endpoints, the refresh threshold, the SASL messages, and what a
-server's words mean."""
+"""OAuth2 rules without I/O: endpoints, the refresh threshold, the SASL messages, what a
+server's words mean, and how long a provider's Retry-After makes a retry wait."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import base64
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import requests
 
 from mailferry import oauth
+from mailferry.broker import retry_delay
 from mailferry.errors import ImapConnectionError, InvalidInput
 from mailferry.imap import ImapConfig
 from mailferry.imap.connection import _oauthbearer, _xoauth2
@@ -55,3 +57,34 @@ def test_what_counts_as_an_expired_token_mid_sync(said: str, expired: bool) -> N
 def test_an_unavailable_provider_is_a_transient_connection_fault_not_refused_credentials() -> None:
     assert issubclass(oauth.TokenEndpointUnavailable, ImapConnectionError)
     assert oauth.GrantInvalid("x").kind == "auth"
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("7", 7.0), (" 120 ", 120.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date long past
+    ("soon", None), (None, None)])
+def test_retry_after_is_read_in_seconds_or_as_an_http_date(header: str | None,
+                                                         seconds: float | None) -> None:
+    resp = requests.Response()
+    if header is not None:
+        resp.headers["Retry-After"] = header
+    assert oauth.retry_after(resp) == seconds
+
+
+@pytest.mark.parametrize(("retry_after", "attempt", "delay"), [
+    (None, 0, 5.0),  # no wish: the configured back-off
+    (3.0, 0, 5.0),  # shorter than the back-off: the back-off
+    (20.0, 0, 30.0),  # the shortest delay at least that long
+    (30.0, 1, 30.0),
+    (5000.0, 0, 600.0),  # capped at the longest delay
+])
+def test_a_retry_waits_at_least_what_the_provider_asked_up_to_the_longest_delay(
+        retry_after: float | None, attempt: int, delay: float) -> None:
+    unavailable = oauth.TokenEndpointUnavailable("busy", retry_after=retry_after)
+    assert retry_delay((5.0, 30.0, 120.0, 600.0), attempt, unavailable) == delay
+
+
+def test_only_a_transient_failure_can_ask_for_a_longer_wait() -> None:
+    class Odd(Exception):
+        retry_after = 100.0
+
+    assert retry_delay((1.0, 200.0), 0, Odd()) == 1.0
