@@ -29,6 +29,7 @@ from mailferry.errors import (
     ImapConnectionError,
     ImapError,
     ImapThrottled,
+    LeaseHeld,
     TransientError,
 )
 from mailferry.imap import (
@@ -188,6 +189,13 @@ def command_given_up(cmd: AnyMessage, exc: BaseException, deps: FetcherDeps) -> 
     IMAP fault keeps its kind: the mailbox shows "timeout", not "internal"), so nobody waits on
     it (``sync --wait``) and the scheduler queues the mailbox again at the next interval."""
     if not isinstance(cmd, SyncMailbox | SyncFolders | ContinueSync):
+        return
+    if isinstance(exc, LeaseHeld):
+        # A duplicate delivery (a redelivery, a second command for the same run) that kept
+        # meeting a live attempt: that attempt owns the run and closes it; failing the run here
+        # would end a sync that is still going. (A dead holder's lease expires, and its run
+        # with the attempt's deadline or MAILFERRY_RUN_TIMEOUT.)
+        log.info("sync.duplicate_dropped", run_id=str(cmd.run_id), mailbox_id=cmd.mailbox_id)
         return
     kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.INTERNAL
     metrics.SYNCS.labels("failed", kind).inc()

@@ -92,6 +92,23 @@ def test_a_scheduler_never_holds_more_watches_than_its_cap(
         watchers.stop()
 
 
+def test_an_oauth2_mailbox_is_left_to_the_schedule_and_never_marked_invalid_by_a_watch(
+    conn: db.Connection, settings: Settings, server: Dovecot,
+) -> None:
+    password, oauth2 = _mailboxes(conn, settings, server, 2)
+    conn.execute("UPDATE mailboxes SET auth_kind = 'oauth2' WHERE id = %s", (oauth2,))
+    watchers = _watchers(settings, "s1", [])
+    try:
+        watchers.pass_once()
+        watched = conn.execute("SELECT mailbox_id FROM mailbox_watches WHERE holder = 's1'"
+                               ).fetchall()
+        assert [r["mailbox_id"] for r in watched] == [password]
+    finally:
+        watchers.stop()
+    assert conn.execute("SELECT credentials_invalid_at FROM mailboxes WHERE id = %s",
+                        (oauth2,)).fetchone() == {"credentials_invalid_at": None}
+
+
 def test_a_push_run_does_not_postpone_the_scheduled_sync(
     conn: db.Connection, settings: Settings, server: Dovecot,
 ) -> None:
