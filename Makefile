@@ -1,8 +1,8 @@
 # The two commands of the README: `make demo` runs it, `make test` tests it.
 PYTHON ?= python3
 # Test processes: the suite mostly waits on Dovecot, RabbitMQ and PostgreSQL, and every test has
-# its own database, vhost and Dovecot, so files run side by side (pytest-xdist).
-TEST_WORKERS ?= 2
+# its own database, vhost and Dovecot, so tests run side by side (pytest-xdist); they mostly wait.
+TEST_WORKERS ?= 4
 VENV ?= .venv
 BIN := $(VENV)/bin
 

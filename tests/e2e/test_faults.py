@@ -166,6 +166,7 @@ def _crash_rounds(rounds: int, server: Dovecot, fenv: dict[str, str], database_u
         assert held >= 5000
 
 
+@pytest.mark.early
 @pytest.mark.timeout(120 + 60 * CRASH_ROUNDS)
 def test_killing_fetchers_and_persisters_at_random_moments_loses_and_duplicates_nothing(
     server: Dovecot, fenv: dict[str, str], database_url: str,

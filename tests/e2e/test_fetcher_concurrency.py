@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import amqp
+import pytest
 from pydantic import SecretStr
 
 from mailferry import app, db
@@ -120,6 +121,7 @@ def _consumer_timeout_is_enforced(url: str) -> bool:
     return False
 
 
+@pytest.mark.early
 def test_a_first_sync_longer_than_the_consumer_timeout_completes_in_slices(
     database_url: str, secret_key: str, conn: db.Connection, tmp_path: Path,
 ) -> None:

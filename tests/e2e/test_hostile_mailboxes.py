@@ -138,6 +138,7 @@ def _seconds(run: dict[str, Any]) -> float:
     return elapsed.total_seconds()
 
 
+@pytest.mark.early
 def test_hostile_servers_fail_their_own_runs_in_bounded_time_and_memory_and_nobody_else_waits(
     hostile_env: dict[str, str], dovecot: Dovecot, conn: db.Connection, vhost: tuple[str, str],
     procs: services.ServiceProcesses,

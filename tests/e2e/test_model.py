@@ -557,6 +557,7 @@ def _run(profile: str, env: dict[str, str], server: Dovecot, conn: db.Connection
     )
 
 
+@pytest.mark.early
 @pytest.mark.timeout(3600 if PROFILE == "long" else 1200)
 def test_the_store_converges_under_random_server_changes(
     env: dict[str, str], server: Dovecot, conn: db.Connection,

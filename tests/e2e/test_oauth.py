@@ -101,6 +101,7 @@ def _told_at_least(env: dict[str, str], count: int) -> list[str] | None:
     return kinds if len(kinds) >= count else None
 
 
+@pytest.mark.early
 def test_an_oauth2_mailbox_syncs_through_expiry_rotation_outages_and_a_revocation(
         env: dict[str, str], idp: FakeProvider, server: Dovecot, conn: db.Connection,
         pipeline: services.ServiceProcesses, tmp_path: Path) -> None:
