@@ -16,6 +16,7 @@ import pytest
 
 from mailferry.devkit import faults, services
 from mailferry.devkit.dovecot import Dovecot
+from mailferry.devkit.tcp_proxy import TcpProxy
 
 FOLDERS = ("INBOX",)
 ENV = {"MAILFERRY_LEASE_SECONDS": "4", "MAILFERRY_BATCH_MAX_MESSAGES": "100",
@@ -77,25 +78,31 @@ def test_removing_a_mailbox_during_its_sync_leaves_nothing_and_spares_identical_
     env = _pipeline(env, processes)
     bob = _add(env, server, "bob")
     assert services.eventually(lambda: _synced(database_url, bob), timeout=120), processes.logs()
-    alice = _add(env, server, "alice")
-    stored = services.eventually(lambda: faults.sql(
-        database_url, "SELECT count(*) AS n FROM messages WHERE mailbox_id = %s HAVING "
-        "count(*) >= 100", (alice,)), timeout=120, interval=0.05)
-    assert stored, processes.logs()
-    shared = faults.sql(  # bytes alice's stored mail shares with bob's: they must survive
-        database_url, "SELECT count(*) AS n FROM messages a JOIN messages b USING (sha256) "
-        "WHERE a.mailbox_id = %s AND b.mailbox_id = %s", (alice, bob))[0]["n"]
-    assert not _synced(database_url, alice), "the sync ended before the removal: not mid-sync"
+    with TcpProxy(server.host, server.port) as proxy:
+        # alice's fetcher is held in the middle of her INBOX until the removal is done
+        proxy.pause_after(1_500_000)
+        alice = faults.add_mailbox(env, server.host, proxy.port, "alice", "secret", FOLDERS,
+                                   owner="alice@example.com")
+        assert proxy.paused.wait(120), "the fetcher never got 1.5 MB"
+        stored = services.eventually(lambda: faults.sql(
+            database_url, "SELECT count(*) AS n FROM messages WHERE mailbox_id = %s HAVING "
+            "count(*) >= 100", (alice,)), timeout=120, interval=0.05)
+        assert stored, processes.logs()
+        shared = faults.sql(  # bytes alice's stored mail shares with bob's: they must survive
+            database_url, "SELECT count(*) AS n FROM messages a JOIN messages b USING (sha256) "
+            "WHERE a.mailbox_id = %s AND b.mailbox_id = %s", (alice, bob))[0]["n"]
+        assert not _synced(database_url, alice), "the sync ended before the removal"
 
-    result = services.run_cli(["mailbox", "remove", str(alice), "--yes"], env)
-    assert result.returncode == 0, result.stderr
-    removed = json.loads(result.stdout)
-    assert removed["mailbox_id"] == alice and removed["messages"] >= 100
-    if shared:  # the bytes alice shared with bob were not removed with her messages
-        assert removed["raw_messages"] < removed["messages"], (shared, removed)
-    assert _leftovers(database_url, alice) == NOTHING
+        result = services.run_cli(["mailbox", "remove", str(alice), "--yes"], env)
+        assert result.returncode == 0, result.stderr
+        removed = json.loads(result.stdout)
+        assert removed["mailbox_id"] == alice and removed["messages"] >= 100
+        if shared:  # the bytes alice shared with bob were not removed with her messages
+            assert removed["raw_messages"] < removed["messages"], (shared, removed)
+        assert _leftovers(database_url, alice) == NOTHING
+        proxy.resume()  # the held attempt goes on, on a mailbox that is gone
 
-    time.sleep(8)  # the fenced attempt's events still in flight are refused, nothing comes back
+        time.sleep(8)  # its events are refused, nothing comes back
     processes.assert_running()
     assert _leftovers(database_url, alice) == NOTHING
     assert faults.assert_store_equals_server(server, "bob", database_url, bob, FOLDERS) == 300
