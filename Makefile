@@ -22,10 +22,10 @@ deps:
 test: setup deps
 	$(BIN)/ruff check shared services tests bench scripts devkit examples
 	$(BIN)/mypy
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist load
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-all: setup deps
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist load -m "slow or not slow"
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal -m "slow or not slow"
 
 demo: setup deps
 	$(BIN)/python scripts/demo.py

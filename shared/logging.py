@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -52,8 +52,25 @@ def configure_logging(level: str = "info", fmt: str = "auto", service: str | Non
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=current_stderr()),
         cache_logger_on_first_use=True,
     )
     if service:
         structlog.contextvars.bind_contextvars(service=service)
+
+
+class CurrentStderr:
+    """Whatever ``sys.stderr`` is when a line is written, not when logging was configured: a
+    caller that swaps stderr (a test capturing output, then closing it) never leaves the
+    logger writing to a closed file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def current_stderr() -> TextIO:
+    """A file for structlog's PrintLogger that is always the current ``sys.stderr``."""
+    return cast(TextIO, CurrentStderr())

@@ -39,7 +39,7 @@ from mailferry.errors import (
     TransientError,
 )
 from mailferry.imap import Folder
-from mailferry.logging import configure_logging
+from mailferry.logging import configure_logging, current_stderr
 from mailferry.services.cli import oauth as oauth_cli
 from mailferry.services.cli.changes import changes
 
@@ -840,7 +840,7 @@ def main() -> None:
     """Every error, usage errors included, is one line on stderr with a stable exit code.
     Log lines go to stderr too (the services configure their own logging): stdout is the
     command's output, JSON with ``--json``."""
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=current_stderr()))
     try:
         code = cli.main(prog_name="mailferry", standalone_mode=False)
     except click.UsageError as exc:
