@@ -25,6 +25,8 @@ from urllib.parse import quote
 import psycopg
 from cryptography.fernet import Fernet
 
+from mailferry.devkit import forkserver
+
 PG_ADMIN_URL = os.environ.get("MAILFERRY_TEST_PG_ADMIN_URL",
                               "postgresql://postgres@127.0.0.1:5432/postgres")
 RABBIT_AMQP = os.environ.get("MAILFERRY_TEST_RABBIT_AMQP", "amqp://guest:guest@127.0.0.1:5672")
@@ -185,6 +187,10 @@ def mailbox_row(conn: Any, *, name: str = "m", owner: int | None = None,
 
 def run_cli(args: list[str], env: Mapping[str, str], stdin: bytes | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    """``mailferry ARGS...`` in a process of its own, forked from a process that has imported
+    the CLI already (devkit/forkserver.py), or a new interpreter with MAILFERRY_DEVKIT_FORK=0."""
+    if forkserver.enabled():
+        return forkserver.run(args, {**os.environ, **env}, REPO, stdin, timeout)
     return subprocess.run(
         [sys.executable, "-m", "mailferry.services.cli.main", *args],
         env={**os.environ, **env}, input=stdin, capture_output=True, timeout=timeout, cwd=REPO,

@@ -15,7 +15,6 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from yoyo import get_backend, read_migrations
 
 from mailferry.errors import ConfigError, DatabaseUnavailable
 
@@ -88,6 +87,8 @@ class ReconnectingPerThread:
 
 def migrate(url: str) -> list[str]:
     """Apply pending migrations; returns the ids applied (empty when up to date)."""
+    from yoyo import get_backend, read_migrations  # services need it, most CLI commands not
+
     with connect(url, autocommit=True) as lock_conn:
         lock_conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:

@@ -34,24 +34,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-import requests
 import structlog
-from authlib.common.security import generate_token
-from authlib.integrations.base_client.errors import OAuthError
-from authlib.integrations.requests_client import AssertionSession, OAuth2Session
-from joserfc import jws
-from joserfc.jwk import RSAKey
-from urllib3.exceptions import InvalidHeader
-from urllib3.util import Retry
 
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
 from mailferry.errors import ConfigError, ImapAuthError, ImapConnectionError, InvalidInput
 from mailferry.imap import OAuth2Auth
 from mailferry.mime import clean_text
+
+if TYPE_CHECKING:  # the HTTP stack (Authlib, requests: a third of a CLI's start-up) loads on use
+    import requests
+    from authlib.integrations.requests_client import OAuth2Session
+    from joserfc.jwk import RSAKey
 
 log = structlog.get_logger(__name__)
 
@@ -155,6 +152,9 @@ class TokenEndpointUnavailable(ImapConnectionError):
 def retry_after(resp: requests.Response | None) -> float | None:
     """The seconds an HTTP ``Retry-After`` header asks for (RFC 9110 section 10.2.3: seconds
     or an HTTP date; urllib3 parses both), None when absent or unreadable."""
+    from urllib3.exceptions import InvalidHeader
+    from urllib3.util import Retry
+
     value = resp.headers.get("Retry-After") if resp is not None else None
     if not value:
         return None
@@ -245,6 +245,8 @@ def _raise_unavailable(provider: Provider) -> Callable[[requests.Response], requ
 
 
 def _private_key(provider: Provider, account: dict[str, Any]) -> RSAKey:
+    from joserfc.jwk import RSAKey
+
     try:
         return RSAKey.import_key(str(account.get("private_key")))
     except (ValueError, TypeError):
@@ -256,6 +258,8 @@ def client(provider: Provider, box: PasswordBox, *, timeout: float, scope: Seque
            redirect_uri: str | None = None,
            code_challenge_method: str | None = None) -> OAuth2Session:
     """An Authlib client for the provider's token endpoint, with 429/5xx made transient."""
+    from authlib.integrations.requests_client import OAuth2Session
+
     check_endpoint(provider.token_url, f"provider {provider.name}'s token URL")
     session = OAuth2Session(
         client_id=provider.client_id, client_secret=provider.client_secret(box),
@@ -277,6 +281,9 @@ _REFUSALS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client",
 
 def token_request(provider: Provider, what: str, call: Callable[[], Any]) -> dict[str, Any]:
     """Run one token request, turning what can go wrong into mailferry's errors."""
+    import requests
+    from authlib.integrations.base_client.errors import OAuthError
+
     try:
         token = call()
     except OAuthError as exc:
@@ -326,6 +333,8 @@ def app_token(provider: Provider, box: PasswordBox, username: str, *,
     """An app-only access token: Microsoft's client credentials grant (RFC 6749 4.4), or a
     Google service account's JWT bearer grant (RFC 7523) impersonating ``username``
     (domain-wide delegation)."""
+    from authlib.integrations.requests_client import AssertionSession
+
     scope = " ".join(provider.app_scopes or provider.scopes)
     key = provider.service_account_key(box)
     if key is not None:
@@ -522,6 +531,8 @@ def authorize_code(provider: Provider, box: PasswordBox, show: Callable[[str], N
     """The authorization-code grant with PKCE (RFC 7636) and a loopback redirect on
     127.0.0.1, as desktop mail programs do: ``show`` gets the URL to open; the provider sends
     the browser back to ``http://127.0.0.1:<port>/`` with the code."""
+    from authlib.common.security import generate_token
+
     if not provider.authorize_url:
         raise ConfigError(f"OAuth2 provider {provider.name} has no authorization URL")
     check_endpoint(provider.authorize_url, f"provider {provider.name}'s authorization URL")
@@ -560,6 +571,9 @@ def authorize_device(provider: Provider, box: PasswordBox, show: Callable[[str],
                      timeout: float = 600.0) -> Grant:
     """The device authorization grant (RFC 8628), for machines without a browser: ``show``
     gets the page to visit and the code to type; the token endpoint is polled meanwhile."""
+    import requests
+    from authlib.integrations.base_client.errors import OAuthError
+
     if not provider.device_url:
         raise ConfigError(f"OAuth2 provider {provider.name} has no device authorization URL")
     check_endpoint(provider.device_url, f"provider {provider.name}'s device URL")
@@ -607,6 +621,9 @@ def _email(provider: Provider, session: OAuth2Session, token: dict[str, Any]) ->
     """The ``email`` claim of the ID token when there is one, otherwise the user-info
     endpoint's. The ID token came straight from the token endpoint over TLS (or loopback), so
     its signature need not be checked (OpenID Connect Core 1.0 section 3.1.3.7, item 6)."""
+    import requests
+    from joserfc import jws
+
     id_token = token.get("id_token")
     if id_token:
         try:
