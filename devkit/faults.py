@@ -9,7 +9,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -179,11 +178,11 @@ def sql(database_url: str, query: str, params: Any = None) -> list[dict[str, Any
 # -- processes ----------------------------------------------------------------------------------
 
 
-def alive(procs: services.ServiceProcesses, service: str) -> list[subprocess.Popen[bytes]]:
+def alive(procs: services.ServiceProcesses, service: str) -> list[services.Proc]:
     return [p for name, p in procs.processes if name == service and p.poll() is None]
 
 
-def kill9(process: subprocess.Popen[bytes]) -> None:
+def kill9(process: services.Proc) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
 

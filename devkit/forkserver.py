@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -29,7 +31,7 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _HEADER = struct.Struct("!I")
 
@@ -83,9 +85,13 @@ def _child(conn: socket.socket, main: Any) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
-        streams = [tempfile.TemporaryFile() for _ in range(3)]  # noqa: SIM115 - open until exit
-        streams[0].write(base64.b64decode(request["stdin"]))
+        os.setpgid(0, 0)  # signals to the caller's process group (Ctrl-C) are the caller's
+        streams: list[IO[bytes]] = [tempfile.TemporaryFile() for _ in range(3)]  # noqa: SIM115 - open until exit
+        streams[0].write(base64.b64decode(request.get("stdin", "")))
         streams[0].seek(0)
+        if request.get("log"):  # a service: both streams to its log, nothing sent back
+            log = open(request["log"], "ab")  # noqa: SIM115 - open until exit
+            streams[1] = streams[2] = log
         for fd, stream in enumerate(streams):
             os.dup2(stream.fileno(), fd)
         sys.argv = ["mailferry", *request["args"]]
@@ -111,7 +117,7 @@ def _child(conn: socket.socket, main: Any) -> None:
         output = []
         for stream in streams[1:]:
             stream.seek(0)
-            output.append(base64.b64encode(stream.read()).decode())
+            output.append(base64.b64encode(b"" if request.get("log") else stream.read()).decode())
         _send(conn, {"returncode": code, "stdout": output[0], "stderr": output[1]})
     finally:
         os._exit(code if 0 <= code < 256 else 1)
@@ -163,6 +169,65 @@ def run(args: list[str], env: Mapping[str, str], cwd: Path, stdin: bytes | None,
     return subprocess.CompletedProcess(
         ["mailferry", *args], result["returncode"], base64.b64decode(result["stdout"]),
         base64.b64decode(result["stderr"]))
+
+
+class Process:
+    """A long-running command forked by the server (a service), with the parts of
+    :class:`subprocess.Popen` that the devkit and the tests use. The child is the server's, not
+    the caller's: its end is its connection closing, after it sent its exit code; a process
+    killed by a signal sends none, and its return code is minus the last signal sent to it
+    through this object (SIGKILL when none was)."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str], cwd: Path, log: Path) -> None:
+        self.args = ["mailferry", *args]
+        self.returncode: int | None = None
+        self._signal = signal.SIGKILL
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(_address())
+        _send(self._sock, {"args": args, "env": dict(env), "cwd": str(cwd), "log": str(log)})
+        self.pid: int = _recv(self._sock)["pid"]
+
+    def _ended(self, timeout: float | None) -> bool:
+        if self.returncode is not None:
+            return True
+        ready, _, _ = select.select([self._sock], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            self.returncode = int(_recv(self._sock)["returncode"])
+        except (ConnectionError, OSError):
+            self.returncode = -int(self._signal)
+        self._sock.close()
+        return True
+
+    def poll(self) -> int | None:
+        self._ended(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                self._signal = signal.Signals(sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def spawn(args: list[str], env: Mapping[str, str], cwd: Path, log: Path) -> Process:
+    """``subprocess.Popen([python, -m, mailferry.services.cli.main, *args], stdout=log,
+    stderr=STDOUT, ...)``, forked."""
+    return Process(args, env, cwd, log)
 
 
 if __name__ == "__main__":

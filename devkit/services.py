@@ -35,6 +35,8 @@ RABBIT_USER = os.environ.get("MAILFERRY_TEST_RABBIT_USER", "guest")
 RABBIT_PASSWORD = os.environ.get("MAILFERRY_TEST_RABBIT_PASSWORD", "guest")
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
+#: A service process: forked by the devkit's fork server, or a new interpreter.
+Proc = subprocess.Popen[bytes] | forkserver.Process
 
 
 def _with_database(url: str, name: str) -> str:
@@ -128,18 +130,22 @@ class ServiceProcesses:
     def __init__(self, env: Mapping[str, str], log_dir: Path) -> None:
         self.env = {**os.environ, **env}
         self.log_dir = log_dir
-        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.processes: list[tuple[str, Proc]] = []
 
     def start(self, service: str, count: int = 1, env: Mapping[str, str] | None = None) -> None:
         """``count`` processes of ``service``; ``env`` adds to the deployment's environment
         (e.g. its own ``MAILFERRY_METRICS_PORT``)."""
         for _ in range(count):
             index = sum(1 for name, _ in self.processes if name == service)
-            log = open(self.log_dir / f"{service}-{index}.log", "wb")  # noqa: SIM115
-            process = subprocess.Popen(
-                [sys.executable, "-m", "mailferry.services.cli.main", service],
-                env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            )
+            log = self.log_dir / f"{service}-{index}.log"
+            full_env = {**self.env, **(env or {})}
+            if forkserver.enabled():
+                self.processes.append((service, forkserver.spawn([service], full_env, REPO, log)))
+                continue
+            with open(log, "wb") as out:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "mailferry.services.cli.main", service],
+                    env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
             self.processes.append((service, process))
 
     def logs(self) -> str:
