@@ -131,10 +131,13 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
                               requested_by=cmd.requested_by)
     try:
         with leases.held(s.database_url, conn, mailbox.id, deps.fetcher_id,
-                         s.lease_seconds, deadline, token=token) as lease, \
-                _connection_slot(deps, mailbox):
-            outcome = _attempt(cmd, deps, conn, mailbox, lease, token, started, deadline,
-                               slice_end)
+                         s.lease_seconds, deadline, token=token) as lease:
+            # A slice that finds no slot hands its lease over again, for itself once back.
+            lease.handing_over = token is not None
+            with _connection_slot(deps, mailbox):
+                lease.handing_over = False
+                outcome = _attempt(cmd, deps, conn, mailbox, lease, token, started, deadline,
+                                   slice_end)
     except NoConnectionSlot as exc:
         # Every slot of the account's (or host's) budget is taken: the run stays queued and
         # the command comes back later (no retry spent, never a dead letter).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import date
 
 import pytest
 
@@ -14,7 +15,7 @@ from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.devkit import services
 from mailferry.errors import NoConnectionSlot
-from mailferry.messages import AnyMessage, SyncMailbox
+from mailferry.messages import AnyMessage, ContinueSync, SyncMailbox
 from mailferry.services.fetcher.handlers import FetcherDeps, sync_mailbox
 
 HOST = "imap.example.com"
@@ -147,3 +148,32 @@ def test_a_sync_that_finds_no_slot_free_leaves_its_run_queued_and_comes_back_lat
                                  credentials_invalid_at FROM mailboxes WHERE id = %s""",
                        (mailbox_id,)).fetchone()
     assert row == {"waiting": True, "lease_owner": None, "credentials_invalid_at": None}
+
+
+def test_a_slice_that_finds_no_slot_free_keeps_its_lease_handed_over_for_when_it_comes_back(
+    conn: db.Connection, settings: Settings, database_url: str,
+) -> None:
+    settings = settings.model_copy(update={"max_connections_per_account": 1})
+    mailbox_id = services.mailbox_row(conn, lease_token=7)
+    conn.execute("""UPDATE mailboxes SET lease_owner = NULL,
+                           lease_expires_at = now() + interval '1 minute' WHERE id = %s""",
+                 (mailbox_id,))  # as the slice before handed it over
+    assert _claim(conn, settings, username="u", host="h")
+    run_id = runs.request(conn, mailbox_id, kind=runs.RunKind.MAILBOX, force=False,
+                          requested_by="test")
+    assert run_id is not None
+    deps = FetcherDeps(settings=settings, connection=db.Reconnecting(database_url),
+                       publish=lambda _: None, passwords=PasswordBox(settings.secret_key),
+                       fetcher_id="fetcher-1")
+    command = ContinueSync(run_id=run_id, mailbox_id=mailbox_id, lease_token=7, slice=2,
+                           since=date(2026, 1, 1), folders=(), folders_done=3)
+    try:
+        with pytest.raises(NoConnectionSlot):
+            sync_mailbox(command, deps)
+    finally:
+        assert deps.slots is not None
+        deps.slots.close()
+    lease = conn.execute("""SELECT lease_token, lease_owner, lease_expires_at > now() AS live
+                              FROM mailboxes WHERE id = %s""", (mailbox_id,)).fetchone()
+    assert lease == {"lease_token": 7, "lease_owner": None, "live": True}, \
+        "no new attempt can fence off the events the earlier slices published"
