@@ -428,20 +428,19 @@ class Worker(ConsumerMixin):
                               decoded, exc)
             return
         delay = retry_delay(self.retry_delays, attempt, exc)
-        self.publisher.publish_raw(
-            message.body,
-            exchange=topology.DEFAULT.name,
-            routing_key=self.work.retry_name(delay),
-            type_=message.properties.get("type"),
-            headers={**_own_headers(message), ATTEMPT_HEADER: attempt + 1, ERROR_HEADER: reason},
-            content_type=message.content_type,
-        )
+        self._delay(message, delay, attempt + 1, reason)
         log.warning("message.retry_scheduled", type=message.properties.get("type"),
                     attempt=attempt + 1, delay=delay, error=reason)
 
     def _postpone(self, message: Message, exc: Postponed, attempt: int) -> None:
         delay = retry_delay(self.retry_delays, 0, exc)
         reason = f"{type(exc).__name__}: {_one_line(exc)}"
+        self._delay(message, delay, attempt, reason)  # the attempt count unchanged
+        log.info("message.postponed", type=message.properties.get("type"), delay=delay,
+                 reason=reason)
+
+    def _delay(self, message: Message, delay: float, attempt: int, reason: str) -> None:
+        """Through the retry queue of ``delay`` back to the work queue, as try ``attempt``."""
         self.publisher.publish_raw(
             message.body,
             exchange=topology.DEFAULT.name,
@@ -450,8 +449,6 @@ class Worker(ConsumerMixin):
             headers={**_own_headers(message), ATTEMPT_HEADER: attempt, ERROR_HEADER: reason},
             content_type=message.content_type,
         )
-        log.info("message.postponed", type=message.properties.get("type"), delay=delay,
-                 reason=reason)
 
     def _dead_letter(self, message: Message, reason: str, attempt: int,
                      decoded: messages.AnyMessage | None = None,
