@@ -55,7 +55,8 @@ SLOT_WAITS = Counter(
 
 SYNCS = Counter(
     "mailferry_fetcher_syncs",
-    "Sync attempts by outcome (done, sliced, failed, retrying, throttled) and error kind ('' when none)",
+    "Sync attempts by outcome (done, sliced, failed, retrying, throttled, waiting: no connection "
+    "slot free) and error kind ('' when none)",
     ["outcome", "error_kind"], registry=None)
 SYNC_SECONDS = Histogram(
     "mailferry_fetcher_sync_duration_seconds", "Wall-clock time of one sync attempt",

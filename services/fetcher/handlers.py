@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -134,7 +133,10 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
                          s.lease_seconds, deadline, token=token) as lease:
             # A slice that finds no slot hands its lease over again, for itself once back.
             lease.handing_over = token is not None
-            with _connection_slot(deps, mailbox):
+            assert deps.slots is not None
+            # Released after the connection logged out; nothing is published before it.
+            with deps.slots.held(mailbox.id, mailbox.host, mailbox.username,
+                                 slots.Purpose.SYNC):
                 lease.handing_over = False
                 outcome = _attempt(cmd, deps, conn, mailbox, lease, token, started, deadline,
                                    slice_end)
@@ -164,15 +166,6 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
     log.info("sync.fetched", seconds=seconds, folders=outcome.folders,
              failed_folders=outcome.failed_folders, messages=outcome.messages,
              bytes=outcome.bytes)
-
-
-@contextmanager
-def _connection_slot(deps: FetcherDeps, mailbox: repository.Mailbox) -> Iterator[None]:
-    """A slot of the account's connection budget for the attempt's IMAP connection, released
-    after it logged out; ``NoConnectionSlot`` before anything is published when none is free."""
-    assert deps.slots is not None
-    with deps.slots.held(mailbox.id, mailbox.host, mailbox.username, slots.Purpose.SYNC):
-        yield
 
 
 def _attempt(cmd: Command, deps: FetcherDeps, conn: Connection, mailbox: repository.Mailbox,
