@@ -529,9 +529,12 @@ SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m
        CASE WHEN w.lease_expires_at > now() THEN w.holder END AS watch_holder,
        CASE WHEN w.holder IS NOT NULL AND w.lease_expires_at > now() THEN w.error END
            AS watch_error,
-       -- a queued run whose attempts found no connection slot free (runs.waiting)
-       (SELECT r.error FROM sync_runs r WHERE r.mailbox_id = m.id
-           AND r.status IN ('queued', 'running') AND r.error_kind = 'throttled') AS waiting
+       -- an active run whose attempt found no connection slot free (runs.waiting), until
+       -- its command is due back
+       CASE WHEN m.throttled_until > now() THEN
+           (SELECT r.error FROM sync_runs r WHERE r.mailbox_id = m.id
+               AND r.status IN ('queued', 'running') AND r.error_kind = 'throttled') END
+           AS waiting
   FROM mailboxes m LEFT JOIN users u ON u.id = m.owner_id
   LEFT JOIN mailbox_watches w ON w.mailbox_id = m.id
   LEFT JOIN oauth_tokens t ON t.mailbox_id = m.id

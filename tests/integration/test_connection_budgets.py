@@ -10,7 +10,7 @@ from datetime import date
 
 import pytest
 
-from mailferry import db, runs, slots
+from mailferry import app, db, runs, slots
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.devkit import services
@@ -148,6 +148,9 @@ def test_a_sync_that_finds_no_slot_free_leaves_its_run_queued_and_comes_back_lat
                                  credentials_invalid_at FROM mailboxes WHERE id = %s""",
                        (mailbox_id,)).fetchone()
     assert row == {"waiting": True, "lease_owner": None, "credentials_invalid_at": None}
+    [listed] = app.list_mailboxes(conn)
+    assert listed["throttled_until"] is not None
+    assert listed["waiting"].startswith("no connection slot free for 'u' on h")
 
 
 def test_a_slice_that_finds_no_slot_free_keeps_its_lease_handed_over_for_when_it_comes_back(
