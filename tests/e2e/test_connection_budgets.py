@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -77,13 +78,26 @@ def test_a_watched_account_synced_by_many_threads_stays_within_two_connections_n
                     return len(conn.execute(
                         """SELECT DISTINCT mailbox_id FROM sync_runs
                             WHERE status = 'done'""").fetchall()) == MAILBOXES
-                assert services.eventually(synced, timeout=120), processes.logs()
+                assert services.eventually(synced, timeout=180), processes.logs()
                 # Then all four at once again, by hand: they queue for the account's slots.
-                result = services.cli(env, "sync", "--all", "--wait", "--timeout", "120",
-                                      "--json")
-                watching = services.eventually(lambda: [
-                    m for m in services.cli(env, "mailbox", "list", "--json")
-                    if m["watch"] == "watching"], timeout=30)
+                asked = [r["run_id"] for r in services.cli(env, "sync", "--all", "--json")]
+
+                def all_finished() -> list[dict[str, Any]] | None:
+                    rows = conn.execute("SELECT status, error_kind FROM sync_runs "
+                                        "WHERE id = ANY(%s::uuid[])", (asked,)).fetchall()
+                    active = any(r["status"] in ("queued", "running") for r in rows)
+                    return None if active else rows
+                finished = services.eventually(all_finished, timeout=180)
+
+                def one_watch() -> list[dict[str, Any]] | None:
+                    listed = services.cli(env, "mailbox", "list", "--json")
+                    watching = [m for m in listed if m["watch"] == "watching"]
+                    waiting = [m for m in listed if m["watch"] == "backoff"
+                               and "no connection slot free" in (m["watch_error"] or "")]
+                    return watching if len(watching) == 1 and len(waiting) == 3 else None
+                watching = services.eventually(one_watch, timeout=60)
+                assert watching, ("one watch; the other three wait, leaving the last slot to "
+                                  f"the syncs: {services.cli(env, 'mailbox', 'list', '--json')}")
 
                 uid = server.append("alice", None, "INBOX", b"Subject: pushed\r\n\r\nnew\r\n")
                 pushed = services.eventually(lambda: conn.execute(
@@ -99,12 +113,11 @@ def test_a_watched_account_synced_by_many_threads_stays_within_two_connections_n
         refusals = (server.log_file.read_text(errors="replace")
                     .count("Maximum number of connections"))
 
-    assert {r["status"] for r in result} == {"done"}, result
+    # Every run completed, but for a refusal of Dovecot's (it may count a connection a moment
+    # after its logout): that one is a back-off, as throttled.
+    assert finished and all(r["status"] == "done" or r["error_kind"] == "throttled"
+                            for r in finished), finished
     assert slots.peak <= 2, f"{slots.peak} connections of alice open at once"
-    assert len(watching) == 1, "one watch: the other slot is left to the syncs"
-    assert {m["watch"] for m in listed if m["id"] != watching[0]["id"]} == {"backoff"}
-    assert all("no connection slot free" in (m["watch_error"] or "") for m in listed
-               if m["id"] != watching[0]["id"])
     assert pushed, "the watched mailbox got the new mail by push"
     assert not any(m["credentials_invalid"] for m in listed)
     assert status["mailboxes_with_invalid_credentials"] == 0
@@ -114,8 +127,7 @@ def test_a_watched_account_synced_by_many_threads_stays_within_two_connections_n
                if name.endswith(".dead-letter")), status["queues"]
     assert "sync.waiting_for_connection" in logs, "the syncs did contend for the slots"
     assert "CredentialsInvalid" not in logs
-    # What Dovecot refused (it may count a connection a moment after its logout) was a
-    # back-off: the runs it hit failed as throttled, and later runs completed.
+    # What Dovecot refused was a back-off: the runs it hit failed as throttled.
     throttled = conn.execute("SELECT count(*) AS n FROM sync_runs WHERE error_kind = 'throttled' "
                              "AND status = 'failed'").fetchone()
     assert throttled is not None and throttled["n"] <= refusals
