@@ -22,6 +22,9 @@ A failure is never acked and dropped, and never requeued in a loop:
   then acked; after the last delay, dead-lettered. A ``TransientError`` with ``retry_after``
   (the other side said when to come back) goes to a queue whose delay is at least that long,
   up to the longest one (:func:`retry_delay`);
+- a ``Postponed`` (the work cannot start yet: a connection budget is full) goes to the retry
+  queue whose delay is at least its ``retry_after``, with its attempt count unchanged: waiting
+  spends no retry and never ends in a dead letter;
 - when a message will not be tried again (either way), the service's one
   ``on_retry_exhausted(message, exc)`` hook records what that means (a run closed as failed);
 - if even the republish fails, the message is rejected back to its queue (RabbitMQ counts it: after
@@ -49,7 +52,7 @@ from kombu.transport.base import Message
 from pydantic import ValidationError
 
 from mailferry import messages, metrics, topology
-from mailferry.errors import BrokerUnavailable, PermanentError, TransientError
+from mailferry.errors import BrokerUnavailable, PermanentError, Postponed, TransientError
 
 log = structlog.get_logger(__name__)
 
@@ -411,6 +414,8 @@ class Worker(ConsumerMixin):
         except PermanentError as exc:
             self._dead_letter(message, f"{type(exc).__name__}: {_one_line(exc)}", attempt,
                               decoded, exc)
+        except Postponed as exc:
+            self._postpone(message, exc, attempt)
         except Exception as exc:
             log.exception("message.failed", type=decoded.type, attempt=attempt)
             self._retry(message, exc, attempt, decoded)
@@ -423,16 +428,27 @@ class Worker(ConsumerMixin):
                               decoded, exc)
             return
         delay = retry_delay(self.retry_delays, attempt, exc)
+        self._delay(message, delay, attempt + 1, reason)
+        log.warning("message.retry_scheduled", type=message.properties.get("type"),
+                    attempt=attempt + 1, delay=delay, error=reason)
+
+    def _postpone(self, message: Message, exc: Postponed, attempt: int) -> None:
+        delay = retry_delay(self.retry_delays, 0, exc)
+        reason = f"{type(exc).__name__}: {_one_line(exc)}"
+        self._delay(message, delay, attempt, reason)  # the attempt count unchanged
+        log.info("message.postponed", type=message.properties.get("type"), delay=delay,
+                 reason=reason)
+
+    def _delay(self, message: Message, delay: float, attempt: int, reason: str) -> None:
+        """Through the retry queue of ``delay`` back to the work queue, as try ``attempt``."""
         self.publisher.publish_raw(
             message.body,
             exchange=topology.DEFAULT.name,
             routing_key=self.work.retry_name(delay),
             type_=message.properties.get("type"),
-            headers={**_own_headers(message), ATTEMPT_HEADER: attempt + 1, ERROR_HEADER: reason},
+            headers={**_own_headers(message), ATTEMPT_HEADER: attempt, ERROR_HEADER: reason},
             content_type=message.content_type,
         )
-        log.warning("message.retry_scheduled", type=message.properties.get("type"),
-                    attempt=attempt + 1, delay=delay, error=reason)
 
     def _dead_letter(self, message: Message, reason: str, attempt: int,
                      decoded: messages.AnyMessage | None = None,

@@ -1,4 +1,6 @@
-"""The download budget: how many bytes of mail one mailbox may download over a rolling window.
+"""Provider limits per account: the download budget, and the presets of both budgets.
+
+The download budget: how many bytes of mail one mailbox may download over a rolling window.
 
 Providers cut IMAP for a day when an account downloads too much (Gmail: 2,500 MB a day, per
 account, whatever the client). A first sync of a big mailbox would hit that and look broken, so the
@@ -9,11 +11,15 @@ Counted conservatively: each message costs the larger of its declared size (RFC8
 bytes received, plus ``MESSAGE_OVERHEAD`` for the FETCH response around it, and a batch is started
 only when its declared cost fits. MB are 1,000,000 bytes. The usage is kept in
 ``mailbox_downloads``, one row per batch, so every fetcher of every host sees the same sum.
+
+The connection budgets (how many IMAP connections one account, or one host, may have open at
+once) take their limits from :func:`connection_limits`; ``shared/slots.py`` enforces them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mailferry.config import Settings
 from mailferry.db import Connection
@@ -21,19 +27,54 @@ from mailferry.db import Connection
 MB = 1_000_000
 MESSAGE_OVERHEAD = 1024  # bytes counted per message beyond its own: FETCH framing, flags, dates
 
-#: Presets by IMAP host: the provider's documented daily download limit, in MB.
-PRESETS: dict[str, float] = {
-    "imap.gmail.com": 2500.0,
-    "imap.googlemail.com": 2500.0,
+#: IMAP connections per account where neither a preset nor MAILFERRY_MAX_CONNECTIONS_PER_ACCOUNT
+#: says: Dovecot's default ``mail_max_userip_connections``.
+DEFAULT_CONNECTIONS_PER_ACCOUNT = 10
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A provider's documented limits per account: daily downloads in MB, IMAP connections."""
+
+    download_mb: float | None = None
+    connections: int | None = None
+
+
+#: Presets by IMAP host. Gmail: 2,500 MB of IMAP downloads a day and 15 connections per
+#: account; Exchange Online: 20 IMAP connections per mailbox.
+PRESETS: dict[str, Preset] = {
+    "imap.gmail.com": Preset(download_mb=2500.0, connections=15),
+    "imap.googlemail.com": Preset(download_mb=2500.0, connections=15),
+    "outlook.office365.com": Preset(connections=20),
 }
+
+
+def host_key(host: str) -> str:
+    """A host as presets and budgets know it: lower case, without a trailing dot."""
+    return host.lower().rstrip(".")
+
+
+def _smaller(setting: float | None, preset: float | None) -> float | None:
+    """The one rule of every preset: the setting, the preset, or the smaller of both."""
+    given = [v for v in (setting, preset) if v is not None]
+    return min(given) if given else None
 
 
 def limit_for(host: str, settings: Settings) -> int | None:
     """The budget in bytes for a mailbox on ``host``: the setting, the host's preset, or the
     smaller of both; None when neither applies."""
-    limits = [mb for mb in (settings.download_budget_mb,
-                            PRESETS.get(host.lower().rstrip("."))) if mb is not None]
-    return int(min(limits) * MB) if limits else None
+    mb = _smaller(settings.download_budget_mb, PRESETS.get(host_key(host), Preset()).download_mb)
+    return int(mb * MB) if mb is not None else None
+
+
+def connection_limits(host: str, settings: Settings) -> tuple[int, int | None]:
+    """How many IMAP connections an account on ``host`` may have open at once (the setting,
+    the host's preset, or the smaller of both; ``DEFAULT_CONNECTIONS_PER_ACCOUNT`` when neither
+    says), and the host as a whole (``MAILFERRY_MAX_CONNECTIONS_PER_HOST``, or None)."""
+    account = _smaller(settings.max_connections_per_account,
+                       PRESETS.get(host_key(host), Preset()).connections)
+    return (int(account) if account is not None else DEFAULT_CONNECTIONS_PER_ACCOUNT,
+            settings.max_connections_per_host)
 
 
 def cost(declared: int, received: int = 0) -> int:

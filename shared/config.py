@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     # (with jitter), at most throttle_backoff_max; a server's own suggestion wins when longer.
     throttle_backoff: float = Field(default=300.0, gt=0, description="seconds")
     throttle_backoff_max: float = Field(default=6 * 3600.0, gt=0, description="seconds")
+    # Connection budgets, deployment-wide (shared/slots.py): IMAP connections one account may
+    # have open at once, fetchers' and watches' together; unset: the host's preset (Gmail 15,
+    # Exchange Online 20) or 10 (Dovecot's default). Set: the smaller of it and the preset.
+    max_connections_per_account: int | None = Field(default=None, ge=1)
+    # ... and one host, for self-hosted servers limiting per client IP; unset: no limit.
+    max_connections_per_host: int | None = Field(default=None, ge=1)
 
     # The change stream (shared/outbox.py): published rows are kept this long for consumers
     # catching up (`mailferry changes list --since SEQ`), then pruned by the relay.

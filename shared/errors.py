@@ -37,6 +37,22 @@ class TransientError(MailferryError):
     retry_after: float | None = None
 
 
+class Postponed(TransientError):
+    """The work cannot start yet, through nobody's fault (a shared resource is busy): the
+    worker puts the message back for at least ``retry_after`` seconds without spending one of
+    its retries, so waiting never ends in a dead letter (a run that waits past
+    MAILFERRY_RUN_TIMEOUT expires, and its command is then dropped)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NoConnectionSlot(Postponed):
+    """Every slot of the account's (or the host's) connection budget is held by other IMAP
+    connections of the deployment (``shared/slots.py``)."""
+
+
 class PermanentError(MailferryError):
     pass
 

@@ -43,11 +43,20 @@ DEAD_LETTERED = Counter(
 RUNS_REQUESTED = Counter(
     "mailferry_runs_requested", "Sync runs queued, by who asked", ["reason"], registry=None)
 
+# --- fetcher and scheduler (push watches) -------------------------------------------------------
+
+SLOT_WAITS = Counter(
+    "mailferry_connection_slot_waits",
+    "IMAP connections not opened because the account's or host's connection budget was full "
+    "(by purpose: sync, watch); the sync is put back for later, the watch backs off",
+    ["purpose"], registry=None)
+
 # --- fetcher ------------------------------------------------------------------------------------
 
 SYNCS = Counter(
     "mailferry_fetcher_syncs",
-    "Sync attempts by outcome (done, sliced, failed, retrying, throttled) and error kind ('' when none)",
+    "Sync attempts by outcome (done, sliced, failed, retrying, throttled, waiting: no connection "
+    "slot free) and error kind ('' when none)",
     ["outcome", "error_kind"], registry=None)
 SYNC_SECONDS = Histogram(
     "mailferry_fetcher_sync_duration_seconds", "Wall-clock time of one sync attempt",
@@ -90,9 +99,9 @@ def reason(requested_by: str) -> str:
 #: What each service serves (besides the client's process_* and python_* metrics): its own
 #: metrics and the common ones, so that a fetcher's page holds no persister counters at zero.
 SERVED: dict[str, tuple[Collector, ...]] = {
-    "scheduler": (RUNS_REQUESTED,),
+    "scheduler": (RUNS_REQUESTED, SLOT_WAITS),
     "fetcher": (SYNCS, SYNC_SECONDS, IMAP_CONNECTIONS, MESSAGES_FETCHED, BYTES_FETCHED,
-                BUDGET_STOPS),
+                BUDGET_STOPS, SLOT_WAITS),
     "persister": (EVENTS, EVENT_SECONDS, MESSAGES_STORED, BYTES_STORED),
     "notifier": (NOTIFICATIONS,),
 }
@@ -253,8 +262,18 @@ class StoreCollector(Collector):
                                     "Enabled mailboxes without a completed sync",
                                     lag["never_synced"])
             yield GaugeMetricFamily("mailferry_mailboxes_throttled",
-                                    "Enabled mailboxes backed off after a provider's limit",
-                                    lag["throttled"])
+                                    "Enabled mailboxes backed off after a provider's limit, "
+                                    "or waiting for a connection slot", lag["throttled"])
+            slots = GaugeMetricFamily(
+                "mailferry_imap_connection_slots",
+                "IMAP connections open across the deployment, as counted by the connection "
+                "budgets, by purpose (sync, watch)", labels=["purpose"])
+            held = {r["purpose"]: r["n"] for r in conn.execute(
+                """SELECT purpose, count(*) AS n FROM imap_connection_slots
+                    WHERE expires_at > now() GROUP BY purpose""").fetchall()}
+            for purpose in ("sync", "watch"):
+                slots.add_metric([purpose], held.get(purpose, 0))
+            yield slots
         if self._backlog:
             row = conn.execute(
                 "SELECT count(*) AS n FROM messages WHERE search_vector IS NULL").fetchone()

@@ -3,8 +3,10 @@
 ::
 
     request ──> queued ──record(started)──> running ──finish──> done | failed
-                  │                  └──fail / give_up / throttled──> failed
+               │  ↺ waiting            └──fail / give_up / throttled──> failed
                   └──────────expire (MAILFERRY_RUN_TIMEOUT)──> expired
+
+(``waiting``: no IMAP connection slot was free; the run stays queued and its command comes back.)
 
 A run is what someone asked for (the scheduler, an operator, a push); attempts at it are fetcher
 deliveries, each with its fencing token (``lease_token``): only the newest attempt's events move
@@ -27,6 +29,7 @@ after a refusal). The outbox takes the mailbox row's lock, the last of the order
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,6 +164,28 @@ def retrying(conn: Connection, run_id: uuid.UUID, kind: ErrorKind, error: str) -
             WHERE id = %s AND status = ANY(%s)""",
         (kind, clean_text(error)[:2000], run_id, _ACTIVE),
     )
+
+
+def waiting(conn: Connection, run_id: uuid.UUID, mailbox_id: int, reason: str, *,
+            base: float, cap: float) -> float:
+    """An attempt could not start: every connection slot of the account (or host) is taken
+    (``shared/slots.py``). The run stays queued, never failed: it records why and counts the
+    wait among its ``attempts``; its command comes back after the returned seconds (``base``
+    doubling with each wait of the run, at most ``cap``, with jitter: half fixed, half random),
+    and meanwhile the mailbox shows ``throttled_until`` (never shortened: a provider's back-off
+    stays). A completed sync clears it, as it clears a throttle."""
+    with conn.transaction():
+        row = conn.execute(
+            """UPDATE sync_runs SET attempts = attempts + 1, error_kind = %s, error = %s
+                WHERE id = %s AND status = ANY(%s) RETURNING attempts""",
+            (ErrorKind.THROTTLED, clean_text(reason)[:2000], run_id, _ACTIVE)).fetchone()
+        waits = int(row["attempts"]) if row else 1
+        seconds = min(cap, base * 2.0 ** min(waits - 1, 30)) * (0.5 + random.random() * 0.5)
+        conn.execute(
+            """UPDATE mailboxes SET throttled_until = GREATEST(throttled_until,
+                      now() + make_interval(secs => %s))
+                WHERE id = %s""", (seconds, mailbox_id))
+    return seconds
 
 
 def planned(conn: Connection, run_id: uuid.UUID, token: int, folders: int) -> None:

@@ -442,7 +442,7 @@ def mailbox_list(as_json: bool) -> None:
     else:
         _table(rows, ["id", "name", "owner", "host", "security", "auth_kind", "last_sync_status",
                       "last_sync_at", "messages", "watch", "watch_holder", "throttled_until",
-                      "token_expires_at", "token_refreshed_at", "last_error", "folder_notes"])
+                      "waiting", "token_expires_at", "token_refreshed_at", "last_error", "folder_notes"])
 
 
 @mailbox_group.command("check")

@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 
 import structlog
 
-from mailferry import budget, metrics, oauth, repository, runs
+from mailferry import budget, metrics, oauth, repository, runs, slots
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
@@ -30,6 +30,7 @@ from mailferry.errors import (
     ImapError,
     ImapThrottled,
     LeaseHeld,
+    NoConnectionSlot,
     TransientError,
 )
 from mailferry.imap import (
@@ -65,6 +66,13 @@ class FetcherDeps:
     fetcher_id: str
     connectors: ImapConnectorFactory = connector_factory  # IMAP sessions, per mailbox config
     today: Callable[[], date] = lambda: datetime.now(UTC).date()
+    # The connection budgets' slots of this process (made from the settings when not given).
+    slots: slots.ConnectionSlots | None = None
+
+    def __post_init__(self) -> None:
+        if self.slots is None:
+            self.slots = slots.ConnectionSlots(self.settings, self.fetcher_id,
+                                               self.settings.lease_seconds)
 
 
 Command = SyncMailbox | SyncFolders | ContinueSync
@@ -81,7 +89,11 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
     After ``MAILFERRY_FETCHER_SLICE_SECONDS`` the sync stops at the next batch or folder
     boundary, hands its lease over and publishes a :class:`ContinueSync` (with the same fencing
     token and the rest of the plan); the command in hand is then acked, so no delivery stays
-    unacknowledged anywhere near RabbitMQ's ``consumer_timeout``."""
+    unacknowledged anywhere near RabbitMQ's ``consumer_timeout``.
+
+    The IMAP connection holds a slot of the account's connection budget (``shared/slots.py``);
+    when none is free, the run stays queued and the command comes back later
+    (``runs.waiting``, ``NoConnectionSlot``): never a failure, never a dead letter."""
     structlog.contextvars.bind_contextvars(mailbox_id=cmd.mailbox_id, run_id=str(cmd.run_id))
     started = time.monotonic()
     conn = deps.connection()
@@ -116,57 +128,29 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
             log.info("sync.restarted", reason="the lease handed over moved on")
             cmd = SyncMailbox(run_id=cmd.run_id, mailbox_id=cmd.mailbox_id, force=cmd.force,
                               requested_by=cmd.requested_by)
-    with leases.held(s.database_url, conn, mailbox.id, deps.fetcher_id,
-                     s.lease_seconds, deadline, token=token) as lease:
-        attempt = Attempt(cmd.run_id, mailbox.id, lease, conn, deps.publish)
-        if token is None:
-            attempt.started(deps.fetcher_id)
-        try:
-            config = mailbox.imap_config(deps.passwords, timeout=s.imap_timeout,
-                                         ca_file=s.imap_ca_file,
-                                         allow_private_networks=s.allow_private_networks,
-                                         limits=s.imap_limits())
-            # OAuth2: the access token comes from the token row (refreshed under its lock).
-            auth = oauth.authenticator(mailbox, conn, deps.passwords, timeout=s.imap_timeout)
-            with (deps.connectors.create_imap_connector(config, auth) as connector,
-                  metrics.imap_connection()):
-                connector.set_deadline(deadline)
-                connector.connect()  # a refused login fails here, before anything is published
-                if token is None and (mailbox.credentials_invalid_at is not None
-                                      or mailbox.last_error_kind == "auth"):
-                    deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=now()))
-                outcome = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox,
-                                        lambda: time.monotonic() > slice_end, auth)
-        except (ImapError, ConfigError) as exc:
-            kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
-            metrics.SYNC_SECONDS.observe(time.monotonic() - started)
-            if isinstance(exc, ImapThrottled):
-                # The provider limits the account: back off (the scheduler waits), never a
-                # retry soon, never "credentials invalid", never a dead letter.
-                until = runs.throttled(conn, cmd.run_id, mailbox.id, str(exc),
-                                       base=s.throttle_backoff, cap=s.throttle_backoff_max,
-                                       suggested=exc.retry_after)
-                metrics.SYNCS.labels("throttled", kind).inc()
-                log.warning("sync.throttled", error=str(exc), until=until.isoformat())
-                return
-            if isinstance(exc, TransientError):
-                runs.retrying(conn, cmd.run_id, kind, str(exc))
-                metrics.SYNCS.labels("retrying", kind).inc()
-                log.warning("sync.retrying", error_kind=kind, error=str(exc))
-                raise
-            attempt.failed(kind, str(exc))
-            if isinstance(exc, ImapAuthError):
-                # Every refusal is told; the notifier tells people once per transition.
-                deps.publish(CredentialsInvalid(mailbox_id=mailbox.id, run_id=cmd.run_id,
-                                                error=str(exc), detected_at=now()))
-            metrics.SYNCS.labels("failed", kind).inc()
-            log.warning("sync.failed", error_kind=kind, error=str(exc),
-                        seconds=round(time.monotonic() - started, 3))
-            return
-        if isinstance(outcome, ContinueSync):
-            lease.handing_over = True
-        else:
-            attempt.finished(outcome.folders)
+    try:
+        with leases.held(s.database_url, conn, mailbox.id, deps.fetcher_id,
+                         s.lease_seconds, deadline, token=token) as lease:
+            # A slice that finds no slot hands its lease over again, for itself once back.
+            lease.handing_over = token is not None
+            assert deps.slots is not None
+            # Released after the connection logged out; nothing is published before it.
+            with deps.slots.held(mailbox.id, mailbox.host, mailbox.username,
+                                 slots.Purpose.SYNC):
+                lease.handing_over = False
+                outcome = _attempt(cmd, deps, conn, mailbox, lease, token, started, deadline,
+                                   slice_end)
+    except NoConnectionSlot as exc:
+        # Every slot of the account's (or host's) budget is taken: the run stays queued and
+        # the command comes back later (no retry spent, never a dead letter).
+        exc.retry_after = runs.waiting(conn, cmd.run_id, mailbox.id, str(exc),
+                                       base=s.retry_delays[0], cap=max(s.retry_delays))
+        metrics.SYNCS.labels("waiting", ErrorKind.THROTTLED).inc()
+        log.info("sync.waiting_for_connection", reason=str(exc),
+                 seconds=round(exc.retry_after, 1))
+        raise
+    if outcome is None:
+        return
     seconds = round(time.monotonic() - started, 3)
     metrics.SYNC_SECONDS.observe(time.monotonic() - started)
     if isinstance(outcome, ContinueSync):
@@ -182,6 +166,64 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
     log.info("sync.fetched", seconds=seconds, folders=outcome.folders,
              failed_folders=outcome.failed_folders, messages=outcome.messages,
              bytes=outcome.bytes)
+
+
+def _attempt(cmd: Command, deps: FetcherDeps, conn: Connection, mailbox: repository.Mailbox,
+             lease: leases.Lease, token: int | None, started: float, deadline: float,
+             slice_end: float) -> Totals | ContinueSync | None:
+    """The attempt under its lease and connection slot: its outcome, or None when it ended
+    here (failed, throttled; a transient fault is raised for a retry)."""
+    s = deps.settings
+    attempt = Attempt(cmd.run_id, mailbox.id, lease, conn, deps.publish)
+    if token is None:
+        attempt.started(deps.fetcher_id)
+    try:
+        config = mailbox.imap_config(deps.passwords, timeout=s.imap_timeout,
+                                     ca_file=s.imap_ca_file,
+                                     allow_private_networks=s.allow_private_networks,
+                                     limits=s.imap_limits())
+        # OAuth2: the access token comes from the token row (refreshed under its lock).
+        auth = oauth.authenticator(mailbox, conn, deps.passwords, timeout=s.imap_timeout)
+        with (deps.connectors.create_imap_connector(config, auth) as connector,
+              metrics.imap_connection()):
+            connector.set_deadline(deadline)
+            connector.connect()  # a refused login fails here, before anything is published
+            if token is None and (mailbox.credentials_invalid_at is not None
+                                  or mailbox.last_error_kind == "auth"):
+                deps.publish(CredentialsRestored(mailbox_id=mailbox.id, restored_at=now()))
+            outcome = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox,
+                                    lambda: time.monotonic() > slice_end, auth)
+    except (ImapError, ConfigError) as exc:
+        kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
+        metrics.SYNC_SECONDS.observe(time.monotonic() - started)
+        if isinstance(exc, ImapThrottled):
+            # The provider limits the account: back off (the scheduler waits), never a
+            # retry soon, never "credentials invalid", never a dead letter.
+            until = runs.throttled(conn, cmd.run_id, mailbox.id, str(exc),
+                                   base=s.throttle_backoff, cap=s.throttle_backoff_max,
+                                   suggested=exc.retry_after)
+            metrics.SYNCS.labels("throttled", kind).inc()
+            log.warning("sync.throttled", error=str(exc), until=until.isoformat())
+            return None
+        if isinstance(exc, TransientError):
+            runs.retrying(conn, cmd.run_id, kind, str(exc))
+            metrics.SYNCS.labels("retrying", kind).inc()
+            log.warning("sync.retrying", error_kind=kind, error=str(exc))
+            raise
+        attempt.failed(kind, str(exc))
+        if isinstance(exc, ImapAuthError):
+            # Every refusal is told; the notifier tells people once per transition.
+            deps.publish(CredentialsInvalid(mailbox_id=mailbox.id, run_id=cmd.run_id,
+                                            error=str(exc), detected_at=now()))
+        metrics.SYNCS.labels("failed", kind).inc()
+        log.warning("sync.failed", error_kind=kind, error=str(exc),
+                    seconds=round(time.monotonic() - started, 3))
+        return None
+    if isinstance(outcome, ContinueSync):
+        lease.handing_over = True
+    else:
+        attempt.finished(outcome.folders)
+    return outcome
 
 
 def command_given_up(cmd: AnyMessage, exc: BaseException, deps: FetcherDeps) -> None:

@@ -38,4 +38,6 @@ def main(settings: Settings) -> None:
                    concurrency=settings.fetcher_concurrency,
                    on_retry_exhausted=functools.partial(command_given_up, deps=deps))
     finally:
+        if deps.slots is not None:
+            deps.slots.close()
         connections.close()

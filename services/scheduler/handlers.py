@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import structlog
 
+from mailferry import slots
 from mailferry.app.publishing import PARALLEL_PUBLISHES
 from mailferry.config import Settings
 from mailferry.db import Connection
@@ -16,10 +17,12 @@ log = structlog.get_logger(__name__)
 
 
 def tick(conn: Connection, publish: Callable[[AnyMessage], None], settings: Settings) -> int:
-    """Expire runs that never finished, then queue every due mailbox. Safe to run in several
-    schedulers at once: the one-active-run index lets only one of them queue a mailbox.
-    Commands go out PARALLEL_PUBLISHES at a time (main.py gives a PublisherPool that size)."""
+    """Expire runs that never finished (and prune expired connection slots), then queue every
+    due mailbox. Safe to run in several schedulers at once: the one-active-run index lets only
+    one of them queue a mailbox. Commands go out PARALLEL_PUBLISHES at a time (main.py gives a
+    PublisherPool that size)."""
     expired = expire_stale_runs(conn, settings.run_timeout)
+    slots.prune(conn)  # a dead process's connection slots, expired
     due = due_mailboxes(conn, settings.sync_interval)
     requested = request_syncs(conn, publish, due, requested_by="scheduler",
                               parallel=PARALLEL_PUBLISHES)

@@ -8,20 +8,28 @@ the database or the broker: :mod:`services.scheduler.watchers` reads its ``state
 A dropped connection is reconnected after a backoff that doubles up to ``backoff_max``, with full
 jitter (so a server restart does not bring every watch back in the same second). A refused login
 ends the thread with ``auth_error`` set: the credential-invalid path of a sync follows.
+
+Each connection first takes a slot of the account's connection budget (``shared/slots.py``), and
+gives it back after logging out; when none is free (a watch leaves the last one to syncs), the
+watch is in ``backoff`` and tries again later, exactly as after a dropped connection: meanwhile
+the schedule syncs the mailbox. A server's "too many connections" is the same backoff, never
+``auth_error``.
 """
 
 from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import structlog
 
-from mailferry.errors import ConfigError, ImapAuthError, ImapError
+from mailferry.errors import ImapAuthError, MailferryError
 from mailferry.imap import ImapConfig
 from mailferry.imap.connection import ImapConnector
 from mailferry.imap.idle import PushSession, Status
+from mailferry.slots import ConnectionSlots, Purpose
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +37,8 @@ log = structlog.get_logger(__name__)
 class Watch:
     def __init__(self, mailbox_id: int, token: int, config: ImapConfig, folders: list[str],
                  on_change: Callable[[int, set[str]], None], *, poll: float, renew: float,
-                 backoff_max: float, fingerprint: object = None) -> None:
+                 backoff_max: float, fingerprint: object = None,
+                 slots: ConnectionSlots | None = None) -> None:
         self.mailbox_id = mailbox_id
         self.token = token
         self.config = config
@@ -39,6 +48,7 @@ class Watch:
         self.poll = poll
         self.renew = renew
         self.backoff_max = backoff_max
+        self.slots = slots  # None: no connection budget (a watch outside a deployment)
         self.state = "backoff"  # until connected: watching, polling or backoff
         self.mode: str | None = None
         self.error: str | None = None
@@ -62,6 +72,15 @@ class Watch:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
+    @contextmanager
+    def _slot(self) -> Iterator[None]:
+        if self.slots is None:
+            yield
+            return
+        with self.slots.held(self.mailbox_id, self.config.host, self.config.username,
+                             Purpose.WATCH):
+            yield
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -71,7 +90,7 @@ class Watch:
         failures = 0
         while not self._stop.is_set():
             try:
-                with ImapConnector(self.config) as connector:
+                with self._slot(), ImapConnector(self.config) as connector:
                     connector.connect()
                     session = PushSession(connector, self.folders, self.known, poll=self.poll,
                                           renew=self.renew)
@@ -94,7 +113,7 @@ class Watch:
                 self.state = "off"
                 log.warning("watch.auth_failed", error=str(exc))
                 return
-            except (ImapError, ConfigError, OSError) as exc:
+            except (MailferryError, OSError) as exc:  # the server, the budget, the database
                 if self._stop.is_set():
                     return
                 failures += 1

@@ -40,6 +40,7 @@ from mailferry.errors import ConfigError, MailferryError
 from mailferry.imap.idle import Status
 from mailferry.messages import AnyMessage, CredentialsInvalid
 from mailferry.services.scheduler.watch import Watch
+from mailferry.slots import ConnectionSlots
 from mailferry.sync_requests import request_syncs
 
 log = structlog.get_logger(__name__)
@@ -183,6 +184,7 @@ class Watchers:
         self._written: dict[int, tuple[str, str | None, str | None]] = {}
         self._seen: dict[int, dict[str, Status]] = {}  # released watches' last STATUS values
         self._connection = db.Reconnecting(settings.database_url)
+        self.slots = ConnectionSlots(settings, holder, settings.push_lease)
         self.dispatcher = Dispatcher(db.Reconnecting(settings.database_url), publish,
                                      settings.push_debounce)
         self._stop = threading.Event()
@@ -210,6 +212,7 @@ class Watchers:
             log.warning("push.release_failed", error=str(exc))
         self.watches.clear()
         self.dispatcher.stop()
+        self.slots.close()
         self._connection.close()
 
     def _run(self) -> None:
@@ -343,7 +346,7 @@ class Watchers:
             else lambda mailbox_id, _folders: self.dispatcher.changed(mailbox_id, None))
         watch = Watch(item.mailbox_id, token, config, item.folders, on_change,
                       poll=s.push_poll, renew=s.push_idle_renew, backoff_max=s.push_backoff_max,
-                      fingerprint=item.fingerprint)
+                      fingerprint=item.fingerprint, slots=self.slots)
         # The store's last sync, then what this process last saw (a restart after a change of
         # folders or credentials): the first STATUS of the new connection is compared to them.
         watch.known.update({name: dict(values) for name, values in item.stored.items()})

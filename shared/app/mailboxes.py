@@ -526,7 +526,15 @@ SELECT m.id, m.name, u.email AS owner, m.host, m.port, m.security, m.username, m
        m.folder_report, m.push,
        CASE WHEN w.holder IS NOT NULL AND w.lease_expires_at > now() THEN w.state ELSE 'off' END
            AS watch,
-       CASE WHEN w.lease_expires_at > now() THEN w.holder END AS watch_holder
+       CASE WHEN w.lease_expires_at > now() THEN w.holder END AS watch_holder,
+       CASE WHEN w.holder IS NOT NULL AND w.lease_expires_at > now() THEN w.error END
+           AS watch_error,
+       -- an active run whose attempt found no connection slot free (runs.waiting), until
+       -- its command is due back
+       CASE WHEN m.throttled_until > now() THEN
+           (SELECT r.error FROM sync_runs r WHERE r.mailbox_id = m.id
+               AND r.status IN ('queued', 'running') AND r.error_kind = 'throttled') END
+           AS waiting
   FROM mailboxes m LEFT JOIN users u ON u.id = m.owner_id
   LEFT JOIN mailbox_watches w ON w.mailbox_id = m.id
   LEFT JOIN oauth_tokens t ON t.mailbox_id = m.id
@@ -801,6 +809,9 @@ def status(conn: db.Connection, settings: Settings) -> dict[str, Any]:
                   count(*) AS n
              FROM mailboxes m LEFT JOIN mailbox_watches w ON w.mailbox_id = m.id
             GROUP BY 1, 2 ORDER BY 1, 2""").fetchall()
+    slots = conn.execute(
+        """SELECT purpose, count(*) AS n FROM imap_connection_slots WHERE expires_at > now()
+            GROUP BY purpose""").fetchall()
     by_state: dict[str, int] = {}
     by_holder: dict[str, int] = {}
     for row in watches:
@@ -809,6 +820,7 @@ def status(conn: db.Connection, settings: Settings) -> dict[str, Any]:
             by_holder[row["holder"]] = by_holder.get(row["holder"], 0) + row["n"]
     return {**(counts or {}), "runs": {r["status"]: r["n"] for r in runs},
             "watches": by_state, "watch_holders": by_holder, "push": settings.push,
+            "connection_slots": {r["purpose"]: r["n"] for r in slots},
             "sync_lag": metrics.sync_lag(conn), "recent_runs": recent, "oauth_mailboxes": tokens,
             "queues": queue_depths(settings)}
 

@@ -17,7 +17,7 @@ from mailferry import messages, topology
 from mailferry.broker import ATTEMPT_HEADER, ERROR_HEADER, Publisher, Unroutable, Worker, connect
 from mailferry.config import Settings
 from mailferry.devkit import services
-from mailferry.errors import PermanentError
+from mailferry.errors import PermanentError, Postponed
 
 DELAYS = (0.2, 0.4)
 
@@ -107,6 +107,24 @@ def test_a_message_that_keeps_failing_is_dead_lettered_with_its_reason(settings:
     [message] = dead
     assert message.headers[ERROR_HEADER] == "retries exhausted; last error: RuntimeError: cannot do it"
     assert message.properties["type"] == "SyncMailbox"
+
+
+def test_a_postponed_message_comes_back_as_often_as_needed_without_spending_its_retries(
+    settings: Settings
+) -> None:
+    calls: list[int] = []
+    exhausted: list[tuple[messages.AnyMessage, BaseException]] = []
+
+    def busy(_: messages.AnyMessage) -> None:
+        calls.append(1)
+        if len(calls) <= 5:  # more waits than the two retries a failure would get
+            raise Postponed("no connection slot free", retry_after=0.1)
+
+    with _worker(settings, busy, exhausted) as publisher:
+        publisher.publish(_command())
+        assert services.eventually(lambda: len(calls) >= 6, timeout=15)
+    assert len(calls) == 6
+    assert exhausted == [] and _dead_letters(settings) == []
 
 
 def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> None:

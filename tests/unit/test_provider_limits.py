@@ -59,6 +59,21 @@ def test_gmail_hosts_have_a_daily_budget_and_others_none_unless_set() -> None:
     assert budget.limit_for("imap.gmail.com", Settings(download_budget_mb=5000)) == 2500 * budget.MB
 
 
+def test_connections_per_account_come_from_the_providers_presets_or_dovecots_default() -> None:
+    assert budget.connection_limits("imap.gmail.com", Settings()) == (15, None)
+    assert budget.connection_limits("Outlook.Office365.com.", Settings()) == (20, None)
+    assert budget.connection_limits("imap.example.com", Settings()) == (10, None)
+    # the setting for every host, the smaller of it and a preset where there is one
+    assert budget.connection_limits("imap.example.com",
+                                    Settings(max_connections_per_account=30)) == (30, None)
+    assert budget.connection_limits("imap.gmail.com",
+                                    Settings(max_connections_per_account=30)) == (15, None)
+    assert budget.connection_limits("imap.gmail.com",
+                                    Settings(max_connections_per_account=4)) == (4, None)
+    assert budget.connection_limits("imap.example.com",
+                                    Settings(max_connections_per_host=50)) == (10, 50)
+
+
 def _job(published: list[AnyMessage], allowance: Budget) -> planning.FolderJob:
     return planning.FolderJob(
         stamp=planning.Stamp(run_id=uuid.uuid4(), mailbox_id=1, lease_token=3),
