@@ -6,8 +6,17 @@ the database or the broker: :mod:`services.scheduler.watchers` reads its ``state
 ``auth_error`` and does the writing, for every watch of the process, in one pass.
 
 A dropped connection is reconnected after a backoff that doubles up to ``backoff_max``, with full
-jitter (so a server restart does not bring every watch back in the same second). A refused login
-ends the thread with ``auth_error`` set: the credential-invalid path of a sync follows.
+jitter (so a server restart does not bring every watch back in the same second), and not before
+the ``retry_after`` a throttled server or token endpoint asked for. A refused login ends the
+thread with ``auth_error`` set: the credential-invalid path of a sync follows.
+
+An OAuth2 mailbox's watch logs in with an access token from the token row (``mailferry.oauth``:
+cached, refreshed under the row's lock). A watch outlives its token (about an hour): a server
+that ends the session when the token expires (Microsoft: ``* BYE Session invalidated -
+AccessTokenExpired``; or a plain drop, or NO to the next command) is logged in again at once with
+a refreshed token, never reported as credentials invalid. Only the provider refusing the grant
+(``invalid_grant``), or the server refusing a freshly refreshed token, is an ``auth_error``; the
+provider unavailable (429, 5xx, no answer) is a backoff like a dropped connection.
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ from collections.abc import Callable
 
 import structlog
 
-from mailferry.errors import ConfigError, ImapAuthError, ImapError
-from mailferry.imap import ImapConfig
+from mailferry import oauth
+from mailferry.errors import ConfigError, ImapAuthError, ImapError, TransientError
+from mailferry.imap import Authenticator, ImapConfig, OAuth2Auth
 from mailferry.imap.connection import ImapConnector
 from mailferry.imap.idle import PushSession, Status
 
@@ -29,10 +39,12 @@ log = structlog.get_logger(__name__)
 class Watch:
     def __init__(self, mailbox_id: int, token: int, config: ImapConfig, folders: list[str],
                  on_change: Callable[[int, set[str]], None], *, poll: float, renew: float,
-                 backoff_max: float, fingerprint: object = None) -> None:
+                 backoff_max: float, fingerprint: object = None,
+                 authenticator: Authenticator | None = None) -> None:
         self.mailbox_id = mailbox_id
         self.token = token
         self.config = config
+        self.authenticator = authenticator  # None: the password of ``config``
         self.folders = folders
         self.fingerprint = fingerprint  # what the watch was started with (config, folders)
         self.on_change = on_change
@@ -70,8 +82,9 @@ class Watch:
         structlog.contextvars.bind_contextvars(mailbox_id=self.mailbox_id)
         failures = 0
         while not self._stop.is_set():
+            established = False
             try:
-                with ImapConnector(self.config) as connector:
+                with ImapConnector(self.config, self.authenticator) as connector:
                     connector.connect()
                     session = PushSession(connector, self.folders, self.known, poll=self.poll,
                                           renew=self.renew)
@@ -79,6 +92,7 @@ class Watch:
                     if self._stop.is_set():
                         return
                     changed = session.start()
+                    established = True
                     self.mode = session.mode
                     self.state = "polling" if session.mode == "status" else "watching"
                     self.error = None
@@ -94,13 +108,20 @@ class Watch:
                 self.state = "off"
                 log.warning("watch.auth_failed", error=str(exc))
                 return
-            except (ImapError, ConfigError, OSError) as exc:
+            except (ImapError, ConfigError, TransientError, OSError) as exc:
                 if self._stop.is_set():
                     return
+                if self._token_expired(exc) and established:
+                    # The session outlived its OAuth2 token: log in again now, with a fresh
+                    # one. Only after a session that worked, so that a server saying so at
+                    # once, every time, gets the backoff below rather than a loop.
+                    log.info("watch.reauthenticating", reason=str(exc))
+                    continue
                 failures += 1
                 self.state = "backoff"
                 self.error = str(exc)
                 delay = random.uniform(0, min(self.backoff_max, 2.0 ** min(failures, 16)))
+                delay = max(delay, getattr(exc, "retry_after", None) or 0.0)
                 log.info("watch.backoff", error=str(exc), seconds=round(delay, 2))
                 self._stop.wait(delay)
             except Exception as exc:  # a bug must not end the watch silently and for good
@@ -110,3 +131,12 @@ class Watch:
                 self._stop.wait(self.backoff_max)
             finally:
                 self._session = None
+
+    def _token_expired(self, exc: Exception) -> bool:
+        """Whether the server ended an OAuth2 session because its token expired; if so, the
+        next login asks the token row for a fresh one (not the cached one it just refused)."""
+        auth = self.authenticator
+        if not isinstance(auth, OAuth2Auth) or not oauth.token_expired(exc):
+            return False
+        auth.token_expired()
+        return True
