@@ -91,9 +91,11 @@ def watchable(conn: db.Connection) -> dict[int, Watchable]:
             stored[name] = {k: int(v) for k, v in values.items() if v is not None}
         folders = sorted(stored) or ["INBOX"]
         # An OAuth2 mailbox's tokens are not in it: each login reads the token row anyway.
+        # Whether the folders are known is: a watch started before the first listing asks for
+        # every folder at each change, and is restarted to name them once they are listed.
         digest = hashlib.sha256(repr((r["host"], r["port"], r["security"], r["username"],
                                       r["auth_kind"], bytes(r["password_encrypted"] or b""),
-                                      folders)).encode())
+                                      folders, bool(stored))).encode())
         out[r["id"]] = Watchable(r["id"], digest.hexdigest(), folders, stored)
     return out
 

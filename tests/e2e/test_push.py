@@ -115,6 +115,9 @@ def test_new_flagged_and_expunged_mail_reaches_the_store_without_a_sync_command(
             env["MAILFERRY_DATABASE_URL"],
             "SELECT requested_by FROM sync_runs WHERE mailbox_id = %s", (mailbox_id,))}
         assert asked == {"scheduler", "push"}, "one scheduled sync, then only push"
+        assert services.eventually(lambda: {r["status"] for r in sql(
+            env["MAILFERRY_DATABASE_URL"], "SELECT status FROM sync_runs WHERE mailbox_id = %s",
+            (mailbox_id,))} == {"done"}, 30), "push runs (which list no folders) end"
         processes.assert_running()
 
 
