@@ -21,8 +21,10 @@ provider unavailable (429, 5xx, no answer) is a backoff like a dropped connectio
 
 from __future__ import annotations
 
+import math
 import random
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -34,6 +36,9 @@ from mailferry.imap.connection import ImapConnector
 from mailferry.imap.idle import PushSession, Status
 
 log = structlog.get_logger(__name__)
+
+#: Seconds between two immediate re-logins after "token expired" (a token lasts about an hour).
+REAUTHENTICATE_EVERY = 60.0
 
 
 class Watch:
@@ -81,6 +86,7 @@ class Watch:
     def _run(self) -> None:
         structlog.contextvars.bind_contextvars(mailbox_id=self.mailbox_id)
         failures = 0
+        reauthenticated = -math.inf
         while not self._stop.is_set():
             established = False
             try:
@@ -111,10 +117,12 @@ class Watch:
             except (ImapError, ConfigError, TransientError, OSError) as exc:
                 if self._stop.is_set():
                     return
-                if self._token_expired(exc) and established:
+                if (self._token_expired(exc) and established
+                        and time.monotonic() - reauthenticated > REAUTHENTICATE_EVERY):
                     # The session outlived its OAuth2 token: log in again now, with a fresh
-                    # one. Only after a session that worked, so that a server saying so at
-                    # once, every time, gets the backoff below rather than a loop.
+                    # one. Only after a session that worked, and once a minute at most, so a
+                    # server that keeps saying so gets the backoff below, not a refresh loop.
+                    reauthenticated = time.monotonic()
                     log.info("watch.reauthenticating", reason=str(exc))
                     continue
                 failures += 1
