@@ -167,9 +167,10 @@ def folders_to_sync(folders: Sequence[FolderInfo], renamed: set[str],
                     only: Sequence[str] | None = None) -> list[FolderInfo]:
     """The enabled, selectable folders; a renamed one is synced under its new name from the next
     run on, and a folder new to the store follows the mailbox's (resolved) selection. ``only``
-    (a push-triggered command's ``folders``, raw names) narrows them to those that changed; it
-    never enables a folder, and the listing itself stays complete, so the persister's rules
-    for vanished folders see every folder the server has."""
+    (a push-triggered command's ``folders``, raw names, when :func:`stored_folders` could not
+    name them without a listing) narrows them to those that changed; it never enables a folder,
+    and the listing itself stays complete, so the persister's rules for vanished folders see
+    every folder the server has."""
     wanted = None if only is None else {_inbox_upper(name) for name in only}
     return [
         f for f in folders
