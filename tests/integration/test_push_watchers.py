@@ -196,6 +196,30 @@ def test_a_watch_told_its_token_expired_logs_in_again_at_once_with_a_fresh_one(
     assert watch.auth_error is None and not _credentials_invalid(conn, mailbox_id)
 
 
+def test_an_app_only_mailbox_is_watched_with_a_client_credentials_token(
+    conn: db.Connection, settings: Settings, tmp_path: Path,
+) -> None:
+    box = PasswordBox(settings.secret_key)
+    with (FakeProvider(client_secret="tenant-app-secret") as idp,
+          Dovecot(tmp_path / "dovecot", oauth2_introspection_url=f"{idp.url}/introspect",
+                  oauth2_app_introspection_url=f"{idp.url}/introspect/app") as server):
+        server.add_user(USER, "unused-password")
+        app_oauth.add_provider(conn, box, name="tenant", kind="microsoft",
+                               client_id=idp.client_id, client_secret="tenant-app-secret",
+                               tenant="contoso.example", token_url=f"{idp.url}/token")
+        mailbox_id = app_oauth.add_oauth_mailbox(
+            conn, box, owner_email=None, provider="tenant", username=USER, refresh_token=None,
+            app_only=True, host=server.host, port=server.port, security="none")
+        watchers = _watchers(settings, "s1", [])
+        try:
+            watchers.pass_once()
+            watch = watchers.watches[mailbox_id]
+            assert services.eventually(lambda: watch.state == "watching", 20), watch.error
+        finally:
+            watchers.stop()
+    assert idp.requests["client_credentials"] == 1 and watch.auth_error is None
+
+
 def test_a_push_run_does_not_postpone_the_scheduled_sync(
     conn: db.Connection, settings: Settings, server: Dovecot,
 ) -> None:
