@@ -39,9 +39,10 @@ client reaches its sync part before the server turns on it:
   literal (the real message, or ``literal_bytes`` of generated message when given), sends half
   of it and closes the socket.
 - ``bye_mid_command``: models a server shutting down. The first SELECT, EXAMINE or FETCH
-  (``bye_times`` of them in total, over all connections, so a retrying client can succeed after
-  that) is answered ``* BYE server shutting down`` (``bye_text``: e.g. Microsoft's
-  ``Session invalidated - AccessTokenExpired``) and the connection closes.
+  (``bye_commands``; ``bye_times`` of them in total, over all connections, so a retrying client
+  can succeed after that, and after ``bye_skip`` of them answered as usual) is answered
+  ``* BYE server shutting down`` (``bye_text``: e.g. Microsoft's ``Session invalidated -
+  AccessTokenExpired``) and the connection closes.
 - ``idle_drip``: models a watched server that turns on its watcher. IDLE (RFC 2177) is answered
   with its ``+`` continuation, then an untagged response dripped one byte every
   ``drip_interval`` seconds, forever: a client that waits for it without a deadline on the
@@ -433,6 +434,8 @@ class HostileImapServer:
         long_line_bytes: int = 50_000_000,
         bye_times: int = 1,
         bye_text: str = "server shutting down",
+        bye_commands: Sequence[str] = ("SELECT", "EXAMINE", "FETCH"),
+        bye_skip: int = 0,
         refusal: tuple[str, str] = ("AUTHENTICATE", "{tag} NO [UNAVAILABLE] Try again later"),
         stream_deadline: float = 300.0,
         idle_timeout: float = 120.0,
@@ -472,6 +475,8 @@ class HostileImapServer:
         self._connections = 0
         self._byes_left = bye_times
         self.bye_text = bye_text
+        self.bye_commands = tuple(c.upper() for c in bye_commands)
+        self._bye_skip = bye_skip
         self.bearer_tokens: list[str] = []  # what AUTHENTICATE XOAUTH2 was given, in order
         self._sessions: list[tuple[socket.socket, threading.Thread]] = []
         self._stopping = threading.Event()
@@ -555,6 +560,9 @@ class HostileImapServer:
 
     def _take_bye(self) -> bool:
         with self._lock:
+            if self._bye_skip > 0:
+                self._bye_skip -= 1
+                return False
             if self._byes_left <= 0:
                 return False
             self._byes_left -= 1
@@ -788,7 +796,7 @@ class _Session:
             self._refuse(cmd.tag)
         if not self.authenticated:
             return
-        if self.behaviour == "bye_mid_command" and cmd.name in ("SELECT", "EXAMINE", "FETCH") \
+        if self.behaviour == "bye_mid_command" and cmd.name in self.server.bye_commands \
                 and self.server._take_bye():
             self._send(f"* BYE {self.server.bye_text}\r\n".encode())
             raise _Hangup

@@ -147,7 +147,8 @@ class Publisher:
         encoding = "utf-8" if content_type == messages.JSON_CONTENT_TYPE else "binary"
         failure: BaseException | None = None
         for delay in PUBLISH_ATTEMPTS:
-            time.sleep(delay)
+            if delay:
+                time.sleep(delay)
             recoverable: tuple[type[BaseException], ...] = (
                 OSError, OperationalError, *_transport_errors(self._conn))
             try:

@@ -49,9 +49,10 @@ class SyncMailbox(_Message):
     """Fetch what is new in a mailbox's enabled folders (one per due mailbox, or by hand).
 
     Version 2 added ``folders``: a push-triggered run names the folders that changed (raw
-    names, as the server spells them), and only those of the enabled folders are synced; the
-    folder list is still refreshed in full. Version 1 commands (no ``folders``) still decode and
-    sync every enabled folder."""
+    names, as the server spells them), and only those of the enabled folders are synced,
+    without listing the mailbox when the store knows them all (renamed and deleted folders wait
+    for a run that lists). Version 1 commands (no ``folders``) still decode and sync every
+    enabled folder."""
 
     routing_key: ClassVar[str] = "sync-mailbox"
     type: Literal["SyncMailbox"] = "SyncMailbox"

@@ -31,6 +31,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -376,15 +377,25 @@ def fresh_enough(expires_at: datetime | None, issued_at: datetime | None,
     return (expires_at - now).total_seconds() >= REFRESH_WHEN_LEFT * max(lifetime, 1.0)
 
 
+#: Lends an autocommit connection for the length of one call: what a holder that lives longer
+#: than a transaction and has no connection of its own (a push watch) gives a token source.
+LendConnection = Callable[[], AbstractContextManager[Connection]]
+
+
 class MailboxTokens:
     """The access tokens of one OAuth2 mailbox: an ``OAuth2Auth`` token source.
 
     ``conn`` must be in autocommit mode: each call is its own short transaction that holds the
-    token row's lock while it refreshes."""
+    token row's lock while it refreshes. It is a connection, or a :data:`LendConnection` that
+    lends one per call (a watch logs in about once an hour and holds no connection between)."""
 
-    def __init__(self, conn: Connection, box: PasswordBox, mailbox_id: int, *,
+    def __init__(self, conn: Connection | LendConnection, box: PasswordBox, mailbox_id: int, *,
                  timeout: float = 30.0, clock: Callable[[], datetime] | None = None) -> None:
-        self._conn = conn
+        if callable(conn):
+            self._lend: LendConnection = conn
+        else:
+            own = conn
+            self._lend = lambda: nullcontext(own)
         self._box = box
         self._mailbox_id = mailbox_id
         self._timeout = timeout
@@ -392,10 +403,13 @@ class MailboxTokens:
         self._used: bytes | None = None  # the encrypted token last handed out
 
     def __call__(self, *, fresh: bool = False) -> str:
+        with self._lend() as conn:
+            return self._token(conn, fresh)
+
+    def _token(self, conn: Connection, fresh: bool) -> str:
         failure: Exception | None = None
-        with self._conn.transaction():
-            row = self._conn.execute(_TOKEN_ROW + " FOR UPDATE OF t",
-                                     (self._mailbox_id,)).fetchone()
+        with conn.transaction():
+            row = conn.execute(_TOKEN_ROW + " FOR UPDATE OF t", (self._mailbox_id,)).fetchone()
             if row is None:
                 raise ConfigError(f"mailbox {self._mailbox_id} has no OAuth2 credentials")
             cached = bytes(row["access_token_encrypted"]) if row["access_token_encrypted"] else None
@@ -411,9 +425,9 @@ class MailboxTokens:
             except (GrantInvalid, TokenEndpointUnavailable, ConfigError) as exc:
                 failure = exc
             else:
-                return self._store(row, token, now)
+                return self._store(conn, row, token, now)
         # Recorded outside the rolled-back transaction; the refresh token stays as it was.
-        self._conn.execute(
+        conn.execute(
             """UPDATE oauth_tokens SET last_refresh_error = %s, updated_at = now()
                 WHERE mailbox_id = %s""", (str(failure)[:500], self._mailbox_id))
         if isinstance(failure, GrantInvalid):
@@ -436,7 +450,8 @@ class MailboxTokens:
                  expires_in=token.get("expires_in"), rotated=token.get("rotated", False))
         return token
 
-    def _store(self, row: dict[str, Any], token: dict[str, Any], now: datetime) -> str:
+    def _store(self, conn: Connection, row: dict[str, Any], token: dict[str, Any],
+               now: datetime) -> str:
         try:
             lifetime = float(token.get("expires_in") or DEFAULT_LIFETIME)
         except (TypeError, ValueError):
@@ -444,7 +459,7 @@ class MailboxTokens:
         access = str(token["access_token"])
         encrypted = self._box.encrypt(access)
         rotated = self._box.encrypt(str(token["refresh_token"])) if token.get("rotated") else None
-        self._conn.execute(
+        conn.execute(
             """UPDATE oauth_tokens
                   SET access_token_encrypted = %s, access_token_issued_at = %s,
                       access_token_expires_at = %s, last_refreshed_at = %s,
@@ -457,10 +472,11 @@ class MailboxTokens:
         return access
 
 
-def authenticator(mailbox: Any, conn: Connection, box: PasswordBox, *,
+def authenticator(mailbox: Any, conn: Connection | LendConnection, box: PasswordBox, *,
                   timeout: float) -> OAuth2Auth | None:
     """The OAuth2 authenticator of an OAuth2 mailbox (None: it logs in with its password).
-    ``conn``: an autocommit connection the token row is locked and updated on."""
+    ``conn``: an autocommit connection the token row is locked and updated on, or a lender of
+    one per call (:class:`MailboxTokens`)."""
     if mailbox.auth_kind == "password":
         return None
     return OAuth2Auth(MailboxTokens(conn, box, mailbox.id, timeout=timeout))

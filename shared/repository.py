@@ -69,16 +69,24 @@ class FolderState:
     last_uid: int
     highest_modseq: int | None
     backfill_below: int | None = None  # a first sync cut by the download budget: UIDs below
+    # The folder as the last listing found it (a push run that skips the listing uses it).
+    name: str = ""
+    delimiter: str | None = None
+    flags: tuple[str, ...] = ()
+    type: str = "other"
+    selectable: bool = True
+    gone: bool = False  # deleted on the server, kept for its synced mail
 
 
 def folder_states(conn: Connection, mailbox_id: int) -> dict[str, FolderState]:
     rows = conn.execute(
         """SELECT mailbox_id, raw_name, sync_enabled, uidvalidity, last_uid, highest_modseq,
-                  backfill_below
+                  backfill_below, name, delimiter, flags, type, selectable,
+                  gone_at IS NOT NULL AS gone
            FROM folders WHERE mailbox_id = %s""",
         (mailbox_id,),
     ).fetchall()
-    return {r["raw_name"]: FolderState(**r) for r in rows}
+    return {r["raw_name"]: FolderState(**{**r, "flags": tuple(r["flags"])}) for r in rows}
 
 
 def live_flags(conn: Connection, state: FolderState, uidvalidity: int, low: int = 1,

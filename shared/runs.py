@@ -188,11 +188,15 @@ def waiting(conn: Connection, run_id: uuid.UUID, mailbox_id: int, reason: str, *
     return seconds
 
 
-def planned(conn: Connection, run_id: uuid.UUID, token: int, folders: int) -> None:
-    """The attempt's plan, for `sync --wait`'s progress: the folders it will sync."""
+def planned(conn: Connection, run_id: uuid.UUID, token: int, folders: int, *,
+            listing: bool = True) -> None:
+    """The attempt's plan, for `sync --wait`'s progress: the folders it will sync.
+    ``listing=False``: the attempt lists no folders (a push run syncing folders it knows), so
+    the run's end waits for no FoldersListed; written before any event that could end it."""
     conn.execute(
-        """UPDATE sync_runs SET progress_token = %s, folders_total = %s, messages_found = 0
-            WHERE id = %s""", (token, folders, run_id))
+        """UPDATE sync_runs SET progress_token = %s, folders_total = %s, messages_found = 0,
+                  folders_listed = folders_listed OR %s
+            WHERE id = %s""", (token, folders, not listing, run_id))
 
 
 def found(conn: Connection, run_id: uuid.UUID, token: int, messages: int) -> None:

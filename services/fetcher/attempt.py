@@ -74,8 +74,9 @@ class Attempt:
 
     # --- the run's progress, for `sync --wait` (this attempt's only) ---------------------------
 
-    def planned(self, folders: int) -> None:
-        runs.planned(self._conn, self.stamp.run_id, self.stamp.lease_token, folders)
+    def planned(self, folders: int, *, listing: bool = True) -> None:
+        runs.planned(self._conn, self.stamp.run_id, self.stamp.lease_token, folders,
+                     listing=listing)
 
     def found(self, count: int) -> None:
         if count:

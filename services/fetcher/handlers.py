@@ -101,14 +101,15 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
     if mailbox is None:
         log.info("sync.skipped", reason="mailbox no longer exists")
         return
-    if not isinstance(cmd, ContinueSync):
+    run = runs.get(conn, cmd.run_id)
+    if run is None and not isinstance(cmd, ContinueSync):
         # A command published by hand straight to the broker has no run yet: register it,
         # unless the mailbox already has a run queued or running (then it is redundant).
         runs.request(conn, mailbox.id, run_id=cmd.run_id, force=cmd.force,
                      requested_by=cmd.requested_by,
                      kind=runs.RunKind.FOLDERS if isinstance(cmd, SyncFolders)
                      else runs.RunKind.MAILBOX)
-    run = runs.get(conn, cmd.run_id)
+        run = runs.get(conn, cmd.run_id)
     if run is None:
         log.info("sync.skipped", reason="another run of this mailbox is queued or running")
         return
@@ -280,6 +281,13 @@ def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: Sy
         resume, since = cmd.resume, cmd.since
         totals = Totals(folders=cmd.folders_done, failed_folders=cmd.failed_folders,
                         messages=cmd.messages)
+    elif (isinstance(cmd, SyncMailbox) and cmd.folders is not None
+          and (known := planning.stored_folders(states, cmd.folders)) is not None):
+        # Push: the folders that changed, as stored; no listing (see planning.stored_folders).
+        totals = Totals()
+        since = first_sync_since(deps.today(), mailbox.first_sync_days or s.first_sync_days)
+        to_sync = known
+        attempt.planned(len(to_sync), listing=False)
     else:
         folders, renamed = planning.detect_renames(
             session, session.list_folders(), states,

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Protocol
+from typing import Protocol, cast
 
 import structlog
 
@@ -28,6 +28,7 @@ from mailferry.messages import (
     FolderResume,
     FolderSelection,
     FolderSynced,
+    FolderType,
     MessagesExpunged,
     MessagesFetched,
 )
@@ -166,9 +167,10 @@ def folders_to_sync(folders: Sequence[FolderInfo], renamed: set[str],
                     only: Sequence[str] | None = None) -> list[FolderInfo]:
     """The enabled, selectable folders; a renamed one is synced under its new name from the next
     run on, and a folder new to the store follows the mailbox's (resolved) selection. ``only``
-    (a push-triggered command's ``folders``, raw names) narrows them to those that changed; it
-    never enables a folder, and the listing itself stays complete, so the persister's rules
-    for vanished folders see every folder the server has."""
+    (a push-triggered command's ``folders``, raw names, when :func:`stored_folders` could not
+    name them without a listing) narrows them to those that changed; it never enables a folder,
+    and the listing itself stays complete, so the persister's rules for vanished folders see
+    every folder the server has."""
     wanted = None if only is None else {_inbox_upper(name) for name in only}
     return [
         f for f in folders
@@ -178,6 +180,26 @@ def folders_to_sync(folders: Sequence[FolderInfo], renamed: set[str],
              else enabled_on_discovery(f, initial_folders, first_listing=not states,
                                        selection=selection))
     ]
+
+
+def stored_folders(states: dict[str, FolderState],
+                   only: Sequence[str]) -> list[FolderInfo] | None:
+    """A push run's folders (``only``, raw names) as the last listing stored them, when every one
+    is known, enabled, selectable and not gone: the run then syncs them without listing the
+    whole mailbox (one LIST and one FoldersListed less on the way from a new message to the
+    store). None when any is not (a folder the store has not seen, or disabled since): the run
+    lists, as a scheduled one does. Renamed and deleted folders are the listing's business,
+    so they wait for the next run that lists (the schedule, or any non-push run)."""
+    by_name = {_inbox_upper(name): state for name, state in states.items()}
+    out = []
+    for name in dict.fromkeys(_inbox_upper(n) for n in only):
+        state = by_name.get(name)
+        if state is None or not (state.sync_enabled and state.selectable and not state.gone):
+            return None
+        out.append(FolderInfo(name=state.name or state.raw_name, raw_name=state.raw_name,
+                              delimiter=state.delimiter, flags=state.flags,
+                              type=cast(FolderType, state.type), selectable=True))
+    return out or None
 
 
 def _inbox_upper(raw_name: str) -> str:

@@ -19,24 +19,33 @@
 
 A watch whose login is refused marks the mailbox's credentials invalid and publishes
 ``CredentialsInvalid``, as a sync does; the mailbox is not watched again until they are updated.
+For an OAuth2 mailbox that is the provider refusing the grant (``invalid_grant``), or the
+server refusing a freshly refreshed token; an expired token is refreshed and the watch logs in
+again (:mod:`services.scheduler.watch`). Its watch thread borrows one of
+``TOKEN_CONNECTIONS`` database connections for the length of a token request (a lock on the
+token row, and a refresh when the cached token is near its end): a thousand watches logging in
+at once hold a few connections, not a thousand.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import psycopg
 import structlog
 
-from mailferry import db, repository
+from mailferry import db, oauth, repository
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
-from mailferry.errors import ConfigError, MailferryError
+from mailferry.errors import ConfigError, DatabaseUnavailable, MailferryError
 from mailferry.imap.idle import Status
 from mailferry.messages import AnyMessage, CredentialsInvalid
 from mailferry.services.scheduler.watch import Watch
@@ -48,6 +57,8 @@ log = structlog.get_logger(__name__)
 # Watch threads spend their life blocked in recv(): a small stack keeps thousands of them
 # cheap (the default is 8 MiB of address space each). TLS, imaplib and the parser fit in it.
 WATCH_STACK_BYTES = 512 * 1024
+#: Database connections the watches of one process share for their OAuth2 token requests.
+TOKEN_CONNECTIONS = 4
 
 
 @dataclass(frozen=True)
@@ -61,19 +72,17 @@ class Watchable:
 
 
 def watchable(conn: db.Connection) -> dict[int, Watchable]:
-    """Mailboxes to watch: sync and push on, credentials not known invalid, not being removed,
-    signing in with a password; with their enabled folders (INBOX alone before the first
-    listing). OAuth2 mailboxes are left to the schedule for now: a watch has no token source
-    (README, Known limits), and a login without one must never read as credentials invalid."""
+    """Mailboxes to watch: sync and push on, credentials not known invalid, not being removed;
+    with their enabled folders (INBOX alone before the first listing)."""
     rows = conn.execute(
-        """SELECT m.id, m.host, m.port, m.security, m.username, m.password_encrypted,
+        """SELECT m.id, m.host, m.port, m.security, m.username, m.password_encrypted, m.auth_kind,
                   COALESCE(json_agg(json_build_array(f.raw_name, f.uidvalidity, f.uidnext,
                                                      f.highest_modseq) ORDER BY f.raw_name)
                            FILTER (WHERE f.raw_name IS NOT NULL), '[]') AS folders
              FROM mailboxes m
              LEFT JOIN folders f ON f.mailbox_id = m.id AND f.sync_enabled AND f.selectable
             WHERE m.sync_enabled AND m.push AND m.credentials_invalid_at IS NULL
-              AND m.removing_at IS NULL AND m.auth_kind = 'password'
+              AND m.removing_at IS NULL
             GROUP BY m.id ORDER BY m.id""").fetchall()
     out = {}
     for r in rows:
@@ -82,8 +91,12 @@ def watchable(conn: db.Connection) -> dict[int, Watchable]:
             values = {"UIDVALIDITY": uidvalidity, "UIDNEXT": uidnext, "HIGHESTMODSEQ": modseq}
             stored[name] = {k: int(v) for k, v in values.items() if v is not None}
         folders = sorted(stored) or ["INBOX"]
+        # An OAuth2 mailbox's tokens are not in it: each login reads the token row anyway.
+        # Whether the folders are known is: a watch started before the first listing asks for
+        # every folder at each change, and is restarted to name them once they are listed.
         digest = hashlib.sha256(repr((r["host"], r["port"], r["security"], r["username"],
-                                      bytes(r["password_encrypted"]), folders)).encode())
+                                      r["auth_kind"], bytes(r["password_encrypted"] or b""),
+                                      folders, bool(stored))).encode())
         out[r["id"]] = Watchable(r["id"], digest.hexdigest(), folders, stored)
     return out
 
@@ -171,6 +184,31 @@ def _union(a: set[str] | None, b: set[str] | None) -> set[str] | None:
     return None if a is None or b is None else a | b
 
 
+class TokenConnections:
+    """A few autocommit connections lent to the watches' token sources, one call at a time
+    (:data:`mailferry.oauth.LendConnection`); a caller waits while all are lent."""
+
+    def __init__(self, url: str, size: int = TOKEN_CONNECTIONS) -> None:
+        self._free: queue.Queue[db.Reconnecting] = queue.Queue()
+        self._all = [db.Reconnecting(url) for _ in range(size)]
+        for connection in self._all:
+            self._free.put(connection)
+
+    @contextmanager
+    def __call__(self) -> Iterator[db.Connection]:
+        connection = self._free.get()
+        try:
+            yield connection()
+        except psycopg.OperationalError as exc:  # the database went away: the watch backs off
+            raise DatabaseUnavailable(f"token store unavailable: {exc}") from exc
+        finally:
+            self._free.put(connection)
+
+    def close(self) -> None:
+        for connection in self._all:
+            connection.close()
+
+
 class Watchers:
     """This process's watches (see the module doc)."""
 
@@ -185,6 +223,7 @@ class Watchers:
         self._seen: dict[int, dict[str, Status]] = {}  # released watches' last STATUS values
         self._connection = db.Reconnecting(settings.database_url)
         self.slots = ConnectionSlots(settings, holder, settings.push_lease)
+        self._token_connections = TokenConnections(settings.database_url)
         self.dispatcher = Dispatcher(db.Reconnecting(settings.database_url), publish,
                                      settings.push_debounce)
         self._stop = threading.Event()
@@ -214,6 +253,7 @@ class Watchers:
         self.dispatcher.stop()
         self.slots.close()
         self._connection.close()
+        self._token_connections.close()
 
     def _run(self) -> None:
         period = self.settings.push_lease / 3
@@ -340,13 +380,16 @@ class Watchers:
         except ConfigError as exc:  # a password the keys cannot read: the schedule reports it
             log.warning("push.not_watched", mailbox_id=item.mailbox_id, error=str(exc))
             return
+        # OAuth2: the fetcher's token life cycle, on a connection lent for each request.
+        auth = oauth.authenticator(mailbox, self._token_connections, self.passwords,
+                                   timeout=s.imap_timeout)
         # Before its first listing a mailbox's folders are not known: a change syncs them all.
         on_change: Callable[[int, set[str]], None] = (
             self.dispatcher.changed if item.stored
             else lambda mailbox_id, _folders: self.dispatcher.changed(mailbox_id, None))
         watch = Watch(item.mailbox_id, token, config, item.folders, on_change,
                       poll=s.push_poll, renew=s.push_idle_renew, backoff_max=s.push_backoff_max,
-                      fingerprint=item.fingerprint, slots=self.slots)
+                      fingerprint=item.fingerprint, slots=self.slots, authenticator=auth)
         # The store's last sync, then what this process last saw (a restart after a change of
         # folders or credentials): the first STATUS of the new connection is compared to them.
         watch.known.update({name: dict(values) for name, values in item.stored.items()})

@@ -496,6 +496,7 @@ def _response_text(response: Any) -> str:
 # server that drips a response or floods lines is cut or paced exactly as during a sync.
 
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r?\n$")
+_BYE = re.compile(rb"^\* BYE\b ?", re.IGNORECASE)
 
 #: One response as imaplib gives it: lines, and (line ending in a literal's size, literal) pairs.
 Response = list[bytes | tuple[bytes, bytes]]
@@ -535,6 +536,11 @@ def read_response(client: IMAPClient) -> Response:
         match = _LITERAL.search(line)
         if match is None:
             out.append(line.rstrip(b"\r\n"))
+            if len(out) == 1 and (bye := _BYE.match(line)):
+                # Kept where imaplib keeps it: the EOF that follows says why (an expired
+                # OAuth2 token, a shutdown), as it does for imaplib's own commands.
+                imap.untagged_responses.setdefault("BYE", []).append(
+                    line[bye.end():].rstrip(b"\r\n"))
             return out
         size = int(match.group(1))
         if size > imap._limits.max_line_bytes:  # names and short strings only, here

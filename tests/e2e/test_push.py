@@ -1,11 +1,13 @@
 """Push: with the schedule an hour apart, changes on the server reach the store in seconds, with
 no `sync` command, whatever the server offers (NOTIFY, IDLE only, neither); a scheduler killed
 while holding watches is replaced by another; a cut connection is re-established; a refused
-login marks the credentials invalid; `--no-push` ends the watch."""
+login marks the credentials invalid; `--no-push` ends the watch; an OAuth2 mailbox is watched
+through its tokens' expiry, until its grant is revoked."""
 
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
 from mailferry.devkit.faults import sql
+from mailferry.devkit.oauth_provider import FakeProvider
 from mailferry.devkit.tcp_proxy import TcpProxy
 
 PASSWORD = "secret"
@@ -112,6 +115,9 @@ def test_new_flagged_and_expunged_mail_reaches_the_store_without_a_sync_command(
             env["MAILFERRY_DATABASE_URL"],
             "SELECT requested_by FROM sync_runs WHERE mailbox_id = %s", (mailbox_id,))}
         assert asked == {"scheduler", "push"}, "one scheduled sync, then only push"
+        assert services.eventually(lambda: {r["status"] for r in sql(
+            env["MAILFERRY_DATABASE_URL"], "SELECT status FROM sync_runs WHERE mailbox_id = %s",
+            (mailbox_id,))} == {"done"}, 30), "push runs (which list no folders) end"
         processes.assert_running()
 
 
@@ -173,3 +179,61 @@ def test_a_mailbox_with_push_off_is_not_watched(
         assert services.eventually(
             lambda: services.cli(env, "mailbox", "list", "--json")[0]["watch"] == "off", 30)
         assert services.cli(env, "status", "--json")["watches"] == {"off": 1}
+
+
+def test_an_oauth2_mailbox_is_watched_through_its_tokens_expiry_until_its_grant_is_revoked(
+    env: dict[str, str], processes: services.ServiceProcesses, tmp_path: Path,
+) -> None:
+    env = {**env, **PUSH_ENV}
+    user, owner = "alice@example.test", "owner@example.com"
+    with (FakeProvider(access_lifetime=2.0) as idp,
+          Dovecot(tmp_path / "dovecot", oauth2_introspection_url=f"{idp.url}/introspect") as server,
+          TcpProxy(server.host, server.port) as proxy):
+        server.add_user(user, "unused-password")
+        services.cli(env, "user", "add", "--email", owner)
+        services.cli(env, "oauth", "provider", "add", "--name", "fake", "--kind", "generic",
+                     "--client-id", idp.client_id, "--token-url", f"{idp.url}/token")
+        mailbox_id = int(services.cli(
+            env, "mailbox", "add", "--owner", owner, "--auth", "oauth2", "--oauth-provider",
+            "fake", "--host", proxy.host, "--port", str(proxy.port), "--security", "none",
+            "--username", user, "--refresh-token-stdin",
+            stdin=idp.grant(user).encode() + b"\n")["id"])
+        processes.env.update(env)
+        for service in ("scheduler", "fetcher", "persister", "notifier"):
+            processes.start(service)
+        _first_sync_done(env, mailbox_id)
+        _watched(env, mailbox_id)
+        uid = server.append(user, None, "INBOX", b"Subject: pushed\r\n\r\nover OAuth2\r\n")
+        assert uid
+        _stored(env, mailbox_id, "INBOX", uid)
+
+        # The watch's token expires under it; the server then drops the session: the watch
+        # logs in again with a refreshed token, and new mail still comes by push.
+        time.sleep(2.1)
+        refreshed, accepted = idp.requests["refresh_token"], proxy.accepted
+        proxy.cut()
+        assert services.eventually(
+            lambda: idp.requests["refresh_token"] > refreshed and proxy.accepted > accepted
+            and _watch(env, mailbox_id).get("state") == "watching", 30)
+        uid = server.append(user, None, "INBOX", b"Subject: later\r\n\r\nnew token\r\n")
+        assert uid
+        _stored(env, mailbox_id, "INBOX", uid)
+        asked = [r["requested_by"] for r in sql(
+            env["MAILFERRY_DATABASE_URL"],
+            "SELECT requested_by FROM sync_runs WHERE mailbox_id = %s", (mailbox_id,))]
+        assert asked.count("push") >= 2 and not _told(env, owner)
+
+        # Revoked: the watch's next refresh is refused, and the owner is told, once.
+        idp.revoke(user)
+        time.sleep(2.1)
+        proxy.cut()
+        assert services.eventually(lambda: _told(env, owner), 30) == ["credentials_invalid"]
+        listed = services.cli(env, "mailbox", "list", "--json")[0]
+        assert listed["credentials_invalid"] and listed["watch"] == "off"
+        assert _told(env, owner) == ["credentials_invalid"]
+        processes.assert_running()
+
+
+def _told(env: dict[str, str], owner: str) -> list[str]:
+    return [n["kind"] for n in services.cli(env, "notifications", "list", "--user", owner,
+                                            "--json")]

@@ -1,6 +1,8 @@
 """The scheduler's watches against real PostgreSQL and Dovecot: schedulers share them fairly, a
-joining one gets its part, a stopped one's are taken over; push runs do not postpone the schedule.
-Manager passes are driven by hand (``pass_once``) so the story is deterministic."""
+joining one gets its part, a stopped one's are taken over; push runs do not postpone the schedule;
+an OAuth2 mailbox's watch lives through its tokens' expiry (Dovecot's oauth2 passdb and the
+devkit's fake provider). Manager passes are driven by hand (``pass_once``) so the story is
+deterministic."""
 
 from __future__ import annotations
 
@@ -9,15 +11,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from mailferry import app, db, runs
+from mailferry.app import oauth as app_oauth
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
-from mailferry.messages import AnyMessage
+from mailferry.devkit.hostile_imap import HostileImapServer
+from mailferry.devkit.oauth_provider import FakeProvider
+from mailferry.devkit.tcp_proxy import TcpProxy
+from mailferry.messages import AnyMessage, CredentialsInvalid, SyncMailbox
 from mailferry.services.scheduler.watchers import Watchers
 from mailferry.sync_requests import due_mailboxes
+
+USER = "alice@example.test"
 
 
 @pytest.fixture
@@ -92,21 +101,123 @@ def test_a_scheduler_never_holds_more_watches_than_its_cap(
         watchers.stop()
 
 
-def test_an_oauth2_mailbox_is_left_to_the_schedule_and_never_marked_invalid_by_a_watch(
-    conn: db.Connection, settings: Settings, server: Dovecot,
+def _oauth_mailbox(conn: db.Connection, settings: Settings, idp: FakeProvider, host: str,
+                   port: int) -> int:
+    box = PasswordBox(settings.secret_key)
+    app_oauth.add_provider(conn, box, name="fake", kind="generic", client_id=idp.client_id,
+                           token_url=f"{idp.url}/token")
+    return app_oauth.add_oauth_mailbox(conn, box, owner_email=None, provider="fake",
+                                       username=USER, refresh_token=idp.grant(USER), host=host,
+                                       port=port, security="none")
+
+
+def _credentials_invalid(conn: db.Connection, mailbox_id: int) -> bool:
+    row = conn.execute("SELECT credentials_invalid_at FROM mailboxes WHERE id = %s",
+                       (mailbox_id,)).fetchone()
+    return row is not None and row["credentials_invalid_at"] is not None
+
+
+def test_an_oauth2_watch_outlives_its_token_rides_out_an_outage_and_stops_at_a_revocation(
+    conn: db.Connection, settings: Settings, tmp_path: Path,
 ) -> None:
-    password, oauth2 = _mailboxes(conn, settings, server, 2)
-    conn.execute("UPDATE mailboxes SET auth_kind = 'oauth2' WHERE id = %s", (oauth2,))
-    watchers = _watchers(settings, "s1", [])
-    try:
-        watchers.pass_once()
-        watched = conn.execute("SELECT mailbox_id FROM mailbox_watches WHERE holder = 's1'"
-                               ).fetchall()
-        assert [r["mailbox_id"] for r in watched] == [password]
-    finally:
-        watchers.stop()
-    assert conn.execute("SELECT credentials_invalid_at FROM mailboxes WHERE id = %s",
-                        (oauth2,)).fetchone() == {"credentials_invalid_at": None}
+    settings = settings.model_copy(update={"push_backoff_max": 0.5})
+    with (FakeProvider(access_lifetime=2.0) as idp,
+          Dovecot(tmp_path / "dovecot", oauth2_introspection_url=f"{idp.url}/introspect") as server,
+          TcpProxy(server.host, server.port) as proxy):
+        server.add_user(USER, "unused-password")
+        mailbox_id = _oauth_mailbox(conn, settings, idp, proxy.host, proxy.port)
+        published: list[AnyMessage] = []
+        watchers = _watchers(settings, "s1", published)
+        watchers.dispatcher.start()  # changes become SyncMailbox commands (passes stay by hand)
+        try:
+            watchers.pass_once()
+            watch = watchers.watches[mailbox_id]
+            assert services.eventually(lambda: watch.state == "watching", 20), watch.error
+            assert idp.requests["refresh_token"] == 1, "logged in with a token from its row"
+
+            # The token expires under the live session (Dovecot lets it go on, as Gmail does);
+            # the server then drops the connection: a refreshed token, and the watch goes on.
+            time.sleep(2.1)
+            proxy.cut()
+            assert services.eventually(lambda: idp.requests["refresh_token"] == 2
+                                       and proxy.open_links() and watch.state == "watching", 20)
+            server.append(USER, None, "INBOX", b"Subject: pushed\r\n\r\nafter expiry\r\n")
+            asked = services.eventually(lambda: [m.requested_by for m in published
+                                                 if isinstance(m, SyncMailbox)], 20)
+            assert asked == ["push"]
+
+            # The provider is down (500) when the next token is due: a backoff, nobody told.
+            time.sleep(2.1)
+            idp.fail_next("500", times=2)
+            proxy.cut()
+            assert services.eventually(lambda: idp.requests["refresh_token"] >= 4
+                                       and watch.state == "watching", 30)
+            watchers.pass_once()
+            assert watch.auth_error is None and not _credentials_invalid(conn, mailbox_id)
+
+            # Revoked: the grant is refused at the next refresh, as a sync's would be.
+            idp.revoke(USER)
+            time.sleep(2.1)
+            proxy.cut()
+            assert services.eventually(lambda: watch.auth_error, 20)
+            watchers.pass_once()
+            watchers.pass_once()
+        finally:
+            watchers.stop()
+    told = [m for m in published if isinstance(m, CredentialsInvalid)]
+    assert len(told) == 1 and "re-authorize" in told[0].error
+    assert _credentials_invalid(conn, mailbox_id)
+    assert mailbox_id not in watchers.watches
+
+
+def test_a_watch_told_its_token_expired_logs_in_again_at_once_with_a_fresh_one(
+    conn: db.Connection, settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={"push_poll": 0.2})
+    with (FakeProvider(access_lifetime=60.0) as idp,
+          HostileImapServer("bye_mid_command", bye_commands=("STATUS",), bye_skip=1,
+                            bye_text="Session invalidated - AccessTokenExpired",
+                            capabilities=("IMAP4rev1", "SASL-IR", "AUTH=XOAUTH2")) as imap):
+        mailbox_id = _oauth_mailbox(conn, settings, idp, imap.host, imap.port)
+        watchers = _watchers(settings, "s1", [])
+        try:
+            with structlog.testing.capture_logs() as logs:
+                watchers.pass_once()
+                watch = watchers.watches[mailbox_id]
+                # Polled once, then told BYE on the next poll: a new login with a new token.
+                assert services.eventually(lambda: len(imap.bearer_tokens) == 2
+                                           and watch.state == "polling", 20)
+            events = [e["event"] for e in logs if e.get("mailbox_id", mailbox_id) == mailbox_id]
+            assert "watch.reauthenticating" in events and "watch.backoff" not in events, logs
+            assert len(set(imap.bearer_tokens)) == 2 and idp.requests["refresh_token"] == 2
+            watchers.pass_once()
+        finally:
+            watchers.stop()
+    assert watch.auth_error is None and not _credentials_invalid(conn, mailbox_id)
+
+
+def test_an_app_only_mailbox_is_watched_with_a_client_credentials_token(
+    conn: db.Connection, settings: Settings, tmp_path: Path,
+) -> None:
+    box = PasswordBox(settings.secret_key)
+    with (FakeProvider(client_secret="tenant-app-secret") as idp,
+          Dovecot(tmp_path / "dovecot", oauth2_introspection_url=f"{idp.url}/introspect",
+                  oauth2_app_introspection_url=f"{idp.url}/introspect/app") as server):
+        server.add_user(USER, "unused-password")
+        app_oauth.add_provider(conn, box, name="tenant", kind="microsoft",
+                               client_id=idp.client_id, client_secret="tenant-app-secret",
+                               tenant="contoso.example", token_url=f"{idp.url}/token")
+        mailbox_id = app_oauth.add_oauth_mailbox(
+            conn, box, owner_email=None, provider="tenant", username=USER, refresh_token=None,
+            app_only=True, host=server.host, port=server.port, security="none")
+        watchers = _watchers(settings, "s1", [])
+        try:
+            watchers.pass_once()
+            watch = watchers.watches[mailbox_id]
+            assert services.eventually(lambda: watch.state == "watching", 20), watch.error
+        finally:
+            watchers.stop()
+    assert idp.requests["client_credentials"] == 1 and watch.auth_error is None
 
 
 def test_a_push_run_does_not_postpone_the_scheduled_sync(

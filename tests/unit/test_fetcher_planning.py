@@ -188,6 +188,19 @@ def test_a_push_run_syncs_only_the_changed_enabled_folders_and_enables_none() ->
     assert planning.folders_to_sync(listed, set(), states, None) == [INBOX, work]
 
 
+def test_a_push_run_takes_the_folders_it_names_from_the_store_without_listing() -> None:
+    def state(raw: str, enabled: bool = True, **info: object) -> FolderState:
+        return FolderState(1, raw, enabled, 7, 10, None, name=raw, delimiter="/", **info)
+    states = {"INBOX": state("INBOX", type="inbox"), "Work": state("Work", flags=("\\Marked",)),
+              "Spam": state("Spam", enabled=False), "Old": state("Old", gone=True),
+              "Box": state("Box", selectable=False)}
+    known = planning.stored_folders(states, ("Work", "Inbox"))
+    assert known == [INBOX.model_copy(update={"raw_name": "Work", "name": "Work",
+                                              "type": "other", "flags": ("\\Marked",)}), INBOX]
+    for refused in ("Spam", "Old", "Box", "Unknown"):  # then the run lists, as any run does
+        assert planning.stored_folders(states, ("Work", refused)) is None
+
+
 @pytest.mark.parametrize(("low", "high", "exists", "window", "expected"), [
     (1, 10, 10, 20, [(1, 10)]),
     (1, 10, 10, 4, [(1, 4), (5, 8), (9, 10)]),
