@@ -257,6 +257,8 @@ class Worker(ConsumerMixin):
         self.connection = connect(url, heartbeat=heartbeat)
         self.on_retry_exhausted = on_retry_exhausted
         self.work = work
+        # at zero from the start: Prometheus's increase() misses a series' first count
+        metrics.DEAD_LETTERED.labels(work.name)
         self.handlers = dict(handlers)
         self.publisher = publisher
         self.retry_delays = tuple(retry_delays)

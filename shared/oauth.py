@@ -47,6 +47,7 @@ from joserfc.jwk import RSAKey
 from urllib3.exceptions import InvalidHeader
 from urllib3.util import Retry
 
+from mailferry import metrics
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
 from mailferry.errors import ConfigError, ImapAuthError, ImapConnectionError, InvalidInput
@@ -401,7 +402,11 @@ class MailboxTokens:
                 token = self._request(provider, row)
             except (GrantInvalid, TokenEndpointUnavailable, ConfigError) as exc:
                 failure = exc
+                outcome = ("refused" if isinstance(exc, GrantInvalid) else
+                           "unavailable" if isinstance(exc, TokenEndpointUnavailable) else "error")
+                metrics.TOKEN_REFRESHES.labels(provider.kind, outcome).inc()
             else:
+                metrics.TOKEN_REFRESHES.labels(provider.kind, "refreshed").inc()
                 return self._store(row, token, now)
         # Recorded outside the rolled-back transaction; the refresh token stays as it was.
         self._conn.execute(
