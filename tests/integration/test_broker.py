@@ -14,7 +14,15 @@ from urllib.parse import quote
 import pytest
 
 from mailferry import messages, topology
-from mailferry.broker import ATTEMPT_HEADER, ERROR_HEADER, Publisher, Unroutable, Worker, connect
+from mailferry.broker import (
+    ATTEMPT_HEADER,
+    ERROR_HEADER,
+    Outgoing,
+    Publisher,
+    Unroutable,
+    Worker,
+    connect,
+)
 from mailferry.config import Settings
 from mailferry.devkit import services
 from mailferry.errors import PermanentError
@@ -223,6 +231,37 @@ def test_a_publish_that_no_queue_takes_raises_instead_of_vanishing(settings: Set
         with pytest.raises(Unroutable, match="no queue takes SyncMailbox"):
             publisher.publish_raw(messages.encode(_command()), exchange=topology.COMMANDS.name,
                                   routing_key="no-such-route", type_="SyncMailbox")
+        publisher.publish(_command())  # the publisher still works afterwards
+    finally:
+        publisher.close()
+
+
+def test_a_batch_is_confirmed_whole_and_arrives_in_order_between_single_publishes(
+    settings: Settings,
+) -> None:
+    publisher = Publisher(settings.broker_url, DELAYS)
+    name = f"test.batch.{uuid.uuid4().hex[:8]}"
+    try:
+        with connect(settings.broker_url) as conn:
+            conn.default_channel.queue_declare(name, durable=False, auto_delete=False)
+            publisher.publish_raw(b"0", exchange="", routing_key=name, type_="Single")
+            publisher.publish_batch([Outgoing(str(n).encode(), exchange="", routing_key=name,
+                                              type_="Batched", headers={"n": n})
+                                     for n in range(1, 1001)])
+            publisher.publish_raw(b"1001", exchange="", routing_key=name, type_="Single")
+            publisher.publish_batch([Outgoing(b"1002", exchange="", routing_key=name,
+                                              type_="Batched")])
+            # returned only once every message was confirmed: all are in the queue now
+            got = []
+            while (message := conn.default_channel.basic_get(name, no_ack=True)) is not None:
+                got.append(message)
+            conn.default_channel.queue_delete(name)
+        assert [int(m.body) for m in got] == list(range(1003))
+        assert got[5].properties["type"] == "Batched" and got[5].headers == {"n": 5}
+        assert got[5].properties["delivery_mode"] == 2  # persistent, as single publishes
+        with pytest.raises(Unroutable, match="no queue takes a message of the batch"):
+            publisher.publish_batch([Outgoing(b"{}", exchange=topology.COMMANDS.name,
+                                              routing_key="no-such-route", type_="SyncMailbox")])
         publisher.publish(_command())  # the publisher still works afterwards
     finally:
         publisher.close()
