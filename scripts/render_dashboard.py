@@ -13,10 +13,11 @@ with matplotlib. The picture is the dashboard's queries and layout, not a Grafan
 What runs, all private and removed at the end (nothing shared is touched):
 - a RabbitMQ node of its own (``mailferry.devkit.rabbitmq``) with ``rabbitmq_prometheus``, since
   the queue-depth panel reads RabbitMQ's metrics;
-- a database of its own, a Dovecot with four mailboxes of mail (first syncs spread by a small
-  download budget, then new mail every couple of seconds), a fake server answering
-  ``NO [THROTTLED]`` to every FETCH, two mailboxes with a wrong password (one added half-way),
-  and unreadable messages sent to each work queue (dead-lettered);
+- a database of its own, a Dovecot with four mailboxes of mail, watched by push (first syncs
+  spread by a small download budget, then new mail every couple of seconds), a fake server
+  answering ``NO [THROTTLED]`` to every FETCH, two mailboxes with a wrong password (added during
+  the run, once Prometheus scrapes), and unreadable messages sent to each work queue
+  (dead-lettered);
 - the scheduler, two fetchers, a persister and the notifier, each with its metrics port;
 - ``prometheus`` on a free port with its own data directory, scraping every 5 s.
 
@@ -161,7 +162,7 @@ def run_pipeline(work: Path, minutes: float) -> tuple[str, float, float, ExitSta
         db.migrate(database)
         env = services.deployment_env(
             database, broker,
-            MAILFERRY_SYNC_INTERVAL="20", MAILFERRY_REALTIME="1",
+            MAILFERRY_SYNC_INTERVAL="20", MAILFERRY_REALTIME="1", MAILFERRY_PUSH="1",
             # first syncs of a few MB spread over runs: the budget panel moves
             MAILFERRY_DOWNLOAD_BUDGET_MB="1", MAILFERRY_DOWNLOAD_BUDGET_WINDOW="30",
             MAILFERRY_THROTTLE_BACKOFF="20", MAILFERRY_THROTTLE_BACKOFF_MAX="40",
@@ -182,7 +183,6 @@ def run_pipeline(work: Path, minutes: float) -> tuple[str, float, float, ExitSta
         conn = stack.enter_context(db.connect(database, autocommit=True))
         for user in USERS:
             add_mailbox(conn, env, server.host, server.port, user, "secret")
-        add_mailbox(conn, env, server.host, server.port, "erin", "wrong")
         add_mailbox(conn, env, throttling.host, throttling.port, "throttled", "secret")
 
         ports = {name: services.free_port() for name in
@@ -214,7 +214,9 @@ def run_pipeline(work: Path, minutes: float) -> tuple[str, float, float, ExitSta
         stack.callback(feeder.join)
         stack.callback(stop.set)
         deadline = started + minutes * 60
-        events = [(0.3, lambda: dead_letter_one_per_queue(broker, conn)),
+        events = [(0.15, lambda: add_mailbox(conn, env, server.host, server.port, "erin",
+                                             "wrong")),
+                  (0.3, lambda: dead_letter_one_per_queue(broker, conn)),
                   (0.5, lambda: add_mailbox(conn, env, server.host, server.port, "frank",
                                             "wrong")),
                   (0.7, lambda: dead_letter_one_per_queue(broker, conn))]
@@ -425,6 +427,8 @@ def main() -> None:
         url, start, end, stack = run_pipeline(work, args.minutes)
         with stack:
             panels = evaluate(dashboard, url, start, end)
+            # from the first scrape on (the services take a few seconds to start)
+            start = min(t for p in panels for s in p.series for t in s.times)
             version = urllib.request.urlopen(f"{url}/api/v1/status/buildinfo", timeout=5)
             prometheus_version = json.load(version)["data"]["version"]
     finally:
@@ -437,9 +441,9 @@ def main() -> None:
         f"deploy/grafana/mailferry.json: each panel's PromQL evaluated by Prometheus "
         f"{prometheus_version} over a real {args.minutes:g}-minute run on {day} (UTC), drawn by "
         "scripts/render_dashboard.py with matplotlib (not a Grafana screenshot).\n"
-        "The run: 4 Dovecot mailboxes (first syncs spread by a 1 MB/30 s download budget, new "
-        "mail every 2 s), a server answering NO [THROTTLED], two refused logins, unreadable "
-        "messages dead-lettered; scrapes every 5 s."))
+        "The run: 4 Dovecot mailboxes watched by push (first syncs spread by a 1 MB/30 s download "
+        "budget, new mail every 2 s), a server answering NO [THROTTLED], two refused logins, "
+        "unreadable messages dead-lettered; scrapes every 5 s."))
     empty = [(p.spec["title"], expr) for p in panels for expr in p.empty_targets]
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
     for panel in panels:
