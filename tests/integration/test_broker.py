@@ -25,7 +25,7 @@ from mailferry.broker import (
 )
 from mailferry.config import Settings
 from mailferry.devkit import services
-from mailferry.errors import PermanentError
+from mailferry.errors import BrokerUnavailable, PermanentError
 
 DELAYS = (0.2, 0.4)
 
@@ -263,6 +263,34 @@ def test_a_batch_is_confirmed_whole_and_arrives_in_order_between_single_publishe
             publisher.publish_batch([Outgoing(b"{}", exchange=topology.COMMANDS.name,
                                               routing_key="no-such-route", type_="SyncMailbox")])
         publisher.publish(_command())  # the publisher still works afterwards
+    finally:
+        publisher.close()
+
+
+def test_a_batch_rabbitmq_refuses_part_of_raises_so_that_it_is_published_again(
+    settings: Settings,
+) -> None:
+    publisher = Publisher(settings.broker_url, DELAYS)
+    name = f"test.full.{uuid.uuid4().hex[:8]}"
+    batch = [Outgoing(str(n).encode(), exchange="", routing_key=name, type_="Batched")
+             for n in range(10)]
+    try:
+        with connect(settings.broker_url) as conn:
+            # a full queue that refuses more: RabbitMQ nacks the messages past its length
+            conn.default_channel.queue_declare(
+                name, durable=True, auto_delete=False,
+                arguments={"x-max-length": 3, "x-overflow": "reject-publish"})
+            with pytest.raises(BrokerUnavailable, match="nacked"):
+                publisher.publish_batch(batch)
+            conn.default_channel.queue_purge(name)
+            conn.default_channel.queue_delete(name)
+            conn.default_channel.queue_declare(name, durable=True, auto_delete=False)
+            publisher.publish_batch(batch)  # the caller's second try: a new channel, all confirmed
+            got = []
+            while (message := conn.default_channel.basic_get(name, no_ack=True)) is not None:
+                got.append(int(message.body))
+            conn.default_channel.queue_delete(name)
+        assert got == list(range(10))
     finally:
         publisher.close()
 
