@@ -14,7 +14,8 @@ What runs, all private and removed at the end (nothing shared is touched):
 - a RabbitMQ node of its own (``mailferry.devkit.rabbitmq``) with ``rabbitmq_prometheus``, since
   the queue-depth panel reads RabbitMQ's metrics;
 - a database of its own, a Dovecot with four mailboxes of mail, watched by push (first syncs
-  spread by a small download budget, then new mail every couple of seconds), a fake server
+  spread by a small download budget, then new mail every couple of seconds), an OAuth2 mailbox
+  (the devkit's fake provider, tokens of 10 s, two outages of its token endpoint), a fake server
   answering ``NO [THROTTLED]`` to every FETCH, two mailboxes with a wrong password (added during
   the run, once Prometheus scrapes), and unreadable messages sent to each work queue
   (dead-lettered);
@@ -34,9 +35,11 @@ import json
 import math
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -52,17 +55,20 @@ import yaml
 from pydantic import SecretStr
 
 from mailferry import app, db, messages, topology
+from mailferry.app import oauth as app_oauth
 from mailferry.broker import Publisher
 from mailferry.crypto import PasswordBox
 from mailferry.devkit import mail, services
 from mailferry.devkit.dovecot import Dovecot
 from mailferry.devkit.hostile_imap import FolderSpec, HostileImapServer
+from mailferry.devkit.oauth_provider import FakeProvider
 from mailferry.devkit.rabbitmq import private_node
 
 DASHBOARD = services.REPO / "deploy" / "grafana" / "mailferry.json"
 SCRAPE_CONFIG = services.REPO / "deploy" / "prometheus.yml"
 SCRAPE_SECONDS = 5
 USERS = ("alice", "bob", "carol", "dave")
+OAUTH_USER = "olivia@example.test"
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -167,12 +173,16 @@ def run_pipeline(work: Path, minutes: float) -> tuple[str, float, float, ExitSta
             MAILFERRY_DOWNLOAD_BUDGET_MB="1", MAILFERRY_DOWNLOAD_BUDGET_WINDOW="30",
             MAILFERRY_THROTTLE_BACKOFF="20", MAILFERRY_THROTTLE_BACKOFF_MAX="40",
             MAILFERRY_METRICS_ADDR="127.0.0.1")
-        server = stack.enter_context(Dovecot(work / "dovecot"))
+        # an OAuth2 mailbox too: access tokens of 10 s, so each scheduled sync asks for one
+        idp = stack.enter_context(FakeProvider(access_lifetime=10.0, rotate=True,
+                                               client_secret="render-secret"))
+        server = stack.enter_context(Dovecot(work / "dovecot",
+                                             oauth2_introspection_url=f"{idp.url}/introspect"))
         rng = random.Random(14)
         numbers = iter(range(1_000_000))
-        for user in (*USERS, "erin", "frank"):
+        for user in (*USERS, "erin", "frank", OAUTH_USER):
             server.add_user(user, "secret")
-        for user in USERS:
+        for user in (*USERS, OAUTH_USER):
             with server.session(user) as imap:
                 for _ in range(120):
                     imap.append("INBOX", message(next(numbers), rng))
@@ -184,6 +194,14 @@ def run_pipeline(work: Path, minutes: float) -> tuple[str, float, float, ExitSta
         for user in USERS:
             add_mailbox(conn, env, server.host, server.port, user, "secret")
         add_mailbox(conn, env, throttling.host, throttling.port, "throttled", "secret")
+        box = PasswordBox(SecretStr(env["MAILFERRY_SECRET_KEY"]))
+        app.add_user(conn, "olivia@example.com")
+        app_oauth.add_provider(conn, box, name="fake", kind="generic", client_id=idp.client_id,
+                               client_secret="render-secret", token_url=f"{idp.url}/token")
+        app_oauth.add_oauth_mailbox(conn, box, owner_email="olivia@example.com", provider="fake",
+                                    username=OAUTH_USER, refresh_token=idp.grant(OAUTH_USER),
+                                    host=server.host, port=server.port, security="none",
+                                    folders=["INBOX"])
 
         ports = {name: services.free_port() for name in
                  ("scheduler", "fetcher-0", "fetcher-1", "persister", "notifier")}
@@ -219,6 +237,10 @@ def run_pipeline(work: Path, minutes: float) -> tuple[str, float, float, ExitSta
                   (0.3, lambda: dead_letter_one_per_queue(broker, conn)),
                   (0.5, lambda: add_mailbox(conn, env, server.host, server.port, "frank",
                                             "wrong")),
+                  # the provider's outages (the first only creates the series: increase()
+                  # cannot see a series' first count)
+                  (0.4, lambda: idp.fail_next("500", times=2)),
+                  (0.75, lambda: idp.fail_next("500", times=2)),
                   (0.7, lambda: dead_letter_one_per_queue(broker, conn))]
         while time.time() < deadline:
             processes.assert_running()
@@ -341,7 +363,7 @@ def render(panels: list[Panel], out: Path, start: float, end: float,
     from matplotlib.ticker import FuncFormatter, MaxNLocator
     from PIL import Image
 
-    column, row, header, gap = 62.0, 30.0, 64.0, 6.0  # pixels (Grafana: 24 columns, 30 px rows)
+    column, row, header, gap = 62.0, 30.0, 78.0, 6.0  # pixels (Grafana: 24 columns, 30 px rows)
     rows = max(p.spec["gridPos"]["y"] + p.spec["gridPos"]["h"] for p in panels)
     width, height = 24 * column + gap, header + rows * row + gap
     fig = plt.figure(figsize=(width / 100, height / 100), dpi=100, facecolor=BACKGROUND)
@@ -352,7 +374,8 @@ def render(panels: list[Panel], out: Path, start: float, end: float,
 
     fig.text(gap / width, 1 - 8 / height, "mailferry", color=TEXT, fontsize=15,
              weight="bold", va="top")
-    fig.text(gap / width, 1 - 34 / height, subtitle, color=WEAK, fontsize=8.5, va="top")
+    fig.text(gap / width, 1 - 32 / height, "\n".join(textwrap.wrap(subtitle, 210)),
+             color=WEAK, fontsize=8.5, va="top")
     for panel in panels:
         grid = panel.spec["gridPos"]
         x, top = gap + grid["x"] * column, header + grid["y"] * row
@@ -419,6 +442,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=services.REPO / "docs" / "dashboard.png")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
     args = parser.parse_args()
+    # stopped (SIGTERM): unwind, so that every private server started so far is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if shutil.which("prometheus") is None:
         raise SystemExit("no prometheus binary: apt-get install prometheus")
     dashboard = json.loads(DASHBOARD.read_text())
@@ -440,10 +465,11 @@ def main() -> None:
     render(panels, args.out, start, end, (
         f"deploy/grafana/mailferry.json: each panel's PromQL evaluated by Prometheus "
         f"{prometheus_version} over a real {args.minutes:g}-minute run on {day} (UTC), drawn by "
-        "scripts/render_dashboard.py with matplotlib (not a Grafana screenshot).\n"
-        "The run: 4 Dovecot mailboxes watched by push (first syncs spread by a 1 MB/30 s download "
-        "budget, new mail every 2 s), a server answering NO [THROTTLED], two refused logins, "
-        "unreadable messages dead-lettered; scrapes every 5 s."))
+        "scripts/render_dashboard.py with matplotlib (not a Grafana screenshot). The run: "
+        "4 Dovecot mailboxes watched by push (first syncs spread by a 1 MB/30 s download "
+        "budget, new mail every 2 s), an OAuth2 mailbox (10 s tokens, two provider outages), "
+        "a server answering NO [THROTTLED], two refused logins, unreadable messages "
+        "dead-lettered; scrapes every 5 s."))
     empty = [(p.spec["title"], expr) for p in panels for expr in p.empty_targets]
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
     for panel in panels:
