@@ -6,6 +6,9 @@ the per-queue argument ``x-consumer-timeout`` and the policy key ``consumer-time
 tests, so a test that needs a short delivery timeout gets a node of its own: the same binaries,
 its own node name, ports, data and log directories under the test's ``tmp_path``, stopped
 and wiped with it. Start-up takes a few seconds.
+
+The dashboard's renderer (scripts/render_dashboard.py) takes one too, for the
+``rabbitmq_prometheus`` plugin that the shared broker does not run.
 """
 
 from __future__ import annotations
@@ -26,18 +29,24 @@ SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # not the root wrapper, 
 
 
 @contextmanager
-def private_node(directory: Path, *, consumer_timeout_ms: int,
+def private_node(directory: Path, *, consumer_timeout_ms: int | None = None,
+                 prometheus_port: int | None = None,
                  start_timeout: float = 120.0) -> Iterator[str]:
-    """A single RabbitMQ node with ``consumer_timeout`` set; yields its AMQP URL (``guest``,
-    default vhost). Its log is ``directory / "log"``."""
+    """A single RabbitMQ node, with ``consumer_timeout`` set if given and the
+    ``rabbitmq_prometheus`` plugin on ``prometheus_port`` (127.0.0.1) if given; yields its AMQP
+    URL (``guest``, default vhost). Its log is ``directory / "log"``."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     dist_port = free_port()
-    (directory / "rabbitmq.conf").write_text(
-        f"listeners.tcp.1 = 127.0.0.1:{port}\n"
-        f"consumer_timeout = {consumer_timeout_ms}\n"
-        "log.console = false\n")
-    (directory / "enabled_plugins").write_text("[].\n")
+    config = [f"listeners.tcp.1 = 127.0.0.1:{port}", "log.console = false"]
+    plugins = []
+    if consumer_timeout_ms is not None:
+        config.append(f"consumer_timeout = {consumer_timeout_ms}")
+    if prometheus_port is not None:
+        config += [f"prometheus.tcp.port = {prometheus_port}", "prometheus.tcp.ip = 127.0.0.1"]
+        plugins.append("rabbitmq_prometheus")
+    (directory / "rabbitmq.conf").write_text("\n".join(config) + "\n")
+    (directory / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
     # A channel checks its deliveries' age on its tick (60 s by default): tick every second,
     # so a short consumer_timeout is enforced within a second of passing.
     (directory / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 1000}]}].\n")

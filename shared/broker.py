@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,6 +79,18 @@ def connect(url: str, heartbeat: float = 0) -> Connection:
                       connect_timeout=10)
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """One message of :meth:`Publisher.publish_batch`, as :meth:`Publisher.publish_raw` takes it."""
+
+    body: bytes
+    exchange: str
+    routing_key: str
+    type_: str | None
+    headers: dict[str, Any] = field(default_factory=dict)
+    content_type: str = messages.JSON_CONTENT_TYPE
+
+
 class Publisher:
     """Publishes mailferry messages with confirms; reconnects on its own. Thread-safe: one
     publish at a time, so that two threads never read each other's confirms off the socket."""
@@ -89,6 +102,10 @@ class Publisher:
         self._conn: Connection | None = None
         self._producer: Producer | None = None
         self._returned: str | None = None
+        # the channel's publisher confirms: delivery tags count the channel's publishes from 1
+        self._sent = 0
+        self._unconfirmed: set[int] = set()
+        self._nacked = False
 
     def _ensure(self) -> Producer:
         """The producer, connecting once if needed (no retries here: see ``_publish_raw``)."""
@@ -103,7 +120,20 @@ class Publisher:
                 raise
             self._conn = conn
             self._producer = Producer(conn.default_channel, on_return=self._on_return)
+            self._sent, self._unconfirmed, self._nacked = 0, set(), False
+            channel: Any = conn.default_channel  # py-amqp's, with its confirm events
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
         return self._producer
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self._unconfirmed = {t for t in self._unconfirmed if t > delivery_tag}
+        else:
+            self._unconfirmed.discard(delivery_tag)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._nacked = True
 
     def _on_return(self, exc: BaseException, exchange: str, routing_key: str,
                    message: Any) -> None:
@@ -155,6 +185,7 @@ class Publisher:
                 producer = self._ensure()
                 assert self._conn is not None
                 self._returned = None
+                self._sent += 1
                 producer.publish(
                     body,
                     exchange=exchange,
@@ -176,6 +207,52 @@ class Publisher:
                 raise Unroutable(f"no queue takes {type_ or 'the message'} at {self._returned}")
             return
         raise BrokerUnavailable(f"publish to RabbitMQ failed: {failure}") from failure
+
+    def publish_batch(self, batch: Sequence[Outgoing], *, mandatory: bool = True,
+                      confirm_timeout: float = 30.0) -> None:
+        """Publish ``batch`` in order on one channel, then wait until RabbitMQ confirmed every
+        message: one wait for the batch instead of one per message. No retry here: a nack, a
+        return (``mandatory``), a broken connection or confirms later than ``confirm_timeout``
+        raise :class:`BrokerUnavailable` (or :class:`Unroutable`), and the caller publishes the
+        whole batch again (at least once; one channel keeps the order)."""
+        with self._lock:
+            recoverable: tuple[type[BaseException], ...] = (
+                OSError, OperationalError, *_transport_errors(self._conn))
+            try:
+                producer = self._ensure()
+                assert self._conn is not None
+                recoverable = (OSError, OperationalError, *_transport_errors(self._conn))
+                channel = producer.channel
+                if not channel._confirm_selected:  # py-amqp selects it on its first publish
+                    channel._confirm_selected = True
+                    channel.confirm_select()
+                self._returned, self._nacked = None, False
+                for item in batch:
+                    encoding = ("utf-8" if item.content_type == messages.JSON_CONTENT_TYPE
+                                else "binary")
+                    message = channel.prepare_message(
+                        item.body, None, item.content_type, encoding, item.headers,
+                        {"delivery_mode": 2, "type": item.type_ or ""})
+                    self._sent += 1
+                    self._unconfirmed.add(self._sent)
+                    # py-amqp's basic_publish waits for each confirm; _basic_publish does not
+                    channel._basic_publish(message, exchange=item.exchange,
+                                           routing_key=item.routing_key, mandatory=mandatory)
+                deadline = time.monotonic() + confirm_timeout
+                while self._unconfirmed and not self._nacked:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{len(self._unconfirmed)} confirms still missing")
+                    with contextlib.suppress(TimeoutError):
+                        self._conn.drain_events(timeout=left)
+            except recoverable as exc:
+                self.close()
+                raise BrokerUnavailable(f"batch publish to RabbitMQ failed: {exc}") from exc
+            if self._nacked:
+                self.close()
+                raise BrokerUnavailable("RabbitMQ refused (nacked) a message of the batch")
+            if self._returned is not None:
+                raise Unroutable(f"no queue takes a message of the batch at {self._returned}")
 
     def close(self) -> None:
         with self._lock:
@@ -261,6 +338,8 @@ class Worker(ConsumerMixin):
         self.connection = connect(url, heartbeat=heartbeat)
         self.on_retry_exhausted = on_retry_exhausted
         self.work = work
+        # at zero from the start: Prometheus's increase() misses a series' first count
+        metrics.DEAD_LETTERED.labels(work.name)
         self.handlers = dict(handlers)
         self.publisher = publisher
         self.retry_delays = tuple(retry_delays)

@@ -43,6 +43,10 @@ DEAD_LETTERED = Counter(
 RUNS_REQUESTED = Counter(
     "mailferry_runs_requested", "Sync runs queued, by who asked", ["reason"], registry=None)
 
+#: The states of a push watch (services/scheduler/watch.py), each one a series of
+#: mailferry_scheduler_watched_mailboxes.
+WATCH_STATES = ("watching", "polling", "backoff", "off")
+
 # --- fetcher and scheduler (push watches) -------------------------------------------------------
 
 SLOT_WAITS = Counter(
@@ -69,6 +73,11 @@ BYTES_FETCHED = Counter(
     "mailferry_fetcher_bytes_fetched", "Bytes of mail fetched and published", registry=None)
 BUDGET_STOPS = Counter(
     "mailferry_fetcher_budget_exhausted", "Folders whose fetch stopped at the download budget", registry=None)
+TOKEN_REFRESHES = Counter(
+    "mailferry_fetcher_token_refreshes",
+    "OAuth2 access tokens asked of a provider, by provider kind and outcome (refreshed, refused: "
+    "the grant is invalid, unavailable: 429, 5xx or too slow, error: the provider's settings)",
+    ["provider_kind", "outcome"], registry=None)
 
 # --- persister ----------------------------------------------------------------------------------
 
@@ -101,7 +110,7 @@ def reason(requested_by: str) -> str:
 SERVED: dict[str, tuple[Collector, ...]] = {
     "scheduler": (RUNS_REQUESTED, SLOT_WAITS),
     "fetcher": (SYNCS, SYNC_SECONDS, IMAP_CONNECTIONS, MESSAGES_FETCHED, BYTES_FETCHED,
-                BUDGET_STOPS, SLOT_WAITS),
+                BUDGET_STOPS, SLOT_WAITS, TOKEN_REFRESHES),
     "persister": (EVENTS, EVENT_SECONDS, MESSAGES_STORED, BYTES_STORED),
     "notifier": (NOTIFICATIONS,),
 }
@@ -127,7 +136,10 @@ def imap_connection() -> Iterator[None]:
 
 
 def counted_channel(channel: str, send: Callable[..., T]) -> Callable[..., T]:
-    """``send`` for a notification channel, counting each call as sent or failed."""
+    """``send`` for a notification channel, counting each call as sent or failed (both at zero
+    from the start: Prometheus's increase() misses a series' first count)."""
+    for outcome in ("sent", "failed"):
+        NOTIFICATIONS.labels(channel, outcome)
 
     def counted(*args: Any, **kwargs: Any) -> T:
         try:
@@ -279,6 +291,31 @@ class StoreCollector(Collector):
                 "SELECT count(*) AS n FROM messages WHERE search_vector IS NULL").fetchone()
             yield GaugeMetricFamily("mailferry_persister_search_backlog",
                                     "Stored messages not indexed for search yet", row["n"])
+
+
+class WatchCollector(Collector):
+    """A scheduler's push watches by state, counted at scrape time."""
+
+    def __init__(self, states: Callable[[], list[str]]) -> None:
+        self._states = states
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        states = self._states()
+        family = GaugeMetricFamily(
+            "mailferry_scheduler_watched_mailboxes",
+            "Mailboxes this scheduler watches for new mail (push), by the watch's state",
+            labels=["state"])
+        for state in WATCH_STATES:
+            family.add_metric([state], states.count(state))
+        yield family
+
+
+def watch_watches(states: Callable[[], list[str]]) -> None:
+    """Register a :class:`WatchCollector` on the process's registry (once per process)."""
+    REGISTRY.register(WatchCollector(states))
 
 
 def watch_store(database_url: str, **what: Any) -> None:

@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
+from mailferry import metrics
 from mailferry.crypto import PasswordBox
 from mailferry.db import Connection
 from mailferry.errors import ConfigError, ImapAuthError, ImapConnectionError, InvalidInput
@@ -424,7 +425,11 @@ class MailboxTokens:
                 token = self._request(provider, row)
             except (GrantInvalid, TokenEndpointUnavailable, ConfigError) as exc:
                 failure = exc
+                outcome = ("refused" if isinstance(exc, GrantInvalid) else
+                           "unavailable" if isinstance(exc, TokenEndpointUnavailable) else "error")
+                metrics.TOKEN_REFRESHES.labels(provider.kind, outcome).inc()
             else:
+                metrics.TOKEN_REFRESHES.labels(provider.kind, "refreshed").inc()
                 return self._store(conn, row, token, now)
         # Recorded outside the rolled-back transaction; the refresh token stays as it was.
         conn.execute(

@@ -37,6 +37,7 @@ def main(settings: Settings) -> None:
         else:
             watchers = Watchers(settings, worker_id("scheduler"), publisher.publish, passwords)
             watchers.start()
+            metrics.watch_watches(watchers.states)
     log.info("scheduler.running", interval=settings.sync_interval, tick=settings.scheduler_tick,
              push=settings.push)
     while not stop.is_set():

@@ -233,6 +233,10 @@ class Watchers:
         self.dispatcher.start()
         self._thread.start()
 
+    def states(self) -> list[str]:
+        """Each watch's state (watching, polling, backoff, off), for the metrics."""
+        return [watch.state for watch in list(self.watches.values())]
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():

@@ -95,13 +95,18 @@ def test_after_a_sync_every_services_counters_moved_by_what_happened(
             [0]["n"] == 2, timeout=60), processes.logs()
         runs = {r["mailbox_id"]: r for r in sql(database_url, "SELECT * FROM sync_runs")}
         assert (runs[good]["status"], runs[bad]["error_kind"]) == ("done", "auth")
-        # one message no persister can read: dead-lettered at once
+        # to each service, one message it cannot read: each dead-letters it at once
         publisher = Publisher(env["MAILFERRY_BROKER_URL"], (1.0,))
-        publisher.publish_raw(b"not json", exchange="", routing_key=topology.PERSISTER.name,
-                              type_="Nonsense")
+        for work in topology.WORK_QUEUES:
+            publisher.publish_raw(b"not json", exchange="", routing_key=work.name,
+                                  type_="Nonsense")
         publisher.close()
 
-        fetcher = scrape(ports["fetcher"])
+        fetcher = services.eventually(
+            lambda: (s if value(s := scrape(ports["fetcher"]),
+                                "mailferry_dead_lettered_messages_total",
+                                queue=topology.FETCHER.name) == 1 else None))
+        assert fetcher, processes.logs()
         assert value(fetcher, "mailferry_fetcher_syncs_total", outcome="done", error_kind="") == 1
         assert value(fetcher, "mailferry_fetcher_syncs_total", outcome="failed",
                      error_kind="auth") == 1
@@ -134,12 +139,12 @@ def test_after_a_sync_every_services_counters_moved_by_what_happened(
         assert value(persister, "mailferry_persister_search_backlog") <= MESSAGES
 
         notifier = services.eventually(
-            lambda: (s if value(s := scrape(ports["notifier"]),
-                                "mailferry_notifier_notifications_total", channel="realtime",
-                                outcome="sent") == 1 else None))
+            lambda: (s if (value(s := scrape(ports["notifier"]),
+                                 "mailferry_notifier_notifications_total", channel="realtime",
+                                 outcome="sent"),
+                           value(s, "mailferry_dead_lettered_messages_total",
+                                 queue=topology.NOTIFIER.name)) == (1, 1) else None))
         assert notifier, processes.logs()
-        assert value(notifier, "mailferry_dead_lettered_messages_total",
-                     queue=topology.NOTIFIER.name) == 0
 
         stored = sql(database_url, "SELECT encode(sha256, 'hex') AS h FROM messages")
         assert {r["h"] for r in stored} == {hashlib.sha256(m).hexdigest() for m in raw}

@@ -14,10 +14,18 @@ from urllib.parse import quote
 import pytest
 
 from mailferry import messages, topology
-from mailferry.broker import ATTEMPT_HEADER, ERROR_HEADER, Publisher, Unroutable, Worker, connect
+from mailferry.broker import (
+    ATTEMPT_HEADER,
+    ERROR_HEADER,
+    Outgoing,
+    Publisher,
+    Unroutable,
+    Worker,
+    connect,
+)
 from mailferry.config import Settings
 from mailferry.devkit import services
-from mailferry.errors import PermanentError, Postponed
+from mailferry.errors import BrokerUnavailable, PermanentError, Postponed
 
 DELAYS = (0.2, 0.4)
 
@@ -242,6 +250,65 @@ def test_a_publish_that_no_queue_takes_raises_instead_of_vanishing(settings: Set
             publisher.publish_raw(messages.encode(_command()), exchange=topology.COMMANDS.name,
                                   routing_key="no-such-route", type_="SyncMailbox")
         publisher.publish(_command())  # the publisher still works afterwards
+    finally:
+        publisher.close()
+
+
+def test_a_batch_is_confirmed_whole_and_arrives_in_order_between_single_publishes(
+    settings: Settings,
+) -> None:
+    publisher = Publisher(settings.broker_url, DELAYS)
+    name = f"test.batch.{uuid.uuid4().hex[:8]}"
+    try:
+        with connect(settings.broker_url) as conn:
+            conn.default_channel.queue_declare(name, durable=False, auto_delete=False)
+            publisher.publish_raw(b"0", exchange="", routing_key=name, type_="Single")
+            publisher.publish_batch([Outgoing(str(n).encode(), exchange="", routing_key=name,
+                                              type_="Batched", headers={"n": n})
+                                     for n in range(1, 1001)])
+            publisher.publish_raw(b"1001", exchange="", routing_key=name, type_="Single")
+            publisher.publish_batch([Outgoing(b"1002", exchange="", routing_key=name,
+                                              type_="Batched")])
+            # returned only once every message was confirmed: all are in the queue now
+            got = []
+            while (message := conn.default_channel.basic_get(name, no_ack=True)) is not None:
+                got.append(message)
+            conn.default_channel.queue_delete(name)
+        assert [int(m.body) for m in got] == list(range(1003))
+        assert got[5].properties["type"] == "Batched" and got[5].headers == {"n": 5}
+        assert got[5].properties["delivery_mode"] == 2  # persistent, as single publishes
+        with pytest.raises(Unroutable, match="no queue takes a message of the batch"):
+            publisher.publish_batch([Outgoing(b"{}", exchange=topology.COMMANDS.name,
+                                              routing_key="no-such-route", type_="SyncMailbox")])
+        publisher.publish(_command())  # the publisher still works afterwards
+    finally:
+        publisher.close()
+
+
+def test_a_batch_rabbitmq_refuses_part_of_raises_so_that_it_is_published_again(
+    settings: Settings,
+) -> None:
+    publisher = Publisher(settings.broker_url, DELAYS)
+    name = f"test.full.{uuid.uuid4().hex[:8]}"
+    batch = [Outgoing(str(n).encode(), exchange="", routing_key=name, type_="Batched")
+             for n in range(10)]
+    try:
+        with connect(settings.broker_url) as conn:
+            # a full queue that refuses more: RabbitMQ nacks the messages past its length
+            conn.default_channel.queue_declare(
+                name, durable=True, auto_delete=False,
+                arguments={"x-max-length": 3, "x-overflow": "reject-publish"})
+            with pytest.raises(BrokerUnavailable, match="nacked"):
+                publisher.publish_batch(batch)
+            conn.default_channel.queue_purge(name)
+            conn.default_channel.queue_delete(name)
+            conn.default_channel.queue_declare(name, durable=True, auto_delete=False)
+            publisher.publish_batch(batch)  # the caller's second try: a new channel, all confirmed
+            got = []
+            while (message := conn.default_channel.basic_get(name, no_ack=True)) is not None:
+                got.append(int(message.body))
+            conn.default_channel.queue_delete(name)
+        assert got == list(range(10))
     finally:
         publisher.close()
 

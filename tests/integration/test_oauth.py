@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mailferry import db, messages, oauth, topology
+from mailferry import db, messages, metrics, oauth, topology
 from mailferry.app import oauth as app_oauth
 from mailferry.broker import Publisher, Worker
 from mailferry.config import Settings
@@ -55,6 +55,13 @@ def _mailbox(conn: db.Connection, box: PasswordBox, idp: FakeProvider, server: D
     return app_oauth.add_oauth_mailbox(conn, box, owner_email=None, provider="fake",
                                        username=USER, refresh_token=refresh_token,
                                        host=server.host, port=server.port, security="none")
+
+
+def refreshes(outcome: str) -> float:
+    """This process's token requests with that outcome (mailferry_fetcher_token_refreshes)."""
+    return sum(sample.value for family in metrics.TOKEN_REFRESHES.collect()
+               for sample in family.samples
+               if sample.name.endswith("_total") and sample.labels["outcome"] == outcome)
 
 
 def _login(server: Dovecot, token: str, user: str = USER) -> None:
@@ -100,6 +107,7 @@ def test_a_cached_token_is_reused_until_a_fifth_of_its_life_is_left_then_refresh
     first_refresh = idp.grant(USER)
     mailbox_id = _mailbox(conn, box, idp, server, first_refresh)
     tokens = oauth.MailboxTokens(conn, box, mailbox_id)
+    refreshed = refreshes("refreshed")
     first = tokens()
     assert tokens() == first and idp.requests["refresh_token"] == 1
     time.sleep(1.7)  # 2 s tokens: less than 20% left
@@ -111,6 +119,7 @@ def test_a_cached_token_is_reused_until_a_fifth_of_its_life_is_left_then_refresh
     time.sleep(1.7)
     _login(server, tokens())  # the rotated refresh token works; the old one is dead
     assert idp.requests["refresh_token"] == 3
+    assert refreshes("refreshed") - refreshed == 3  # and the metric counted each
 
 
 def test_two_fetchers_asking_at_once_refresh_the_token_once(
@@ -138,8 +147,10 @@ def test_a_refused_grant_is_refused_credentials_with_the_command_that_fixes_it(
         server: Dovecot, idp: FakeProvider, conn: db.Connection, box: PasswordBox) -> None:
     mailbox_id = _mailbox(conn, box, idp, server, idp.grant(USER))
     idp.revoke(USER)
+    before = refreshes("refused")
     with pytest.raises(ImapAuthError) as refused:
         oauth.MailboxTokens(conn, box, mailbox_id)()
+    assert refreshes("refused") - before == 1
     assert "invalid_grant" in str(refused.value)
     assert f"mailferry mailbox update {mailbox_id} --refresh-token-stdin" in str(refused.value)
     row = conn.execute("SELECT last_refresh_error FROM oauth_tokens").fetchone()
@@ -152,8 +163,10 @@ def test_an_unavailable_token_endpoint_is_transient(
         box: PasswordBox) -> None:
     mailbox_id = _mailbox(conn, box, idp, server, idp.grant(USER))
     idp.fail_next(fault, seconds=7)
+    before = refreshes("unavailable")
     with pytest.raises(ImapConnectionError) as unavailable:
         oauth.MailboxTokens(conn, box, mailbox_id)()
+    assert refreshes("unavailable") - before == 1
     assert not isinstance(unavailable.value, ImapAuthError)
     assert f"HTTP {fault}" in str(unavailable.value)
     assert unavailable.value.retry_after == (7.0 if fault == "429" else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from mailferry import app, db, runs
+from mailferry import app, db, metrics, runs
 from mailferry.app import oauth as app_oauth
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
@@ -50,6 +50,12 @@ def _watchers(settings: Settings, name: str, published: list[AnyMessage]) -> Wat
     return Watchers(settings, name, published.append, PasswordBox(settings.secret_key))
 
 
+def _watched(watchers: Watchers) -> dict[str, float]:
+    """What the scheduler's metrics say: mailferry_scheduler_watched_mailboxes by state."""
+    [family] = metrics.WatchCollector(watchers.states).collect()
+    return {sample.labels["state"]: sample.value for sample in family.samples}
+
+
 def _holders(conn: db.Connection) -> dict[str, int]:
     rows = conn.execute("""SELECT holder, count(*) AS n FROM mailbox_watches
                             WHERE holder IS NOT NULL AND lease_expires_at > now()
@@ -69,11 +75,13 @@ def test_schedulers_share_the_watches_and_take_over_a_stopped_ones(
         assert _holders(conn) == {"s1": 4}, "alone, a scheduler watches every mailbox"
         assert services.eventually(
             lambda: all(w.state == "watching" for w in first.watches.values()), 20)
+        assert _watched(first) == {"watching": 4, "polling": 0, "backoff": 0, "off": 0}
 
         second.pass_once()  # joins: its heartbeat halves the fair share...
         first.pass_once()  # ...so the first gives two back...
         second.pass_once()  # ...and the second claims them
         assert _holders(conn) == {"s1": 2, "s2": 2}
+        assert _watched(first)["watching"] == 2
 
         for watch in second.watches.values():  # the second dies without a word
             watch.stop()
