@@ -138,6 +138,7 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
                 outcome = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox,
                                         lambda: time.monotonic() > slice_end, auth)
         except (ImapError, ConfigError) as exc:
+            attempt.flush_quietly()
             kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
             metrics.SYNC_SECONDS.observe(time.monotonic() - started)
             if isinstance(exc, ImapThrottled):
@@ -163,7 +164,11 @@ def sync_mailbox(cmd: Command, deps: FetcherDeps) -> None:
             log.warning("sync.failed", error_kind=kind, error=str(exc),
                         seconds=round(time.monotonic() - started, 3))
             return
+        except Exception:
+            attempt.flush_quietly()
+            raise
         if isinstance(outcome, ContinueSync):
+            attempt.flush()  # the next slice's events follow these
             lease.handing_over = True
         else:
             attempt.finished(outcome.folders)
