@@ -192,6 +192,7 @@ def sync_pass(env: dict[str, str], conn: db.Connection, mailboxes: int,
     with LoadSampler() as load, CpuMeter(conn, pids) as cpu:
         started = time.perf_counter()
         requested = services.cli_json(["sync", "--all", "--json"], env)
+        request_seconds = time.perf_counter() - started  # the CLI's start-up included
         run_ids = [r["run_id"] for r in requested]
         finished, last_change = 0, time.perf_counter()
         while True:
@@ -218,6 +219,7 @@ def sync_pass(env: dict[str, str], conn: db.Connection, mailboxes: int,
         """SELECT status, count(*) AS n FROM sync_runs WHERE id = ANY(%s::uuid[])
             GROUP BY status""", (run_ids,)).fetchall()}
     return {"seconds": round(seconds, 2), "mailboxes_per_s": round(mailboxes / seconds, 2),
+            "request_seconds": round(request_seconds, 2),
             "runs": statuses, "stuck": stuck, "load_1min": load.summary(),
             "cpu_seconds": cpu.summary()}
 
@@ -294,7 +296,8 @@ def print_report(report: dict[str, Any]) -> None:
         for p in ("initial", "noop"):
             per = ", ".join(f"{k} {v} s ({1000 * v / report['mailboxes']:.0f} ms/mailbox)"
                             for k, v in r[p]["cpu_seconds"].items())
-            print(f"  {r['round']} {p} CPU: {per}")
+            print(f"  {r['round']} {p}: `sync --all` returned after {r[p]['request_seconds']} s; "
+                  f"CPU: {per}")
             if r[p]["stuck"]:
                 print(f"  {r['round']} {p}: {len(r[p]['stuck'])} run(s) never finished "
                       f"(mailboxes {[s['mailbox_id'] for s in r[p]['stuck']][:10]}); "
