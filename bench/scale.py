@@ -111,6 +111,69 @@ class LoadSampler:
                 "max": round(max(self.samples), 2)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (``/proc/PID/stat``, fields 14 and 15); 0 once
+    it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine used so far (all cores, not idle or iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pids() -> list[int]:
+    """The shared RabbitMQ's Erlang VM (the one whose home is /var/lib/rabbitmq)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"beam.smp" in cmdline and b"/var/lib/rabbitmq" in cmdline:
+                out.append(int(proc.name))
+    return out
+
+
+class CpuMeter:
+    """Where a pass's CPU went: the fetchers, the persisters, the PostgreSQL backends of the
+    round's database, the broker (shared by every engineer's tests: an upper bound) and the
+    whole machine (everyone's work)."""
+
+    def __init__(self, conn: db.Connection, services: dict[str, list[int]]) -> None:
+        self.conn = conn
+        self.groups = {**services, "rabbitmq (shared)": broker_pids()}
+
+    def _backends(self) -> list[int]:
+        return [int(r["pid"]) for r in self.conn.execute(
+            """SELECT pid FROM pg_stat_activity
+                WHERE datname = current_database() AND pid <> pg_backend_pid()""").fetchall()]
+
+    def __enter__(self) -> CpuMeter:
+        self.groups["postgres backends"] = self._backends()
+        self.before = {pid: cpu_seconds(pid) for pids in self.groups.values() for pid in pids}
+        self.machine = machine_busy_seconds()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.groups["postgres backends"] = sorted(
+            set(self.groups["postgres backends"]) | set(self._backends()))
+        self.after = {pid: cpu_seconds(pid) for pids in self.groups.values() for pid in pids}
+        self.machine = machine_busy_seconds() - self.machine
+
+    def summary(self) -> dict[str, float]:
+        out = {name: round(sum(self.after[p] - self.before.get(p, 0.0) for p in pids), 1)
+               for name, pids in self.groups.items()}
+        out["machine (everyone)"] = round(self.machine, 1)
+        return out
+
+
 def deadlocks(conn: db.Connection) -> int:
     time.sleep(1.0)  # PostgreSQL flushes its statistics at most once a second
     conn.execute("SELECT pg_stat_clear_snapshot()")
@@ -121,14 +184,15 @@ def deadlocks(conn: db.Connection) -> int:
 
 
 def sync_pass(env: dict[str, str], conn: db.Connection, mailboxes: int,
-              args: argparse.Namespace) -> dict[str, Any]:
+              args: argparse.Namespace, pids: dict[str, list[int]]) -> dict[str, Any]:
     """``mailferry sync --all``, then its runs polled until every one is finished, or none has
     finished for ``--stall`` seconds (a run that never completes is reported, not waited for
     up to MAILFERRY_RUN_TIMEOUT); those still active are then expired, so the next pass can
     queue their mailboxes."""
-    with LoadSampler() as load:
+    with LoadSampler() as load, CpuMeter(conn, pids) as cpu:
         started = time.perf_counter()
         requested = services.cli_json(["sync", "--all", "--json"], env)
+        request_seconds = time.perf_counter() - started  # the CLI's start-up included
         run_ids = [r["run_id"] for r in requested]
         finished, last_change = 0, time.perf_counter()
         while True:
@@ -151,11 +215,19 @@ def sync_pass(env: dict[str, str], conn: db.Connection, mailboxes: int,
                   error = 'bench: no progress within --stall'
             WHERE id = ANY(%s::uuid[]) AND status IN ('queued', 'running')
         RETURNING mailbox_id, started_at IS NOT NULL AS started""", (run_ids,)).fetchall()]
+    span = conn.execute(
+        """SELECT extract(epoch FROM max(finished_at) - min(requested_at)) AS seconds
+             FROM sync_runs WHERE id = ANY(%s::uuid[]) AND status = 'done'""",
+        (run_ids,)).fetchone()
     statuses = {r["status"]: r["n"] for r in conn.execute(
         """SELECT status, count(*) AS n FROM sync_runs WHERE id = ANY(%s::uuid[])
             GROUP BY status""", (run_ids,)).fetchall()}
     return {"seconds": round(seconds, 2), "mailboxes_per_s": round(mailboxes / seconds, 2),
-            "runs": statuses, "stuck": stuck, "load_1min": load.summary()}
+            "request_seconds": round(request_seconds, 2),
+            # from the runs' insertion by `sync --all` (after its start-up) to the last done
+            "pipeline_seconds": round(float(span["seconds"] or 0.0), 2) if span else None,
+            "runs": statuses, "stuck": stuck, "load_1min": load.summary(),
+            "cpu_seconds": cpu.summary()}
 
 
 def run_round(label: str, port: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -188,7 +260,9 @@ def run_round(label: str, port: int, args: argparse.Namespace, work: Path) -> di
             out["deadlocks_before"] = deadlocks(conn)
             for name in ("initial", "noop"):
                 print(f"[{label}] {name} pass over {args.mailboxes} mailboxes ...", flush=True)
-                out[name] = sync_pass(env, conn, args.mailboxes, args)
+                out[name] = sync_pass(env, conn, args.mailboxes, args, {
+                    service: [p.pid for n, p in processes.processes if n == service]
+                    for service in ("fetcher", "persister")})
                 print(f"[{label}] {name}: {out[name]}", flush=True)
             out["deadlocks_after"] = deadlocks(conn)
             out["fetcher_peak_rss_mb"] = [round(processes.peak_rss("fetcher", i) / 2**20, 1)
@@ -226,6 +300,10 @@ def print_report(report: dict[str, Any]) -> None:
               f"{n['load_1min']['mean']}/{n['load_1min']['max']}"
               f"{'' if r['ok'] else '  WRONG'}")
         for p in ("initial", "noop"):
+            per = ", ".join(f"{k} {v} s ({1000 * v / report['mailboxes']:.0f} ms/mailbox)"
+                            for k, v in r[p]["cpu_seconds"].items())
+            print(f"  {r['round']} {p}: `sync --all` returned after {r[p]['request_seconds']} s; "
+                  f"runs inserted to last done {r[p]['pipeline_seconds']} s; CPU: {per}")
             if r[p]["stuck"]:
                 print(f"  {r['round']} {p}: {len(r[p]['stuck'])} run(s) never finished "
                       f"(mailboxes {[s['mailbox_id'] for s in r[p]['stuck']][:10]}); "

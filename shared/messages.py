@@ -21,6 +21,7 @@ Version 1 carried the bytes base64-encoded inside the JSON: 80 MiB of mail cost 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -260,6 +261,78 @@ class SyncFinished(FetcherEvent):
     finished_at: datetime
 
 
+class FolderChecked(BaseModel):
+    """One folder of a :class:`SyncCompleted`: what its FolderSynced said (with no batches)."""
+
+    model_config = ConfigDict(frozen=True)
+    folder: str  # raw name
+    uidvalidity: int | None
+    uidnext: int | None = None
+    highest_modseq: int | None = None
+    last_uid: int | None = None
+    error: str | None = None
+    backfill_below: int | None = None
+
+
+class SyncCompleted(FetcherEvent):
+    """A whole attempt that published no message data, as one event: what its SyncStarted,
+    FoldersListed, FolderSynced events (none with batches) and SyncFinished would have said.
+
+    A no-op sync of an unchanged mailbox is most syncs; as separate events it cost the persister
+    four transactions or more, as this one event it costs one with the same outcome (the
+    persister applies :meth:`parts` in order, in one transaction). An attempt that published a
+    batch publishes its events one by one, as before; a persister still takes those."""
+
+    routing_key: ClassVar[str] = "sync.completed"
+    type: Literal["SyncCompleted"] = "SyncCompleted"
+    fetcher: str
+    started_at: datetime
+    folders: tuple[FolderInfo, ...]  # the listing (FoldersListed)
+    first_listing: bool = False
+    selection: tuple[FolderSelection, ...] | None = None
+    synced: tuple[FolderChecked, ...]  # in the order they were synced
+    finished_at: datetime
+
+    @classmethod
+    def of(cls, events: Sequence[FetcherEvent], finished: SyncFinished) -> SyncCompleted | None:
+        """The attempt's held events and its SyncFinished as one event; None when they cannot
+        be one (no single listing, a folder with batches, another kind of event)."""
+        listed = [e for e in events if isinstance(e, FoldersListed)]
+        started = [e for e in events if isinstance(e, SyncStarted)]
+        synced = [e for e in events if isinstance(e, FolderSynced)]
+        if (len(listed) != 1 or len(started) != 1 or len(listed) + len(started) + len(synced)
+                != len(events) or any(e.batches or e.messages for e in synced)
+                or len(synced) != finished.folders):
+            return None
+        return cls(run_id=finished.run_id, mailbox_id=finished.mailbox_id,
+                   lease_token=finished.lease_token, fetcher=started[0].fetcher,
+                   started_at=started[0].started_at, folders=listed[0].folders,
+                   first_listing=listed[0].first_listing, selection=listed[0].selection,
+                   synced=tuple(FolderChecked(
+                       folder=e.folder, uidvalidity=e.uidvalidity, uidnext=e.uidnext,
+                       highest_modseq=e.highest_modseq, last_uid=e.last_uid, error=e.error,
+                       backfill_below=e.backfill_below) for e in synced),
+                   finished_at=finished.finished_at)
+
+    def parts(self) -> list[FetcherEvent]:
+        """The events this one stands for, in the order the fetcher made them."""
+        run, mailbox, token = self.run_id, self.mailbox_id, self.lease_token
+        return [
+            SyncStarted(run_id=run, mailbox_id=mailbox, lease_token=token, fetcher=self.fetcher,
+                        started_at=self.started_at),
+            FoldersListed(run_id=run, mailbox_id=mailbox, lease_token=token,
+                          folders=self.folders, first_listing=self.first_listing,
+                          selection=self.selection),
+            *(FolderSynced(run_id=run, mailbox_id=mailbox, lease_token=token, folder=f.folder,
+                           uidvalidity=f.uidvalidity, uidnext=f.uidnext,
+                           highest_modseq=f.highest_modseq, last_uid=f.last_uid, error=f.error,
+                           backfill_below=f.backfill_below, batches=0, messages=0)
+              for f in self.synced),
+            SyncFinished(run_id=run, mailbox_id=mailbox, lease_token=token,
+                         folders=len(self.synced), finished_at=self.finished_at),
+        ]
+
+
 class SyncFailed(FetcherEvent):
     routing_key: ClassVar[str] = "sync.failed"
     type: Literal["SyncFailed"] = "SyncFailed"
@@ -456,6 +529,7 @@ AnyMessage = Annotated[
     | MessagesExpunged
     | FolderSynced
     | SyncFinished
+    | SyncCompleted
     | SyncFailed
     | CredentialsInvalid
     | CredentialsRestored,

@@ -216,6 +216,19 @@ class Progress:
     token: int | None = None  # ... and whose attempt that was
     messages_stored: int = 0
 
+    def then(self, later: Progress | None) -> Progress:
+        """This progress followed by ``later``'s: what several events of one attempt, applied
+        in one transaction (a SyncCompleted), tell their run together."""
+        if later is None:
+            return self
+        return Progress(
+            started_at=self.started_at or later.started_at,
+            folders_listed=self.folders_listed or later.folders_listed,
+            folders_expected=(later.folders_expected if later.folders_expected is not None
+                              else self.folders_expected),
+            token=max((t for t in (self.token, later.token) if t is not None), default=None),
+            messages_stored=self.messages_stored + later.messages_stored)
+
 
 def record(conn: Connection, run: Run, progress: Progress) -> Run:
     """Apply an event's progress to a locked run; returns the run as it now is."""

@@ -28,8 +28,8 @@ COMMANDS: tuple[type[messages._Message], ...] = (messages.SyncMailbox, messages.
 EVENTS: tuple[type[messages._Message], ...] = (
     messages.SyncStarted, messages.FoldersListed, messages.MessagesFetched,
     messages.FlagsChanged, messages.MessagesExpunged, messages.FolderSynced,
-    messages.SyncFinished, messages.SyncFailed, messages.CredentialsInvalid,
-    messages.CredentialsRestored)
+    messages.SyncFinished, messages.SyncCompleted, messages.SyncFailed,
+    messages.CredentialsInvalid, messages.CredentialsRestored)
 
 
 def schemas() -> dict[str, dict[str, Any]]:

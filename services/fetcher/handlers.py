@@ -195,6 +195,7 @@ def _attempt(cmd: Command, deps: FetcherDeps, conn: Connection, mailbox: reposit
             outcome = _sync_folders(cmd, deps, attempt, SyncSession(connector), mailbox,
                                     lambda: time.monotonic() > slice_end, auth)
     except (ImapError, ConfigError) as exc:
+        attempt.flush_quietly()
         kind = exc.kind if isinstance(exc, ImapError) else ErrorKind.CONFIG
         metrics.SYNC_SECONDS.observe(time.monotonic() - started)
         if isinstance(exc, ImapThrottled):
@@ -220,7 +221,11 @@ def _attempt(cmd: Command, deps: FetcherDeps, conn: Connection, mailbox: reposit
         log.warning("sync.failed", error_kind=kind, error=str(exc),
                     seconds=round(time.monotonic() - started, 3))
         return None
+    except Exception:
+        attempt.flush_quietly()
+        raise
     if isinstance(outcome, ContinueSync):
+        attempt.flush()  # the next slice's events follow these
         lease.handing_over = True
     else:
         attempt.finished(outcome.folders)

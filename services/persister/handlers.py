@@ -27,6 +27,7 @@ from mailferry.messages import (
     FolderSynced,
     MessagesExpunged,
     MessagesFetched,
+    SyncCompleted,
     SyncFailed,
     SyncFinished,
     SyncStarted,
@@ -179,6 +180,17 @@ def _on_finished(conn: Connection, e: SyncFinished, _: Any, changes: Changes) ->
     return {"folders": e.folders}, runs.Progress(folders_expected=e.folders, token=e.lease_token)
 
 
+def _on_completed(conn: Connection, e: SyncCompleted, _: Any, changes: Changes) -> Applied:
+    """A whole attempt without message data: its events applied in order, in this one
+    transaction, so the outcome is theirs (run, folders, checkpoints, change stream)."""
+    progress = runs.Progress()
+    for part in e.parts():
+        _, step = _APPLY[type(part)](conn, part, None, changes)
+        progress = progress.then(step)
+    return {"folders": len(e.synced), "listed": len(e.folders),
+            "failed_folders": sum(1 for f in e.synced if f.error)}, progress
+
+
 def _on_failed(conn: Connection, e: SyncFailed, _: Any, changes: Changes) -> Applied:
     runs.fail(conn, e.run_id, e.mailbox_id, e.error_kind, e.error, e.finished_at)
     return {"error_kind": e.error_kind, "error": e.error}, None
@@ -192,6 +204,7 @@ _APPLY: dict[type, Callable[[Connection, Any, Any, Changes], Applied]] = {
     MessagesExpunged: _on_expunged,
     FolderSynced: _on_folder_synced,
     SyncFinished: _on_finished,
+    SyncCompleted: _on_completed,
     SyncFailed: _on_failed,
 }
 

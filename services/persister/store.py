@@ -78,10 +78,11 @@ def settle(conn: Connection, mailbox_id: int, run_id: uuid.UUID, token: int,
         return None
     for f in closing:
         _advance_folder(conn, run.mailbox_id, f)
+    if closing:
         conn.execute(
             """UPDATE sync_folders SET completed = true
-                WHERE run_id = %s AND lease_token = %s AND folder = %s""",
-            (run_id, token, f["folder"]),
+                WHERE run_id = %s AND lease_token = %s AND folder = ANY(%s)""",
+            (run_id, token, [f["folder"] for f in closing]),
         )
     if run.folders_expected is None or not run.folders_listed:
         return None
@@ -184,17 +185,23 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
             RETURNING id""",
             (f.raw_name, clean_text(f.name), mailbox_id, old, mailbox_id, f.raw_name),
         ).fetchall())
-    for f in rows:
-        conn.execute(
-            """INSERT INTO folders (mailbox_id, name, raw_name, delimiter, flags, type,
-                                    selectable, sync_enabled)
+    # One round trip for the whole listing (executemany pipelines); a folder that did not
+    # change is not written again (most listings: no dead row, no WAL).
+    with conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO folders AS f (mailbox_id, name, raw_name, delimiter, flags, type,
+                                         selectable, sync_enabled)
                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (mailbox_id, raw_name) DO UPDATE
                   SET name = EXCLUDED.name, delimiter = EXCLUDED.delimiter,
                       flags = EXCLUDED.flags, type = EXCLUDED.type,
-                      selectable = EXCLUDED.selectable, gone_at = NULL""",
-            (mailbox_id, clean_text(f.name), f.raw_name, f.delimiter, list(f.flags), f.type,
-             f.selectable, enabled_on_discovery(f, initial, first_listing, selection)),
+                      selectable = EXCLUDED.selectable, gone_at = NULL
+                WHERE (f.name, f.delimiter, f.flags, f.type, f.selectable, f.gone_at)
+                      IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.delimiter, EXCLUDED.flags,
+                                        EXCLUDED.type, EXCLUDED.selectable, NULL)""",
+            [(mailbox_id, clean_text(f.name), f.raw_name, f.delimiter, list(f.flags), f.type,
+              f.selectable, enabled_on_discovery(f, initial, first_listing, selection))
+             for f in rows],
         )
     gone_rows = conn.execute(
         """SELECT name, raw_name FROM folders WHERE mailbox_id = %s AND sync_enabled
@@ -224,8 +231,9 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
         "unmatched": unmatched,
         "vanished": vanished,
     }
-    conn.execute("UPDATE mailboxes SET folder_report = %s WHERE id = %s",
-                 (Jsonb(report), mailbox_id))
+    conn.execute("""UPDATE mailboxes SET folder_report = %s WHERE id = %s
+                     AND folder_report IS DISTINCT FROM %s""",
+                 (Jsonb(report), mailbox_id, Jsonb(report)))
     return {"listed": len(listed), "renamed": renamed, "deleted": len(deleted),
             "unmatched": len(unmatched), "vanished": len(vanished)}
 

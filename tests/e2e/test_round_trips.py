@@ -58,9 +58,18 @@ def _sync(env: dict[str, str], mailbox_id: int) -> dict[str, object]:
     return run
 
 
+def _applied(processes: services.ServiceProcesses, run_id: object) -> list[str]:
+    """The types of the events the persisters applied for one run, from their logs."""
+    lines = [json.loads(line) for path in sorted(processes.log_dir.glob("persister-*.log"))
+             for line in path.read_text(errors="replace").splitlines() if line.startswith("{")]
+    return [line["type"] for line in lines
+            if line.get("event") == "event.applied" and line.get("run_id") == str(run_id)]
+
+
 def _first_and_second_sync(server: Dovecot, env: dict[str, str],
-                           processes: services.ServiceProcesses) -> tuple[Traffic, Traffic]:
-    """The traffic of a first sync and of a second one with nothing changed in between."""
+                           processes: services.ServiceProcesses) -> tuple[Traffic, Traffic, object]:
+    """The traffic of a first sync and of a second one with nothing changed in between, and
+    the second run's id."""
     with TcpProxy(server.host, server.port) as proxy:
         mailbox_id = faults.add_mailbox(env, proxy.host, proxy.port, USER, PASSWORD, FOLDERS)
         processes.start("fetcher")
@@ -74,7 +83,8 @@ def _first_and_second_sync(server: Dovecot, env: dict[str, str],
     assert first_run["messages_stored"] == 180, first_run
     assert second_run["status"] == "done", f"{second_run}\n{processes.logs()}"
     assert second_run["messages_stored"] == 0, second_run
-    return first, second
+    assert "SyncCompleted" not in _applied(processes, first_run["run_id"])
+    return first, second, second_run["run_id"]
 
 
 def _while_open(folder: str, commands: list[Command]) -> list[Command]:
@@ -113,7 +123,7 @@ def test_a_resync_of_an_unchanged_condstore_mailbox_sends_no_fetch_and_no_search
     env: dict[str, str], processes: services.ServiceProcesses, tmp_path: Path,
 ) -> None:
     with _server(tmp_path / "dovecot") as server:
-        first, second = _first_and_second_sync(server, env, processes)
+        first, second, second_run = _first_and_second_sync(server, env, processes)
 
     assert any("BODY.PEEK[" in text for text in _fetches(first.commands)), first.verbs
     assert second.verbs, "the second sync sent nothing: did it reach the proxy?"
@@ -122,6 +132,8 @@ def test_a_resync_of_an_unchanged_condstore_mailbox_sends_no_fetch_and_no_search
     assert not reads, f"an unchanged CONDSTORE folder was read: {reads}"
     assert set(second.verbs) <= SESSION_VERBS, second.verbs
     _assert_no_needless_round_trip(first, second)
+    # Nothing to store: the whole run reached the persister as one event (one transaction).
+    assert _applied(processes, second_run) == ["SyncCompleted"]
     # A few round trips per session and folder, whatever the folders hold (180 messages here).
     assert len(second.commands) <= 8 + 2 * len(FOLDERS), second.verbs
 
@@ -131,7 +143,7 @@ def test_a_resync_without_condstore_fetches_flags_but_no_message_body(
     env: dict[str, str], processes: services.ServiceProcesses, tmp_path: Path,
 ) -> None:
     with _server(tmp_path / "dovecot", hidden=("CONDSTORE", "QRESYNC")) as server:
-        first, second = _first_and_second_sync(server, env, processes)
+        first, second, _ = _first_and_second_sync(server, env, processes)
 
     assert any("BODY.PEEK[" in text for text in _fetches(first.commands)), first.verbs
     assert _opened_every_folder(second.commands), second.verbs

@@ -26,6 +26,7 @@ from mailferry.messages import (
     FolderSynced,
     MessagesExpunged,
     MessagesFetched,
+    SyncCompleted,
     SyncFinished,
     SyncStarted,
 )
@@ -352,3 +353,104 @@ def test_the_last_batch_and_its_folder_synced_stored_at_the_same_moment_still_cl
     assert conn.execute("SELECT last_uid FROM folders WHERE name = 'INBOX'").fetchone() == {
         "last_uid": 5}
     assert conn.execute("SELECT status FROM sync_runs").fetchone() == {"status": "done"}
+
+
+def _no_op_run(mailbox_id: int, run_id: uuid.UUID, token: int = 1) -> list[FetcherEvent]:
+    """A second sync that found nothing new: the folders' checkpoints again, a new folder
+    listed (not enabled: a change-stream row, no mail), no batch."""
+    common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": token}
+    return [
+        SyncStarted(**common, fetcher="test", started_at=NOW),
+        FoldersListed(**common, folders=(
+            FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/", type="inbox"),
+            FolderInfo(name="Sent", raw_name="Sent", delimiter="/", flags=("\\Sent",),
+                       type="sent"),
+            FolderInfo(name="Archive", raw_name="Archive", delimiter="/", type="archive"))),
+        FolderSynced(**common, folder="INBOX", uidvalidity=7, uidnext=6, highest_modseq=40,
+                     last_uid=5, batches=0, messages=0),
+        FolderSynced(**common, folder="Sent", uidvalidity=9, uidnext=2, last_uid=1, batches=0,
+                     messages=0),
+        SyncFinished(**common, folders=2, finished_at=NOW),
+    ]
+
+
+def _one_event(events: list[FetcherEvent]) -> SyncCompleted:
+    completed = SyncCompleted.of(events[:-1], events[-1])  # type: ignore[arg-type]
+    assert completed is not None
+    return completed
+
+
+def _mailbox_state(conn: db.Connection, mailbox_id: int) -> dict[str, Any]:
+    """What a run leaves on one mailbox: its folders and checkpoints, its runs, its last sync
+    and its change stream (without ids and times)."""
+    return {
+        "folders": conn.execute(
+            """SELECT name, type, sync_enabled, uidvalidity, last_uid, uidnext, highest_modseq,
+                      last_synced_at IS NOT NULL AS synced, last_error, gone_at IS NOT NULL AS gone
+                 FROM folders WHERE mailbox_id = %s ORDER BY name""", (mailbox_id,)).fetchall(),
+        "runs": conn.execute(
+            """SELECT status, kind, started_at IS NOT NULL AS started, finished_at IS NOT NULL
+                      AS finished, folders_listed, folders_expected, lease_token,
+                      messages_stored, error_kind, error
+                 FROM sync_runs WHERE mailbox_id = %s ORDER BY requested_at""",
+            (mailbox_id,)).fetchall(),
+        "mailbox": conn.execute(
+            """SELECT last_sync_at IS NOT NULL AS synced, last_sync_status, last_error,
+                      folder_report, change_seq FROM mailboxes WHERE id = %s""",
+            (mailbox_id,)).fetchone(),
+        "changes": conn.execute(
+            """SELECT seq, type, payload - '{id,occurred_at,mailbox_id,folder_id,message_ref}'::text[]
+                      AS payload
+                 FROM change_outbox WHERE mailbox_id = %s ORDER BY seq""",
+            (mailbox_id,)).fetchall(),
+        "sync_folders": conn.execute(
+            """SELECT s.folder, s.uidvalidity, s.batches, s.last_uid, s.uidnext, s.completed
+                 FROM sync_folders s JOIN sync_runs r ON r.id = s.run_id
+                WHERE r.mailbox_id = %s ORDER BY r.requested_at, s.folder""",
+            (mailbox_id,)).fetchall(),
+    }
+
+
+def test_a_no_op_sync_as_one_event_leaves_the_store_as_its_separate_events_do(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    separate, together = _stored_stream(conn, deps), _stored_stream(conn, deps)
+    for event in _no_op_run(separate, _run(conn, separate)):
+        handle(event, deps)
+
+    handle(_one_event(_no_op_run(together, _run(conn, together))), deps)
+
+    state = _mailbox_state(conn, together)
+    assert state == _mailbox_state(conn, separate)
+    assert [r["status"] for r in state["runs"]] == ["done", "done"]
+    assert state["folders"][0]["name"] == "Archive"  # listed, and announced
+    assert [c["type"] for c in state["changes"]][-1] == "FolderCreated"
+    assert {f["name"]: f["highest_modseq"] for f in state["folders"]}["INBOX"] == 40
+
+
+def test_a_redelivered_no_op_sync_changes_nothing(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = _stored_stream(conn, deps)
+    completed = _one_event(_no_op_run(mailbox_id, _run(conn, mailbox_id)))
+    handle(completed, deps)
+    once = _mailbox_state(conn, mailbox_id)
+
+    handle(completed, deps)
+
+    assert _mailbox_state(conn, mailbox_id) == once
+
+
+def test_a_no_op_sync_of_an_attempt_whose_lease_was_taken_over_is_refused(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = _stored_stream(conn, deps)
+    conn.execute("UPDATE mailboxes SET lease_token = 2 WHERE id = %s", (mailbox_id,))
+    before = _mailbox_state(conn, mailbox_id)
+
+    handle(_one_event(_no_op_run(mailbox_id, _run(conn, mailbox_id), token=1)), deps)
+
+    after = _mailbox_state(conn, mailbox_id)
+    assert after["runs"][-1]["status"] == "queued"
+    assert {k: v for k, v in after.items() if k != "runs"} == {
+        k: v for k, v in before.items() if k != "runs"}

@@ -42,6 +42,10 @@ EVERY_MESSAGE: list[messages._Message] = [
     messages.FolderSynced(**IDS, folder="INBOX", uidvalidity=9, uidnext=10, highest_modseq=8,
                           last_uid=9, batches=4, messages=3),
     messages.SyncFinished(**IDS, folders=1, finished_at=NOW),
+    messages.SyncCompleted(**IDS, fetcher="f-1", started_at=NOW, folders=(messages.FolderInfo(
+        name="INBOX", raw_name="INBOX", delimiter="/", type="inbox"),),
+        synced=(messages.FolderChecked(folder="INBOX", uidvalidity=9, uidnext=10,
+                                       highest_modseq=8, last_uid=9),), finished_at=NOW),
     messages.SyncFailed(**IDS, error_kind="auth", error="refused", finished_at=NOW),
     messages.CredentialsInvalid(mailbox_id=3, run_id=RUN, error="refused", detected_at=NOW),
     messages.CredentialsRestored(mailbox_id=3, restored_at=NOW),
@@ -131,3 +135,32 @@ def test_decoding_copies_each_raw_message_out_of_the_body_once() -> None:
     assert isinstance(event, MessagesFetched)
     first, second = (m.raw for m in event.messages)
     assert type(first) is bytes and first == second and first is not second
+
+
+def _attempt_events(*synced: messages.FolderSynced) -> list[messages.FetcherEvent]:
+    inbox = messages.FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/", type="inbox")
+    return [messages.SyncStarted(**IDS, fetcher="f-1", started_at=NOW),
+            messages.FoldersListed(**IDS, folders=(inbox,)), *synced]
+
+
+def test_a_sync_without_message_data_is_one_event_that_stands_for_the_same_events() -> None:
+    events = _attempt_events(messages.FolderSynced(
+        **IDS, folder="INBOX", uidvalidity=9, uidnext=10, highest_modseq=8, last_uid=9,
+        batches=0, messages=0))
+    finished = messages.SyncFinished(**IDS, folders=1, finished_at=NOW)
+
+    completed = messages.SyncCompleted.of(events, finished)
+
+    assert completed is not None
+    assert completed.parts() == [*events, finished]
+
+
+def test_a_sync_with_a_batch_or_a_folder_not_accounted_for_is_not_one_event() -> None:
+    with_batch = _attempt_events(messages.FolderSynced(
+        **IDS, folder="INBOX", uidvalidity=9, last_uid=9, batches=1, messages=1))
+    assert messages.SyncCompleted.of(
+        with_batch, messages.SyncFinished(**IDS, folders=1, finished_at=NOW)) is None
+    assert messages.SyncCompleted.of(
+        _attempt_events(), messages.SyncFinished(**IDS, folders=1, finished_at=NOW)) is None
+    assert messages.SyncCompleted.of(
+        _attempt_events()[:1], messages.SyncFinished(**IDS, folders=0, finished_at=NOW)) is None
