@@ -216,6 +216,28 @@ def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 
         time.sleep(interval)
 
 
+def parse_stored(conn: Any) -> int:
+    """Run the persisters' parse step here until no stored message is left unparsed (what a
+    persister's thread does after a first sync, shared/parsing.py); returns how many. For
+    tests that call the persister's handler directly, without its threads."""
+    from mailferry import parsing
+
+    done = 0
+    while n := parsing.parse_pending(conn):
+        done += n
+    return done
+
+
+def wait_parsed(conn: Any, mailbox_id: int | None = None, timeout: float = 120.0) -> None:
+    """Wait until the running persisters have parsed every stored message (of the mailbox): a
+    first sync counts a message as synced once its raw bytes are stored, and fills its subject,
+    addresses and bodies right after (shared/parsing.py). Fails after ``timeout``."""
+    from mailferry import parsing
+
+    left = eventually(lambda: parsing.unparsed(conn, mailbox_id) == 0, timeout=timeout)
+    assert left, f"{parsing.unparsed(conn, mailbox_id)} messages still unparsed after {timeout} s"
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (for "connection refused" cases and late servers)."""
     import socket

@@ -12,7 +12,7 @@ from mailferry.broker import Publisher
 from mailferry.config import Settings
 from mailferry.service import run_worker, start
 from mailferry.services.persister.handlers import HANDLERS, PersisterDeps, event_given_up
-from mailferry.services.persister.indexer import Indexer
+from mailferry.services.persister.indexer import Indexer, Parser
 from mailferry.services.persister.relay import Relay
 
 
@@ -24,12 +24,16 @@ def main(settings: Settings) -> None:
 
     def busy(handler: Callable[..., None]) -> Callable[[Any], None]:
         def handle(event: Any) -> None:
-            last_event[0] = time.monotonic()  # the indexer waits for quiet
+            last_event[0] = time.monotonic()  # the parse step and the indexer wait for quiet
             handler(event, deps)
         return metrics.measured_event(handle)
 
     metrics.watch_store(settings.database_url, search_backlog=True)
 
+    # Follow-up steps (services/persister/indexer.py): the parse of mail stored unparsed, then
+    # its search vectors.
+    parser = Parser(settings.database_url, lambda: last_event[0])
+    parser.start()
     indexer = Indexer(settings.database_url, lambda: last_event[0])
     indexer.start()
     # The change stream's relay, on its own broker connection (services/persister/relay.py).
@@ -44,6 +48,7 @@ def main(settings: Settings) -> None:
             stopped = True
             relay.stop()
             relay.publisher.close()
+            parser.stop()
             indexer.stop()
 
     try:
