@@ -228,14 +228,16 @@ def parse_stored(conn: Any) -> int:
     return done
 
 
-def wait_parsed(conn: Any, mailbox_id: int | None = None, timeout: float = 120.0) -> None:
+def wait_parsed(database_url: str, mailbox_id: int | None = None,
+                timeout: float = 120.0) -> None:
     """Wait until the running persisters have parsed every stored message (of the mailbox): a
     first sync counts a message as synced once its raw bytes are stored, and fills its subject,
     addresses and bodies right after (shared/parsing.py). Fails after ``timeout``."""
-    from mailferry import parsing
+    from mailferry import db, parsing
 
-    left = eventually(lambda: parsing.unparsed(conn, mailbox_id) == 0, timeout=timeout)
-    assert left, f"{parsing.unparsed(conn, mailbox_id)} messages still unparsed after {timeout} s"
+    with db.connect(database_url, autocommit=True) as conn:
+        done = eventually(lambda: parsing.unparsed(conn, mailbox_id) == 0, timeout=timeout)
+        assert done, f"{parsing.unparsed(conn, mailbox_id)} messages unparsed after {timeout} s"
 
 
 def free_port() -> int:

@@ -77,9 +77,10 @@ def parse_pending(conn: Connection, *, mailbox_id: int | None = None, limit: int
             total += row["size"]
         if not chosen:
             return 0
-        raw = {bytes(r["sha256"]): bytes(r["data"]) for r in conn.execute(
+        # binary: the bytes as they are (text would be hex, twice their size, in libpq first)
+        raw = {bytes(r["sha256"]): r["data"] for r in conn.execute(
             "SELECT sha256, data FROM raw_messages WHERE sha256 = ANY(%s)",
-            ([r["sha256"] for r in chosen],)).fetchall()}
+            ([r["sha256"] for r in chosen],), binary=True).fetchall()}
         parsed = [(r, parse_message(raw[bytes(r["sha256"])])) for r in chosen]
         try:
             with conn.transaction(), conn.cursor() as cur:  # a savepoint
