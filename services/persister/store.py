@@ -279,11 +279,6 @@ def known_hashes(conn: Connection, mailbox_id: int, hashes: list[bytes]) -> set[
     return {bytes(r["sha256"]) for r in rows}
 
 
-#: the parsed columns of a message left for the parse step (their defaults)
-_UNPARSED: tuple[Any, ...] = (None, None, None, [], [], [], None, None, [], "normal", None, None,
-                              Jsonb([]), [])
-
-
 def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: int,
                    batch: Sequence[Incoming], token: int) -> int:
     """Insert the batch's raw bytes (once per hash), messages (once per mailbox and hash:
@@ -307,17 +302,25 @@ def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: 
             )
         if big:
             _insert_big_raw(cur, big)
-        if with_raw:
+        parsed = [m for m in with_raw if m.parsed is not None]
+        unparsed = [m for m in with_raw if m.parsed is None]
+        if parsed:
             cur.executemany(
                 f"""INSERT INTO messages (mailbox_id, sha256, size, {", ".join(parsing.COLUMNS)},
                                          parsed_at)
-                   VALUES (%s, %b, %s, {", ".join(["%s"] * len(parsing.COLUMNS))},
-                           CASE WHEN %s THEN now() END)
+                   VALUES (%s, %b, %s, {", ".join(["%s"] * len(parsing.COLUMNS))}, now())
                    ON CONFLICT (mailbox_id, sha256) DO NOTHING""",
-                [(mailbox_id, m.sha256, len(m.fetched.raw or b""),
-                  *(parsing.columns(m.parsed) if m.parsed is not None else _UNPARSED),
-                  m.parsed is not None)
-                 for m in with_raw],
+                [(mailbox_id, m.sha256, len(m.fetched.raw or b""), *parsing.columns(m.parsed))
+                 for m in parsed if m.parsed is not None],
+            )
+        if unparsed:  # one statement for the batch: the parsed columns keep their defaults
+            cur.execute(
+                """INSERT INTO messages (mailbox_id, sha256, size)
+                   SELECT %s, u.sha256, u.size FROM unnest(%s::bytea[], %s::bigint[])
+                                                    AS u(sha256, size)
+                   ON CONFLICT (mailbox_id, sha256) DO NOTHING""",
+                (mailbox_id, [m.sha256 for m in unparsed],
+                 [len(m.fetched.raw or b"") for m in unparsed]),
             )
         hashes = [m.sha256 for m in batch if m.sha256 is not None]
         ids = {
