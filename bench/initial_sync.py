@@ -382,7 +382,10 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
             account = CpuAccount({pid: key for key, pid in _service_pids(processes).items()})
             time.sleep(STATS_SECONDS)  # the management API's byte counts lag that much
             received_before, written_before = rabbit_received_bytes(vhost), rabbit_disk_writes()
+            persisters = {k: p for k, p in _service_pids(processes).items()
+                          if k.startswith("persister")}
             with QueueSampler(broker_url, database_url, mailbox_id) as sampler:
+                threads_before = {k: thread_ticks(p) for k, p in persisters.items()}
                 account.start()
                 started = time.monotonic()
                 synced = services.run_cli(
@@ -390,6 +393,7 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
                      str(args.timeout), "--json"], env, timeout=args.timeout + 60)
                 cli_seconds = time.monotonic() - started
                 result["cpu_during_sync"] = account.stop()
+                threads_after = {k: thread_ticks(p) for k, p in persisters.items()}
             if profiler:
                 result["profile_seconds"] = profiler.stop()
             written = rabbit_disk_writes() - written_before
@@ -404,6 +408,11 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
                 result["search_indexed_after_seconds"] = _wait_until_none(
                     database_url, mailbox_id, "search_vector IS NULL", args.timeout, ended)
                 result["cpu_after_sync"] = after.stop()
+            # which of the persister's threads used the CPU: the event handler, the change
+            # stream's relay, the parse step, the indexer, AMQP (thread names from py-spy)
+            names = {k: thread_names(p) for k, p in persisters.items()}
+            result["persister_threads_during_sync"] = {
+                k: _by_thread(threads_before[k], threads_after[k], names[k]) for k in persisters}
             time.sleep(STATS_SECONDS)
             result["rabbit_received_bytes"] = rabbit_received_bytes(vhost) - received_before
             result["rabbit_disk_written_bytes"] = written
@@ -461,6 +470,49 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
         result["ok"] = (run["status"] == "done" and counts[0] == expected.count and counts[5] == 0
                         and counts[1] == expected.count and counts[2] == expected.total_bytes)
     return result
+
+
+def thread_ticks(pid: int) -> dict[int, int]:
+    """CPU jiffies (user + system) of each thread of ``pid`` so far."""
+    out = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        out[int(stat.parent.name)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by native id, from ``py-spy dump`` when it is installed."""
+    binary = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if binary is None:
+        return {}
+    try:
+        dump = subprocess.run([binary, "dump", "--pid", str(pid)], capture_output=True,
+                              text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names = {}
+    for line in dump.splitlines():
+        if line.startswith("Thread ") and '"' in line:
+            names[int(line.split()[1])] = line.split('"')[1]
+    return names
+
+
+def _by_thread(before: dict[int, int], after: dict[int, int],
+               names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds of each thread between two ``thread_ticks``, by thread name."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid, ticks in after.items():
+        used = (ticks - before.get(tid, 0)) / hz
+        if used > 0:
+            name = names.get(tid, f"thread {tid}")
+            out[name] = round(out.get(name, 0.0) + used, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _wait_until_none(database_url: str, mailbox_id: int, condition: str, timeout: float,
@@ -657,7 +709,8 @@ def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: mail.Writt
             summary[key] = pipeline[key]
             summary[key.replace("_bytes", "_per_email_byte")] = round(
                 pipeline[key] / corpus.total_bytes, 3)
-    for key in ("fetcher_seconds", "persister_busy_seconds", "profile_seconds"):
+    for key in ("fetcher_seconds", "persister_busy_seconds", "profile_seconds",
+                "persister_threads_during_sync"):
         if key in pipeline:
             summary[key] = pipeline[key]
     default, nofsync = mbsyncs.get("default", {}), mbsyncs.get("nofsync", {})
@@ -730,6 +783,9 @@ def print_report(s: dict[str, Any], timeline: list[tuple[float, int, int]]) -> N
               "after it (parse step and search index) = "
               f"{s['persister_cpu_ms_per_message_whole']} ms for the whole job; after the sync: "
               + ", ".join(f"{k} {v}" for k, v in s["cpu_after_sync"]["by_program"].items()))
+    for service, threads in s.get("persister_threads_during_sync", {}).items():
+        print(f"               {service} by thread during the sync (CPU s): "
+              + ", ".join(f"{k} {v}" for k, v in threads.items()))
     if "rabbit_received_bytes" in s:
         print(f"RabbitMQ       took in {_mb(s['rabbit_received_bytes'])} MB on the vhost = "
               f"{s['rabbit_received_per_email_byte']} x the mail (target <= {TARGET_RABBIT_RATIO}); "
