@@ -37,10 +37,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from amqp import spec as amqp_spec
 from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 from kombu.messaging import Consumer, Producer
@@ -57,6 +59,19 @@ ATTEMPT_HEADER = "x-mailferry-attempt"
 ERROR_HEADER = "x-mailferry-error"
 PUBLISH_ATTEMPTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # seconds to wait before each try of a publish
 MAX_ATTEMPT = 1000  # an attempt header beyond this is not ours
+
+
+CONFIRM_TIMEOUT = 30.0  # seconds to wait for the confirms of a batch (publish_many)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message of :meth:`Publisher.publish_many`: a JSON body and how it is routed."""
+
+    body: bytes
+    routing_key: str
+    type_: str
+    headers: dict[str, Any]
 
 
 class Unroutable(PermanentError):
@@ -86,6 +101,7 @@ class Publisher:
         self._conn: Connection | None = None
         self._producer: Producer | None = None
         self._returned: str | None = None
+        self._sent = 0  # publishes on the current channel: the last delivery tag (RFC: confirms)
 
     def _ensure(self) -> Producer:
         """The producer, connecting once if needed (no retries here: see ``_publish_raw``)."""
@@ -100,6 +116,7 @@ class Publisher:
                 raise
             self._conn = conn
             self._producer = Producer(conn.default_channel, on_return=self._on_return)
+            self._sent = 0
         return self._producer
 
     def _on_return(self, exc: BaseException, exchange: str, routing_key: str,
@@ -168,10 +185,60 @@ class Publisher:
                 failure = exc
                 log.warning("broker.publish_retrying", error=_one_line(exc), wait=delay)
                 continue
+            self._sent += 1
             if self._returned is not None:
                 raise Unroutable(f"no queue takes {type_ or 'the message'} at {self._returned}")
             return
         raise BrokerUnavailable(f"publish to RabbitMQ failed: {failure}") from failure
+
+    def publish_many(self, items: Sequence[Outgoing], *, exchange: str) -> None:
+        """Publish ``items`` (JSON, persistent, not mandatory) and wait once for their confirms.
+
+        RabbitMQ confirms a stream of publishes in order, several at a time (``multiple``), so
+        one wait per batch replaces one round trip per message: the change relay's publishes
+        cost 0.25 ms of CPU each one at a time, 0.1 ms in a batch (bench/README.md, issue 11).
+        At least once: on any failure every item is published again (same retries as a single
+        publish), so a consumer may see some twice, as after a relay crash."""
+        if not items:
+            return
+        with self._lock:
+            failure: BaseException | None = None
+            for delay in PUBLISH_ATTEMPTS:
+                time.sleep(delay)
+                recoverable: tuple[type[BaseException], ...] = (
+                    OSError, OperationalError, *_transport_errors(self._conn))
+                try:
+                    self._publish_and_confirm(self._ensure().channel, items, exchange)
+                    return
+                except recoverable as exc:
+                    self.close()
+                    failure = exc
+                    log.warning("broker.publish_retrying", error=_one_line(exc), wait=delay)
+            raise BrokerUnavailable(f"publish to RabbitMQ failed: {failure}") from failure
+
+    def _publish_and_confirm(self, channel: Any, items: Sequence[Outgoing],
+                             exchange: str) -> None:
+        # py-amqp's own confirming publish waits for each message's ack; its plain publish
+        # does not (the only use of its internals, here).
+        if not channel._confirm_selected:
+            channel._confirm_selected = True
+            channel.confirm_select()
+        for item in items:
+            message = channel.prepare_message(
+                item.body, content_type=messages.JSON_CONTENT_TYPE, content_encoding="utf-8",
+                headers=item.headers, properties={"type": item.type_, "delivery_mode": 2})
+            channel._basic_publish(message, exchange=exchange, routing_key=item.routing_key)
+            self._sent += 1
+        last, confirmed = self._sent, [self._sent - len(items)]
+
+        def on_confirm(method: Any, delivery_tag: int, multiple: bool, *_: Any) -> None:
+            if method == amqp_spec.Basic.Nack:
+                raise BrokerUnavailable(f"RabbitMQ refused message {delivery_tag} of a batch")
+            confirmed[0] = max(confirmed[0], delivery_tag)
+
+        while confirmed[0] < last:
+            channel.wait([amqp_spec.Basic.Ack, amqp_spec.Basic.Nack], callback=on_confirm,
+                         timeout=CONFIRM_TIMEOUT)
 
     def close(self) -> None:
         with self._lock:

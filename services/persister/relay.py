@@ -22,7 +22,7 @@ import time
 import structlog
 
 from mailferry import db, outbox, topology
-from mailferry.broker import Publisher
+from mailferry.broker import Outgoing, Publisher
 from mailferry.messages import change_routing_key
 
 log = structlog.get_logger(__name__)
@@ -33,18 +33,16 @@ PRUNE_EVERY = 300.0  # seconds
 
 
 def publish_pending(conn: db.Connection, publisher: Publisher, limit: int = BATCH) -> int:
-    """Publish up to ``limit`` unpublished rows in order, each confirmed, then mark them."""
+    """Publish up to ``limit`` unpublished rows in order, all confirmed, then mark them."""
     rows = outbox.pending(conn, limit)
-    for row in rows:
-        payload = row["payload"]
-        publisher.publish_raw(
-            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(),
-            exchange=topology.CHANGES.name,
-            routing_key=change_routing_key(row["mailbox_id"], row["type"]),
-            type_=row["type"],
-            headers={"schema-version": payload.get("version", 1)},
-            mandatory=False,  # no application listening is normal; the rows stay for `list`
-        )
+    # not mandatory: no application listening is normal; the rows stay for `list`
+    publisher.publish_many([
+        Outgoing(body=json.dumps(row["payload"], ensure_ascii=False,
+                                 separators=(",", ":")).encode(),
+                 routing_key=change_routing_key(row["mailbox_id"], row["type"]),
+                 type_=row["type"],
+                 headers={"schema-version": row["payload"].get("version", 1)})
+        for row in rows], exchange=topology.CHANGES.name)
     if rows:
         outbox.published(conn, [r["id"] for r in rows])
     return len(rows)
