@@ -14,7 +14,15 @@ from urllib.parse import quote
 import pytest
 
 from mailferry import messages, topology
-from mailferry.broker import ATTEMPT_HEADER, ERROR_HEADER, Publisher, Unroutable, Worker, connect
+from mailferry.broker import (
+    ATTEMPT_HEADER,
+    ERROR_HEADER,
+    Outgoing,
+    Publisher,
+    Unroutable,
+    Worker,
+    connect,
+)
 from mailferry.config import Settings
 from mailferry.devkit import services
 from mailferry.errors import PermanentError
@@ -292,3 +300,32 @@ def test_a_handler_longer_than_two_heartbeats_keeps_its_connection_and_runs_once
     assert len(calls) == 1
     assert _queue_is_empty(settings)
     assert 2 in heartbeats  # the consuming connection negotiated 2 s heartbeats
+
+
+def test_a_batch_published_with_one_wait_for_its_confirms_arrives_whole_and_in_order(
+    settings: Settings,
+) -> None:
+    publisher = Publisher(settings.broker_url, DELAYS)
+    try:
+        with connect(settings.broker_url) as conn:
+            channel = conn.channel()
+            topology.CHANGES(channel).declare()
+            channel.queue_declare("probe.changes", durable=True)
+            channel.queue_bind("probe.changes", topology.CHANGES.name, "mailbox.#")
+            publisher.publish_many([
+                Outgoing(body=f'{{"n": {n}}}'.encode(), routing_key="mailbox.1.message_stored",
+                         type_="MessageStored", headers={"schema-version": 1})
+                for n in range(1200)], exchange=topology.CHANGES.name)
+            # a single confirmed publish after the batch waits for its own confirm only
+            publisher.publish_raw(b'{"n": "last"}', exchange=topology.CHANGES.name,
+                                  routing_key="mailbox.1.message_stored", type_="MessageStored",
+                                  mandatory=False)
+            received = []
+            while (message := channel.basic_get("probe.changes", no_ack=True)) is not None:
+                received.append((message.body, message.properties["type"],
+                                 message.properties["delivery_mode"]))
+    finally:
+        publisher.close()
+    assert [body for body, _, _ in received] == [  # JSON: the client decodes it as UTF-8
+        f'{{"n": {n}}}' for n in range(1200)] + ['{"n": "last"}']
+    assert {(t, mode) for _, t, mode in received} == {("MessageStored", 2)}
