@@ -382,7 +382,10 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
             account = CpuAccount({pid: key for key, pid in _service_pids(processes).items()})
             time.sleep(STATS_SECONDS)  # the management API's byte counts lag that much
             received_before, written_before = rabbit_received_bytes(vhost), rabbit_disk_writes()
+            persisters = {k: p for k, p in _service_pids(processes).items()
+                          if k.startswith("persister")}
             with QueueSampler(broker_url, database_url, mailbox_id) as sampler:
+                threads_before = {k: thread_ticks(p) for k, p in persisters.items()}
                 account.start()
                 started = time.monotonic()
                 synced = services.run_cli(
@@ -390,12 +393,26 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
                      str(args.timeout), "--json"], env, timeout=args.timeout + 60)
                 cli_seconds = time.monotonic() - started
                 result["cpu_during_sync"] = account.stop()
+                threads_after = {k: thread_ticks(p) for k, p in persisters.items()}
             if profiler:
                 result["profile_seconds"] = profiler.stop()
             written = rabbit_disk_writes() - written_before
-            if synced.returncode == 0:  # the persisters index the mail for search once idle
-                result["search_indexed_after_seconds"] = _wait_for_search_index(
-                    database_url, mailbox_id, args.timeout)
+            if synced.returncode == 0:
+                # once idle, the persisters parse the mail a first sync stored raw, then index
+                # it for search (services/persister/indexer.py): timed, and their CPU counted
+                after = CpuAccount({pid: key for key, pid in _service_pids(processes).items()})
+                after.start()
+                ended = time.monotonic()
+                result["parsed_after_seconds"] = _wait_until_none(
+                    database_url, mailbox_id, "parsed_at IS NULL", args.timeout, ended)
+                result["search_indexed_after_seconds"] = _wait_until_none(
+                    database_url, mailbox_id, "search_vector IS NULL", args.timeout, ended)
+                result["cpu_after_sync"] = after.stop()
+            # which of the persister's threads used the CPU: the event handler, the change
+            # stream's relay, the parse step, the indexer, AMQP (thread names from py-spy)
+            names = {k: thread_names(p) for k, p in persisters.items()}
+            result["persister_threads_during_sync"] = {
+                k: _by_thread(threads_before[k], threads_after[k], names[k]) for k in persisters}
             time.sleep(STATS_SECONDS)
             result["rabbit_received_bytes"] = rabbit_received_bytes(vhost) - received_before
             result["rabbit_disk_written_bytes"] = written
@@ -427,7 +444,9 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
                             WHERE g.mailbox_id = %(mb)s),
                           (SELECT count(*) FROM messages
                             WHERE mailbox_id = %(mb)s AND cardinality(parse_errors) > 0),
-                          pg_database_size(current_database())""",
+                          pg_database_size(current_database()),
+                          (SELECT count(*) FROM messages
+                            WHERE mailbox_id = %(mb)s AND parsed_at IS NULL)""",
                 {"mb": mailbox_id}).fetchone()
             pg_version = conn.execute("SHOW server_version").fetchone()
         assert timing is not None and counts is not None
@@ -441,24 +460,69 @@ def run_pipeline(args: argparse.Namespace, server: Dovecot, work: Path, expected
             placements=counts[1],
             raw_bytes=int(counts[2]),
             with_parse_errors=counts[3],
+            unparsed=counts[5],
             database_mb=round(counts[4] / 1e6, 1),
             persister_peak_backlog=sampler.peak_backlog(),
             timeline=sampler.timeline(),
             postgresql=pg_version[0] if pg_version else None,
             **log_breakdown(log_dir),
         )
-        result["ok"] = (run["status"] == "done" and counts[0] == expected.count
+        result["ok"] = (run["status"] == "done" and counts[0] == expected.count and counts[5] == 0
                         and counts[1] == expected.count and counts[2] == expected.total_bytes)
     return result
 
 
-def _wait_for_search_index(database_url: str, mailbox_id: int, timeout: float) -> float | None:
-    """Seconds from the end of the sync until every message of the mailbox is searchable."""
-    started = time.monotonic()
+def thread_ticks(pid: int) -> dict[int, int]:
+    """CPU jiffies (user + system) of each thread of ``pid`` so far."""
+    out = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        out[int(stat.parent.name)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by native id, from ``py-spy dump`` when it is installed."""
+    binary = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if binary is None:
+        return {}
+    try:
+        dump = subprocess.run([binary, "dump", "--pid", str(pid)], capture_output=True,
+                              text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names = {}
+    for line in dump.splitlines():
+        if line.startswith("Thread ") and '"' in line:
+            names[int(line.split()[1])] = line.split('"')[1]
+    return names
+
+
+def _by_thread(before: dict[int, int], after: dict[int, int],
+               names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds of each thread between two ``thread_ticks``, by thread name."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid, ticks in after.items():
+        used = (ticks - before.get(tid, 0)) / hz
+        if used > 0:
+            name = names.get(tid, f"thread {tid}")
+            out[name] = round(out.get(name, 0.0) + used, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _wait_until_none(database_url: str, mailbox_id: int, condition: str, timeout: float,
+                     started: float) -> float | None:
+    """Seconds from ``started`` (the end of the sync) until no message of the mailbox meets
+    ``condition`` (not parsed yet, not searchable yet)."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         while time.monotonic() - started < timeout:
-            row = conn.execute("SELECT count(*) FROM messages WHERE mailbox_id = %s "
-                               "AND search_vector IS NULL", (mailbox_id,)).fetchone()
+            row = conn.execute(f"SELECT count(*) FROM messages WHERE mailbox_id = %s "
+                               f"AND {condition}", (mailbox_id,)).fetchone()
             if row is not None and row[0] == 0:
                 return round(time.monotonic() - started, 1)
             time.sleep(0.5)
@@ -615,6 +679,7 @@ def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: mail.Writt
         "pipeline_seconds_cli": pipeline["seconds_cli"],
         "queue_wait_seconds": pipeline["queue_wait_seconds"],
         "search_indexed_after_seconds": pipeline.get("search_indexed_after_seconds"),
+        "parsed_after_seconds": pipeline.get("parsed_after_seconds"),
         "messages_per_second": round(corpus.count / seconds, 1) if seconds else None,
         "mb_per_second": round(corpus.total_bytes / 1e6 / seconds, 2) if seconds else None,
         "stored_messages": pipeline["messages_rows"],
@@ -631,13 +696,21 @@ def summarise(args: argparse.Namespace, host: dict[str, Any], corpus: mail.Writt
     persister_cpu = sum(v for k, v in pipeline["cpu_during_sync"]["by_program"].items()
                         if k.startswith("persister"))
     summary["persister_cpu_ms_per_message"] = round(1000 * persister_cpu / corpus.count, 3)
+    if "cpu_after_sync" in pipeline:  # the parse and the search index, after the sync
+        summary["cpu_after_sync"] = pipeline["cpu_after_sync"]
+        later = sum(v for k, v in pipeline["cpu_after_sync"]["by_program"].items()
+                    if k.startswith("persister"))
+        summary["persister_cpu_ms_per_message_after_sync"] = round(1000 * later / corpus.count, 3)
+        summary["persister_cpu_ms_per_message_whole"] = round(
+            1000 * (persister_cpu + later) / corpus.count, 3)
     for key in ("rabbit_received_bytes", "rabbit_disk_written_bytes",
                 "rabbit_disk_written_bytes_later"):
         if key in pipeline:
             summary[key] = pipeline[key]
             summary[key.replace("_bytes", "_per_email_byte")] = round(
                 pipeline[key] / corpus.total_bytes, 3)
-    for key in ("fetcher_seconds", "persister_busy_seconds", "profile_seconds"):
+    for key in ("fetcher_seconds", "persister_busy_seconds", "profile_seconds",
+                "persister_threads_during_sync"):
         if key in pipeline:
             summary[key] = pipeline[key]
     default, nofsync = mbsyncs.get("default", {}), mbsyncs.get("nofsync", {})
@@ -690,6 +763,8 @@ def print_report(s: dict[str, Any], timeline: list[tuple[float, int, int]]) -> N
           f"({s['pipeline_seconds_cli']} s for the whole `mailferry sync --wait` command; "
           f"command queued {s['queue_wait_seconds']} s)")
     print(f"throughput     {s['messages_per_second']} messages/s, {s['mb_per_second']} MB/s")
+    print(f"parsed         every message {s['parsed_after_seconds']} s after the sync "
+          "(the persisters' parse step)")
     print(f"searchable     every message {s['search_indexed_after_seconds']} s after the sync "
           "(the persisters' background indexer)")
     print(f"stored         {s['stored_messages']} messages, {s['stored_placements']} placements, "
@@ -703,6 +778,14 @@ def print_report(s: dict[str, Any], timeline: list[tuple[float, int, int]]) -> N
     print(f"backlog        persister queue peaked at {s['persister_peak_backlog']} events")
     print(f"persister CPU  {s['persister_cpu_ms_per_message']} ms per message during the sync "
           f"(target <= {TARGET_PERSISTER_MS})")
+    if "persister_cpu_ms_per_message_after_sync" in s:
+        print(f"               + {s['persister_cpu_ms_per_message_after_sync']} ms per message "
+              "after it (parse step and search index) = "
+              f"{s['persister_cpu_ms_per_message_whole']} ms for the whole job; after the sync: "
+              + ", ".join(f"{k} {v}" for k, v in s["cpu_after_sync"]["by_program"].items()))
+    for service, threads in s.get("persister_threads_during_sync", {}).items():
+        print(f"               {service} by thread during the sync (CPU s): "
+              + ", ".join(f"{k} {v}" for k, v in threads.items()))
     if "rabbit_received_bytes" in s:
         print(f"RabbitMQ       took in {_mb(s['rabbit_received_bytes'])} MB on the vhost = "
               f"{s['rabbit_received_per_email_byte']} x the mail (target <= {TARGET_RABBIT_RATIO}); "

@@ -228,6 +228,30 @@ def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 
         time.sleep(interval)
 
 
+def parse_stored(conn: Any) -> int:
+    """Run the persisters' parse step here until no stored message is left unparsed (what a
+    persister's thread does after a first sync, shared/parsing.py); returns how many. For
+    tests that call the persister's handler directly, without its threads."""
+    from mailferry import parsing
+
+    done = 0
+    while n := parsing.parse_pending(conn):
+        done += n
+    return done
+
+
+def wait_parsed(database_url: str, mailbox_id: int | None = None,
+                timeout: float = 120.0) -> None:
+    """Wait until the running persisters have parsed every stored message (of the mailbox): a
+    first sync counts a message as synced once its raw bytes are stored, and fills its subject,
+    addresses and bodies right after (shared/parsing.py). Fails after ``timeout``."""
+    from mailferry import db, parsing
+
+    with db.connect(database_url, autocommit=True) as conn:
+        done = eventually(lambda: parsing.unparsed(conn, mailbox_id) == 0, timeout=timeout)
+        assert done, f"{parsing.unparsed(conn, mailbox_id)} messages unparsed after {timeout} s"
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (for "connection refused" cases and late servers)."""
     import socket

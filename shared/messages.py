@@ -410,6 +410,29 @@ class MessageStored(ChangeEvent):
     backfill: bool
     known: bool = False
     skipped_reason: str | None = None
+    #: False: the message is stored (bytes and placement) but not parsed yet, so ``message_id``,
+    #: ``subject``, ``from`` and ``date`` are null; a MessageParsed with the same
+    #: ``message_ref`` follows once they are known (first syncs and re-scans are parsed after
+    #: they are stored; new mail is parsed as it is stored).
+    parsed: bool = True
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+
+class MessageParsed(ChangeEvent):
+    """A stored message was parsed: its headers are known now (one event per message, whatever
+    the folders it is in; the MessageStored events of its placements said ``parsed: false``).
+    ``parse_errors``: how many defects the parse recorded (the message is stored whole
+    anyway)."""
+
+    type: Literal["MessageParsed"] = "MessageParsed"
+    message_ref: int  # the MessageStored events' ``message_ref``
+    message_id: str | None = None
+    subject: str | None = None
+    from_: str | None = Field(default=None, alias="from")
+    date: datetime | None = None
+    sha256: str  # hex, of the raw bytes
+    parse_errors: int = 0
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, serialize_by_alias=True)
 
@@ -485,6 +508,7 @@ class MailboxCredentialsRestored(ChangeEvent):
 
 AnyChange = Annotated[
     MessageStored
+    | MessageParsed
     | MessageFlagsChanged
     | MessageExpunged
     | FolderCreated
@@ -497,8 +521,8 @@ AnyChange = Annotated[
 ]
 _ANY_CHANGE: TypeAdapter[AnyChange] = TypeAdapter(AnyChange)
 CHANGE_TYPES: tuple[type[ChangeEvent], ...] = (
-    MessageStored, MessageFlagsChanged, MessageExpunged, FolderCreated, FolderRenamed,
-    FolderDeleted, MailboxSyncFailed, MailboxCredentialsInvalid, MailboxCredentialsRestored)
+    MessageStored, MessageParsed, MessageFlagsChanged, MessageExpunged, FolderCreated,
+    FolderRenamed, FolderDeleted, MailboxSyncFailed, MailboxCredentialsInvalid, MailboxCredentialsRestored)
 
 
 def change_routing_key(mailbox_id: int, type_: str) -> str:

@@ -291,6 +291,10 @@ class StoreCollector(Collector):
                 "SELECT count(*) AS n FROM messages WHERE search_vector IS NULL").fetchone()
             yield GaugeMetricFamily("mailferry_persister_search_backlog",
                                     "Stored messages not indexed for search yet", row["n"])
+            row = conn.execute(
+                "SELECT count(*) AS n FROM messages WHERE parsed_at IS NULL").fetchone()
+            yield GaugeMetricFamily("mailferry_persister_parse_backlog",
+                                    "Stored messages not parsed yet", row["n"])
 
 
 class WatchCollector(Collector):

@@ -39,6 +39,7 @@ from mailferry.messages import (
     FolderRenamed,
     MessageExpunged,
     MessageFlagsChanged,
+    MessageParsed,
     MessageStored,
 )
 
@@ -141,6 +142,7 @@ def message_changes(conn: Connection, mailbox_id: int, folder_id: int, uidvalidi
         """SELECT mf.uid, mf.flags, mf.modseq, mf.expunged_at IS NOT NULL AS expunged,
                   mf.internal_date, mf.size, mf.skipped_reason, mf.message_id AS ref,
                   m.message_id, m.subject, m.from_addr, m.sent_at, m.sha256,
+                  (m.id IS NULL OR m.parsed_at IS NOT NULL) AS parsed,
                   f.name AS folder, f.uidvalidity AS checkpoint, f.last_uid
              FROM message_folders mf
              JOIN folders f ON f.id = mf.folder_id
@@ -165,7 +167,8 @@ def message_changes(conn: Connection, mailbox_id: int, folder_id: int, uidvalidi
                     "internal_date": r["internal_date"], "flags": tuple(r["flags"]),
                     "size": r["size"], "sha256": sha.hex() if sha else None,
                     "backfill": r["checkpoint"] != uidvalidity or uid <= r["last_uid"],
-                    "known": sha in before.known, "skipped_reason": r["skipped_reason"]}))
+                    "known": sha in before.known, "skipped_reason": r["skipped_reason"],
+                    "parsed": r["parsed"]}))
         elif old.expunged:
             continue
         elif r["expunged"]:
@@ -182,6 +185,17 @@ def message_changes(conn: Connection, mailbox_id: int, folder_id: int, uidvalidi
                 MessageFlagsChanged, {**where, "modseq": r["modseq"], "flags": flags,
                                       "previous_flags": old.flags, "message_ref": r["ref"]}))
     return changes
+
+
+def parsed(mailbox_id: int, rows: Sequence[dict[str, Any]]) -> list[Change]:
+    """MessageParsed for messages the parse step just filled in (``rows``: id, message_id,
+    subject, from_addr, sent_at, sha256, parse_errors of each). One per message: its
+    placements were announced by MessageStored with ``parsed: false``."""
+    return [Change(change_id(mailbox_id, "message", r["id"], "parsed"), MessageParsed, {
+                "message_ref": r["id"], "message_id": r["message_id"], "subject": r["subject"],
+                "from": r["from_addr"], "date": r["sent_at"], "sha256": bytes(r["sha256"]).hex(),
+                "parse_errors": len(r["parse_errors"])})
+            for r in sorted(rows, key=lambda r: r["id"])]
 
 
 def expunged_by_reset(mailbox_id: int, rows: Sequence[dict[str, Any]]) -> list[Change]:

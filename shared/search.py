@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 import structlog
 
+from mailferry import parsing
 from mailferry.db import Connection
 from mailferry.errors import ConfigError
 from mailferry.mime import clean_text
@@ -74,7 +75,8 @@ INDEX_ON_SEARCH = 5_000
 _INDEX = """
 WITH todo AS (
     SELECT id FROM messages
-     WHERE search_vector IS NULL AND (%(mailbox)s::bigint IS NULL OR mailbox_id = %(mailbox)s)
+     WHERE search_vector IS NULL AND parsed_at IS NOT NULL
+       AND (%(mailbox)s::bigint IS NULL OR mailbox_id = %(mailbox)s)
        AND (%(only)s::bigint IS NULL OR id = %(only)s)
      ORDER BY mailbox_id, id LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
@@ -93,8 +95,9 @@ _NOT_INDEXABLE = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
 
 
 def index_pending(conn: Connection, *, mailbox_id: int | None = None, limit: int = 200) -> int:
-    """Build the search vectors of up to ``limit`` messages that have none yet (of one mailbox,
-    or of any); returns how many. Rows another indexer holds are skipped, not waited for.
+    """Build the search vectors of up to ``limit`` parsed messages that have none yet (of one
+    mailbox, or of any); returns how many. A message not parsed yet (shared/parsing.py) waits.
+    Rows another indexer holds are skipped, not waited for.
 
     A message whose text PostgreSQL refuses to index (none is known: every field's prefix is
     bounded below the 1 MB tsvector limit) must not stop the others behind it forever: the
@@ -107,7 +110,7 @@ def index_pending(conn: Connection, *, mailbox_id: int | None = None, limit: int
     except _NOT_INDEXABLE:
         pass
     ids = [r["id"] for r in conn.execute(
-        """SELECT id FROM messages WHERE search_vector IS NULL
+        """SELECT id FROM messages WHERE search_vector IS NULL AND parsed_at IS NOT NULL
               AND (%(mailbox)s::bigint IS NULL OR mailbox_id = %(mailbox)s)
             ORDER BY mailbox_id, id LIMIT %(limit)s""", params).fetchall()]
     for message_id in ids:
@@ -299,8 +302,9 @@ def search_messages(conn: Connection, mailbox_id: int, query: str, *, limit: int
     """The mailbox's messages matching ``query``, best first: by rank, then newest. When more
     than RANK_WINDOW messages match, the newest RANK_WINDOW of them are the ones ranked.
 
-    The mailbox's messages still waiting for the background indexer are indexed first (up to
-    INDEX_ON_SEARCH of them: ``unindexed`` tells whether some are left out).
+    The mailbox's messages still waiting for the background parse step and indexer are parsed
+    and indexed first (up to INDEX_ON_SEARCH of them: ``unindexed`` tells whether some are left
+    out).
 
     Always scoped to one mailbox: its id is in the WHERE clause, so no other mailbox's mail can
     appear. Only messages still in a folder (not expunged everywhere) are returned, like
@@ -309,12 +313,13 @@ def search_messages(conn: Connection, mailbox_id: int, query: str, *, limit: int
     if not 1 <= limit <= MAX_LIMIT:
         raise BadQuery(f"the limit must be between 1 and {MAX_LIMIT}")
     compiled = compile_query(conn, query)
-    # What the background indexer has not reached yet (just synced mail), searchable now.
+    # What the background steps have not reached yet (just synced mail), searchable now.
     budget = INDEX_ON_SEARCH
     while budget > 0:
         batch = min(500, budget)
         budget -= batch
-        if index_pending(conn, mailbox_id=mailbox_id, limit=batch) < batch:
+        parsed = parsing.parse_pending(conn, mailbox_id=mailbox_id, limit=batch)
+        if index_pending(conn, mailbox_id=mailbox_id, limit=batch) < batch and parsed < batch:
             break
     folders: list[int] | None = None
     if folder is not None:

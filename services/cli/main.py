@@ -617,12 +617,17 @@ def messages_group() -> None:
 @click.option("--folder", help="only this folder (name as shown, or raw name)")
 @_JSON
 def messages_list(mailbox_id: int, folder: str | None, as_json: bool) -> None:
-    """One entry per message and folder it is in (expunged ones left out)."""
+    """One entry per message and folder it is in (expunged ones left out).
+
+    Mail of a first sync is listed as soon as it is stored, and its parsed fields (date, from,
+    subject, ...) once the persisters have parsed it, seconds later: until then `parsed` is
+    false (--json) and the subject reads "(not parsed yet)"."""
     rows = app.list_messages(_conn(_settings()), mailbox_id, folder)
     if as_json:
         _json(rows)
     else:
-        _table(rows, ["id", "folder", "uid", "date", "from", "subject", "seen", "size"])
+        _table([r if r["parsed"] else {**r, "subject": "(not parsed yet)"} for r in rows],
+               ["id", "folder", "uid", "date", "from", "subject", "seen", "size"])
 
 
 @messages_group.command("search")

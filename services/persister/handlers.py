@@ -2,8 +2,8 @@
 
 Events may arrive twice and in any order (several workers, redeliveries): every write is keyed by
 what identifies the fact, and an event from a fetcher attempt whose lease was taken over (an older
-fencing token) is refused. MIME parsing happens before the transaction opens, so a slow parse
-never holds locks.
+fencing token) is refused. MIME parsing of new mail happens before the transaction opens, so a
+slow parse never holds locks; mail of a first sync is parsed later, by the parse step.
 """
 
 from __future__ import annotations
@@ -94,8 +94,14 @@ def event_given_up(event: AnyMessage, exc: BaseException, deps: PersisterDeps) -
 
 
 def _prepare(event: FetcherEvent, conn: Connection) -> Any:
-    """CPU work done outside the transaction: hashing, and MIME parsing of the messages this
-    mailbox does not hold yet (a copy or a redelivery is not parsed twice)."""
+    """CPU work done outside the transaction: hashing, and the MIME parse of new mail.
+
+    Mail at or below its folder's checkpoint (a first sync, a UIDVALIDITY reset, a re-scan:
+    the change stream's ``backfill``) is stored with its raw bytes only, and counts as synced
+    as mbsync counts a file; the parse step fills its parsed columns afterwards
+    (shared/parsing.py), off the path of the sync. New mail above the checkpoint is parsed
+    here, so it is announced with its subject at once. Bytes the mailbox holds already (a
+    copy, a redelivery) are not parsed twice."""
     if not isinstance(event, MessagesFetched):
         return None
     # A message recognised under a new UID after a UIDVALIDITY change names the stored bytes
@@ -103,14 +109,14 @@ def _prepare(event: FetcherEvent, conn: Connection) -> Any:
     hashes = [store.sha256(m.raw) if m.raw is not None
               else bytes.fromhex(m.sha256) if m.sha256 else None for m in event.messages]
     known = store.known_hashes(conn, event.mailbox_id, [h for h in hashes if h])
-    return [
-        store.Incoming(
-            fetched=m,
-            sha256=h,
-            parsed=parse_message(m.raw) if m.raw is not None and h not in known else None,
-        )
-        for m, h in zip(event.messages, hashes, strict=True)
-    ]
+    above = store.checkpoint_uid(conn, event.mailbox_id, event.folder, event.uidvalidity)
+    incoming = []
+    for m, h in zip(event.messages, hashes, strict=True):
+        new = m.raw is not None and h not in known
+        parse_now = new and above is not None and m.uid > above
+        incoming.append(store.Incoming(fetched=m, sha256=h, new=new,
+                                       parsed=parse_message(m.raw or b"") if parse_now else None))
+    return incoming
 
 
 Applied = tuple[dict[str, Any], runs.Progress | None]
@@ -146,7 +152,9 @@ def _on_messages(conn: Connection, e: MessagesFetched, incoming: list[store.Inco
     new_batch = store.batch_stored(conn, e.run_id, e.lease_token, e.folder, e.batch_no,
                                    len(e.messages))
     summary = {"folder": e.folder, "messages": len(e.messages),
-               "parsed": sum(1 for m in incoming if m.parsed), "duplicate_batch": not new_batch}
+               "parsed": sum(1 for m in incoming if m.parsed),
+               "parse_deferred": sum(1 for m in incoming if m.new and not m.parsed),
+               "duplicate_batch": not new_batch}
     return summary, runs.Progress(messages_stored=len(e.messages) if new_batch else 0)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +14,7 @@ from mailferry.broker import Publisher
 from mailferry.config import Settings
 from mailferry.service import run_worker, start
 from mailferry.services.persister.handlers import HANDLERS, PersisterDeps, event_given_up
-from mailferry.services.persister.indexer import Indexer
+from mailferry.services.persister.indexer import Indexer, Parser
 from mailferry.services.persister.relay import Relay
 
 
@@ -20,17 +22,34 @@ def main(settings: Settings) -> None:
     start(settings, "persister")
     deps = PersisterDeps(connection=db.Reconnecting(settings.database_url))
 
-    last_event = [0.0]
+    last_event = [0.0]  # when the latest event was handled
+    in_flight = [0]  # events being handled now
+    counting = threading.Lock()
 
     def busy(handler: Callable[..., None]) -> Callable[[Any], None]:
         def handle(event: Any) -> None:
-            last_event[0] = time.monotonic()  # the indexer waits for quiet
-            handler(event, deps)
+            with counting:
+                in_flight[0] += 1
+            try:
+                handler(event, deps)
+            finally:
+                with counting:
+                    in_flight[0] -= 1
+                    last_event[0] = time.monotonic()
         return metrics.measured_event(handle)
+
+    def latest() -> float:
+        # The parse step and the indexer wait for quiet: an event that takes longer than their
+        # QUIET (a batch of 500 on a loaded machine) must not look like quiet.
+        return math.inf if in_flight[0] else last_event[0]
 
     metrics.watch_store(settings.database_url, search_backlog=True)
 
-    indexer = Indexer(settings.database_url, lambda: last_event[0])
+    # Follow-up steps (services/persister/indexer.py): the parse of mail stored unparsed, then
+    # its search vectors.
+    parser = Parser(settings.database_url, latest)
+    parser.start()
+    indexer = Indexer(settings.database_url, latest)
     indexer.start()
     # The change stream's relay, on its own broker connection (services/persister/relay.py).
     relay = Relay(settings.database_url, Publisher(settings.broker_url, settings.retry_delays),
@@ -44,6 +63,7 @@ def main(settings: Settings) -> None:
             stopped = True
             relay.stop()
             relay.publisher.close()
+            parser.stop()
             indexer.stop()
 
     try:

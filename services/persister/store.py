@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from mailferry import outbox, runs
+from mailferry import outbox, parsing, runs
 from mailferry.db import Connection, mailbox_lock_key
 from mailferry.domain import enabled_on_discovery
 from mailferry.imap import decode_folder_name
@@ -260,11 +260,23 @@ def folder_id(conn: Connection, mailbox_id: int, raw_name: str) -> int:
 class Incoming:
     fetched: FetchedMessage
     sha256: bytes | None
-    parsed: ParsedMessage | None
+    new: bool  # bytes this mailbox does not hold yet: stored with this event
+    parsed: ParsedMessage | None  # None: stored unparsed, for the parse step (shared/parsing.py)
 
 
 def sha256(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
+
+
+def checkpoint_uid(conn: Connection, mailbox_id: int, raw_name: str,
+                   uidvalidity: int) -> int | None:
+    """The folder's last stored UID under ``uidvalidity``; None when it has no checkpoint under
+    it yet (a first sync, a UIDVALIDITY reset): every UID there is backfill."""
+    row = conn.execute(
+        """SELECT last_uid FROM folders
+            WHERE mailbox_id = %s AND raw_name = %s AND uidvalidity = %s""",
+        (mailbox_id, raw_name, uidvalidity)).fetchone()
+    return None if row is None or row["last_uid"] is None else int(row["last_uid"])
 
 
 def known_hashes(conn: Connection, mailbox_id: int, hashes: list[bytes]) -> set[bytes]:
@@ -277,14 +289,15 @@ def known_hashes(conn: Connection, mailbox_id: int, hashes: list[bytes]) -> set[
 
 def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: int,
                    batch: Sequence[Incoming], token: int) -> int:
-    """Insert the batch's raw bytes (once per hash), parsed messages (once per mailbox and hash)
-    and folder placements (once per UIDVALIDITY and UID; an expunged UID's tombstone wins).
+    """Insert the batch's raw bytes (once per hash), messages (once per mailbox and hash:
+    parsed, or left for the parse step with ``parsed_at`` NULL) and folder placements (once per
+    UIDVALIDITY and UID; an expunged UID's tombstone wins).
 
     A placement already stored by an older attempt (a fetcher that crashed or stalled after
     some of its batches were stored) takes this attempt's flags: they were read from the server
     later. Without that, the newer attempt's insert was a no-op and the older flags stayed
     until the next run's flag pass."""
-    with_raw = sorted({m.sha256: m for m in batch if m.sha256 is not None and m.parsed is not None}.values(),
+    with_raw = sorted({m.sha256: m for m in batch if m.sha256 is not None and m.new}.values(),
                       key=lambda m: m.sha256 or b"")
     with conn.cursor() as cur:
         small = [m for m in with_raw if len(m.fetched.raw or b"") < COPY_RAW_FROM]
@@ -297,14 +310,25 @@ def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: 
             )
         if big:
             _insert_big_raw(cur, big)
-        if with_raw:
+        parsed = [m for m in with_raw if m.parsed is not None]
+        unparsed = [m for m in with_raw if m.parsed is None]
+        if parsed:
             cur.executemany(
-                """INSERT INTO messages (mailbox_id, sha256, size, message_id, subject, from_addr,
-                       to_addrs, cc_addrs, bcc_addrs, sent_at, in_reply_to, refs, importance,
-                       body_text, body_html, attachments, parse_errors)
-                   VALUES (%s, %b, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                f"""INSERT INTO messages (mailbox_id, sha256, size, {", ".join(parsing.COLUMNS)},
+                                         parsed_at)
+                   VALUES (%s, %b, %s, {", ".join(["%s"] * len(parsing.COLUMNS))}, now())
                    ON CONFLICT (mailbox_id, sha256) DO NOTHING""",
-                [_message_row(mailbox_id, m) for m in with_raw],
+                [(mailbox_id, m.sha256, len(m.fetched.raw or b""), *parsing.columns(m.parsed))
+                 for m in parsed if m.parsed is not None],
+            )
+        if unparsed:  # one statement for the batch: the parsed columns keep their defaults
+            cur.execute(
+                """INSERT INTO messages (mailbox_id, sha256, size)
+                   SELECT %s, u.sha256, u.size FROM unnest(%s::bytea[], %s::bigint[])
+                                                    AS u(sha256, size)
+                   ON CONFLICT (mailbox_id, sha256) DO NOTHING""",
+                (mailbox_id, [m.sha256 for m in unparsed],
+                 [len(m.fetched.raw or b"") for m in unparsed]),
             )
         hashes = [m.sha256 for m in batch if m.sha256 is not None]
         ids = {
@@ -397,17 +421,6 @@ def _insert_big_raw(cur: psycopg.Cursor[Any], batch: Sequence[Incoming]) -> None
                    SELECT sha256, size, data FROM raw_incoming ORDER BY sha256
                    ON CONFLICT (sha256) DO NOTHING""")
     cur.execute("TRUNCATE raw_incoming")
-
-
-def _message_row(mailbox_id: int, m: Incoming) -> tuple[Any, ...]:
-    p = m.parsed
-    assert p is not None
-    return (
-        mailbox_id, m.sha256, len(m.fetched.raw or b""), p.message_id, p.subject, p.from_,
-        p.to, p.cc, p.bcc, p.date, p.in_reply_to, p.references, p.importance,
-        p.text_body, p.html_body, Jsonb([a.model_dump() for a in p.attachments]),
-        p.parse_errors,
-    )
 
 
 def batch_stored(conn: Connection, run_id: uuid.UUID, token: int, folder: str, batch_no: int,

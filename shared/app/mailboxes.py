@@ -723,7 +723,9 @@ def folder_reports(conn: db.Connection, mailbox_ids: Sequence[int]) -> dict[int,
 
 def list_messages(conn: db.Connection, mailbox_id: int,
                   folder: str | None = None) -> list[dict[str, Any]]:
-    """One entry per message and folder it is in (expunged ones left out)."""
+    """One entry per message and folder it is in (expunged ones left out). ``parsed`` false:
+    stored (``raw_message`` reads it) but not parsed yet, so its parsed fields are null or
+    empty for now (shared/parsing.py); they appear as soon as the parse step filled them."""
     get_mailbox(conn, mailbox_id)
     if folder is not None:
         valid.text(folder, "folder")
@@ -732,7 +734,7 @@ def list_messages(conn: db.Connection, mailbox_id: int,
                   g.from_addr AS "from", g.to_addrs AS "to", g.sent_at AS date, mf.seen,
                   mf.flags, COALESCE(g.size, mf.size) AS size, encode(g.sha256, 'hex') AS sha256,
                   mf.internal_date, cardinality(g.parse_errors) AS parse_errors,
-                  mf.skipped_reason
+                  mf.skipped_reason, (g.id IS NULL OR g.parsed_at IS NOT NULL) AS parsed
              FROM message_folders mf
              JOIN folders f ON f.id = mf.folder_id
              LEFT JOIN messages g ON g.id = mf.message_id

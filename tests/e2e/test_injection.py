@@ -121,6 +121,7 @@ def deployment(migrated_template: str,
             d.json("mailbox", "folders", str(mailbox_id), *enable, "--json")
             d.runs += d.json("sync", "--mailbox", str(mailbox_id), "--wait", "--timeout", "90",
                              "--json")
+            services.wait_parsed(env["MAILFERRY_DATABASE_URL"], mailbox_id)
             d.messages = _messages(d)
             d.folders = {f["name"]: f for f in d.json("mailbox", "folders", str(mailbox_id),
                                                       "--json")}

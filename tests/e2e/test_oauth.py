@@ -300,6 +300,7 @@ def test_app_only_mailboxes_of_microsoft_and_google_sync_end_to_end(
     result = services.run_cli(["sync", *[f"--mailbox={m}" for m in mailboxes], "--wait",
                                "--timeout", "60", "--json"], env)
     assert [run["status"] for run in json.loads(result.stdout)] == ["done", "done"]
+    services.wait_parsed(env["MAILFERRY_DATABASE_URL"])
     stored = conn.execute("SELECT mailbox_id, subject FROM messages ORDER BY mailbox_id"
                           ).fetchall()
     assert [(r["mailbox_id"], r["subject"]) for r in stored] == list(

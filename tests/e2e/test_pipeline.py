@@ -98,6 +98,8 @@ def test_a_sync_stores_exactly_the_last_year_of_the_enabled_folders(
                                    "--timeout", "90", "--json"], env)
         processes.assert_running()
         assert synced.returncode == 0, synced.stderr.decode() + processes.logs()
+        # synced = stored; the subjects come with the persisters' parse step, right after
+        services.wait_parsed(env["MAILFERRY_DATABASE_URL"], mailbox_id)
 
         listed = services.run_cli(["messages", "list", "--mailbox", str(mailbox_id), "--json"], env)
         assert listed.returncode == 0, listed.stderr

@@ -107,9 +107,32 @@ def test_a_first_sync_announces_each_folder_and_message_once_as_backfill_even_wh
         ("MessageStored", "INBOX", 3)]
     stored = [decode_change(c) for c in first[2:]]
     assert all(getattr(s, "backfill", None) is True for s in stored)
-    assert first[2]["subject"] == "message 1" and first[2]["from"] == "alice@example.com"
-    assert first[2]["flags"] == ["\\Seen"] and first[2]["message_id"] == "1@x"
+    # stored before it is parsed: what is known of the placement now, the headers null
+    assert (first[2]["parsed"], first[2]["subject"], first[2]["message_id"]) == (False, None, None)
+    assert first[2]["flags"] == ["\\Seen"] and first[2]["sha256"]
     assert "body" not in first[2] and "raw" not in first[2]
+
+
+def test_a_message_stored_unparsed_is_announced_once_more_when_parsed_with_its_headers(
+    conn: db.Connection, deps: PersisterDeps,
+) -> None:
+    mailbox_id = services.mailbox_row(conn)
+    _apply(_sync(mailbox_id, _run(conn, mailbox_id), 1, [_message(1), _message(2)],
+                 last_uid=2), deps)
+    stored = _changes(conn, mailbox_id)[2:]
+    assert services.parse_stored(conn) == 2
+    assert services.parse_stored(conn) == 0  # parsed once: nothing left for another step
+
+    parsed = _changes(conn, mailbox_id)[len(stored) + 2:]
+    assert [(c["type"], c["message_ref"]) for c in parsed] == [
+        ("MessageParsed", s["message_ref"]) for s in stored]
+    first = decode_change(parsed[0])
+    assert first.model_dump(include={"subject", "from_", "message_id", "sha256",
+                                     "parse_errors"}) == {
+        "subject": "message 1", "from": "alice@example.com", "message_id": "1@x",
+        "sha256": stored[0]["sha256"], "parse_errors": 0}
+    assert [c["seq"] for c in _changes(conn, mailbox_id)] == list(
+        range(1, len(stored) + len(parsed) + 3))
 
 
 def test_after_the_first_sync_new_mail_flags_expunges_and_folder_changes_are_announced(
@@ -133,6 +156,8 @@ def test_after_the_first_sync_new_mail_flags_expunges_and_folder_changes_are_ann
         ("MessageExpunged", 2)]
     assert news[0]["folder"] == "Projects" and news[0]["previous_name"] == "Work"
     assert news[1]["backfill"] is False
+    # new mail is parsed as it is stored: announced with its headers at once
+    assert (news[1]["parsed"], news[1]["subject"]) == (True, "message 3")
     assert news[2]["flags"] == ["\\Flagged"] and news[2]["previous_flags"] == []
     assert [c["seq"] for c in news] == list(range(before + 1, before + 5))
 

@@ -47,7 +47,8 @@ def _store(conn: db.Connection, mailbox_id: int, raw: bytes, folder: str = "INBO
     folder_id = store.folder_id(conn, mailbox_id, folder)
     uid = next(_uids)
     fetched = FetchedMessage(uid=uid, internal_date=BASE, size=len(raw), raw=raw)
-    incoming = store.Incoming(fetched=fetched, sha256=store.sha256(raw), parsed=parse_message(raw))
+    incoming = store.Incoming(fetched=fetched, sha256=store.sha256(raw), new=True,
+                              parsed=parse_message(raw))
     with conn.transaction():
         store.store_messages(conn, mailbox_id, folder_id, 1, [incoming], token=1)
     row = conn.execute("SELECT id FROM messages WHERE mailbox_id = %s AND sha256 = %s",

@@ -170,6 +170,7 @@ def test_a_message_that_cannot_be_parsed_is_stored_with_its_exact_bytes(
     common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
     handle(MessagesFetched(**common, folder="INBOX", uidvalidity=1, batch_no=0, messages=(
         FetchedMessage(uid=1, size=len(hostile), raw=hostile),)), deps)
+    assert services.parse_stored(conn) == 1
     row = conn.execute("SELECT r.data, g.subject FROM messages g "
                        "JOIN raw_messages r USING (sha256)").fetchone()
     assert row is not None
@@ -191,6 +192,7 @@ def test_big_messages_are_streamed_in_exactly_once_beside_small_ones_of_the_same
         handle(MessagesFetched(**common, folder=folder, uidvalidity=1, batch_no=0, messages=(
             FetchedMessage(uid=1, size=len(big), raw=big),
             FetchedMessage(uid=2, size=len(small), raw=small))), deps)
+    assert services.parse_stored(conn) == 2  # the parse step, as a persister's thread runs it
     rows = conn.execute("SELECT r.size, r.data, g.subject FROM messages g "
                         "JOIN raw_messages r USING (sha256) ORDER BY r.size DESC").fetchall()
     assert [(r["size"], bytes(r["data"]), r["subject"]) for r in rows] == [

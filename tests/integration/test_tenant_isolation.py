@@ -132,6 +132,7 @@ def _build(conn: db.Connection, cli_env: dict[str, str], database_url: str) -> W
         for event in events:
             persist(event, deps)
     assert conn.execute("SELECT status FROM sync_runs").fetchall() == [{"status": "done"}] * 3
+    services.parse_stored(conn)  # the persisters' parse step, after the first syncs
     # Every mailbox's credentials refused, told through the notifier's own handler.
     notifier = NotifierDeps(connection=lambda: conn, reminder_seconds=86400)
     for mailbox_id in mailboxes.values():
