@@ -1483,3 +1483,28 @@ def parse_message(raw: bytes, *, thin_above: int = THIN_ABOVE, fast: bool = True
         return builder.build()
     except Exception as exc:
         return ParsedMessage(parse_errors=[clean_text(f"parse failed ({_describe(exc)})")])
+
+
+#: How far into a message its header is looked for by :func:`message_id_of`.
+_HEADER_SCAN = 256 * 1024
+
+
+def message_id_of(raw: bytes) -> str | None:
+    """A message's Message-ID as the store keeps it, from its header alone: what
+    :func:`parse_message` says of the field's lines, the lines an IMAP server returns for
+    ``BODY[HEADER.FIELDS (MESSAGE-ID)]`` (``shared/imap/sync.py`` reads the server's side so).
+    Cheap enough for mail stored before its parse: recognizing a folder renamed with a new
+    UIDVALIDITY, and reusing its mail, compare these ids. Never raises."""
+    end = _BLANK_LINE.search(raw, 0, _HEADER_SCAN)
+    header = raw[:end.start()] if end else raw[:_HEADER_SCAN]
+    picked: list[bytes] = []
+    taking = False
+    for line in header.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):  # a continuation of the field above
+            if taking:
+                picked.append(line)
+            continue
+        taking = line[:11].lower() == b"message-id:"
+        if taking:
+            picked.append(line if line.endswith(b"\n") else line + b"\r\n")
+    return parse_message(b"".join(picked) + b"\r\n").message_id if picked else None

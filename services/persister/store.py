@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from mailferry import outbox, parsing, runs
+from mailferry import mime, outbox, parsing, runs
 from mailferry.db import Connection, mailbox_lock_key
 from mailferry.domain import enabled_on_discovery
 from mailferry.imap import decode_folder_name
@@ -322,13 +322,17 @@ def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: 
                  for m in parsed if m.parsed is not None],
             )
         if unparsed:  # one statement for the batch: the parsed columns keep their defaults
+            # ... but the Message-ID, from the header alone: a folder renamed with a new
+            # UIDVALIDITY is recognised, and its mail reused, by it (fetcher/planning.py).
             cur.execute(
-                """INSERT INTO messages (mailbox_id, sha256, size)
-                   SELECT %s, u.sha256, u.size FROM unnest(%s::bytea[], %s::bigint[])
-                                                    AS u(sha256, size)
+                """INSERT INTO messages (mailbox_id, sha256, size, message_id)
+                   SELECT %s, u.sha256, u.size, u.message_id
+                     FROM unnest(%s::bytea[], %s::bigint[], %s::text[])
+                          AS u(sha256, size, message_id)
                    ON CONFLICT (mailbox_id, sha256) DO NOTHING""",
                 (mailbox_id, [m.sha256 for m in unparsed],
-                 [len(m.fetched.raw or b"") for m in unparsed]),
+                 [len(m.fetched.raw or b"") for m in unparsed],
+                 [mime.message_id_of(m.fetched.raw or b"") for m in unparsed]),
             )
         hashes = [m.sha256 for m in batch if m.sha256 is not None]
         ids = {

@@ -32,7 +32,14 @@ from mailferry.devkit.corpus import (
     needs_corpus,
     require,
 )
-from mailferry.mime import MAX_PARTS, Attachment, ParsedMessage, clean_text, parse_message
+from mailferry.mime import (
+    MAX_PARTS,
+    Attachment,
+    ParsedMessage,
+    clean_text,
+    message_id_of,
+    parse_message,
+)
 
 
 def corpus_message(relative: str) -> ParsedMessage:
@@ -94,6 +101,17 @@ def test_every_corpus_message_parses_without_raising_into_postgres_safe_text(pat
     for raw in messages_in(path):
         parsed = parse_message(raw)
         assert_well_formed(parsed)
+
+
+@pytest.mark.parametrize("path", file_params())
+def test_every_corpus_messages_id_from_its_header_alone_is_what_the_whole_parse_says(
+        path: Path) -> None:
+    """(Where the whole parse ends the header early, at a line that is not a field, the header
+    alone reads on, as a server's ``HEADER.FIELDS`` does: that is what it is compared with.)"""
+    for raw in messages_in(path):
+        parsed = parse_message(raw)
+        if not any("MissingHeaderBodySeparatorDefect" in e for e in parsed.parse_errors):
+            assert message_id_of(raw) == parsed.message_id
 
 
 def test_an_iso_2022_jp_subject_and_body_decode_to_japanese() -> None:
@@ -809,3 +827,16 @@ def test_the_models_are_frozen() -> None:
     parsed = parse_message(mime("Subject: x"))
     with pytest.raises(ValidationError):
         parsed.subject = "changed"
+
+
+@pytest.mark.parametrize("raw", [
+    b"Subject: x\r\nMessage-ID: <a.b@example.com>\r\n\r\nbody",
+    b"Message-Id:\r\n <folded@example.com>\r\nSubject: y\r\n\r\nMessage-ID: <in-body@x>\r\n",
+    b"From: a@b\nmessage-id: <lf-only@example.com> (comment)\n\nbody\n",
+    b"Subject: none\r\n\r\nMessage-ID: <only-in-body@x>\r\n",
+    b"Message-ID: <first@x>\r\nMessage-ID: <second@x>\r\n\r\n",
+    b"Message-ID: bare-id@example.com\r\n",  # no body, no blank line
+    b"\xff\xfe Message-ID: <\x00odd@x>\r\n\r\n",
+])
+def test_the_message_id_from_the_header_alone_is_what_the_whole_parse_says(raw: bytes) -> None:
+    assert message_id_of(raw) == parse_message(raw).message_id
