@@ -11,7 +11,9 @@ mailferry.services.cli.main`` would run it.
 The server is single-threaded (so forking it is safe) and only accepts connections and forks;
 the child handles its connection: the request (JSON: args, env, cwd, stdin), its pid back at
 once (so the caller can kill it on a timeout), then the exit code and captured output.
-``MAILFERRY_DEVKIT_FORK=0`` turns it off: every command is a new interpreter again.
+The tests turn it on (``tests/conftest.py`` sets ``MAILFERRY_DEVKIT_FORK=1`` unless it is set);
+the benchmarks and the demo keep new interpreters, as in production, so that start-up costs
+are measured. ``MAILFERRY_DEVKIT_FORK=0`` makes the tests start new interpreters too.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ _server: tuple[subprocess.Popen[bytes], str] | None = None
 
 
 def enabled() -> bool:
-    return os.environ.get("MAILFERRY_DEVKIT_FORK", "1") != "0" and hasattr(os, "fork")
+    return os.environ.get("MAILFERRY_DEVKIT_FORK", "0") == "1" and hasattr(os, "fork")
 
 
 def _address() -> str:

@@ -194,7 +194,8 @@ def mailbox_row(conn: Any, *, name: str = "m", owner: int | None = None,
 def run_cli(args: list[str], env: Mapping[str, str], stdin: bytes | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
     """``mailferry ARGS...`` in a process of its own, forked from a process that has imported
-    the CLI already (devkit/forkserver.py), or a new interpreter with MAILFERRY_DEVKIT_FORK=0."""
+    the CLI already (devkit/forkserver.py) when MAILFERRY_DEVKIT_FORK=1 (the tests), else a new
+    interpreter."""
     if forkserver.enabled():
         return forkserver.run(args, {**os.environ, **env}, REPO, stdin, timeout)
     return subprocess.run(

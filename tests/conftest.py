@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from mailferry.config import Settings
 from mailferry.devkit import services
 
 pytest_plugins = ["tests.bad_settings"]
+
+# CLI commands and services as forks of a process that imported the CLI once (about a second of
+# CPU less each; devkit/forkserver.py), unless MAILFERRY_DEVKIT_FORK=0 asks for new interpreters.
+os.environ.setdefault("MAILFERRY_DEVKIT_FORK", "1")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
