@@ -107,8 +107,9 @@ def test_a_first_sync_announces_each_folder_and_message_once_as_backfill_even_wh
         ("MessageStored", "INBOX", 3)]
     stored = [decode_change(c) for c in first[2:]]
     assert all(getattr(s, "backfill", None) is True for s in stored)
-    # stored before it is parsed: what is known of the placement now, the headers null
-    assert (first[2]["parsed"], first[2]["subject"], first[2]["message_id"]) == (False, None, None)
+    # stored before it is parsed: what is known of the placement now, and the Message-ID (read
+    # from the header alone), the other headers null
+    assert (first[2]["parsed"], first[2]["subject"], first[2]["message_id"]) == (False, None, "1@x")
     assert first[2]["flags"] == ["\\Seen"] and first[2]["sha256"]
     assert "body" not in first[2] and "raw" not in first[2]
 
