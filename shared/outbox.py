@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailferry import repository
 from mailferry.db import Connection
 from mailferry.messages import (
     ChangeEvent,
@@ -122,9 +123,7 @@ def messages_before(conn: Connection, mailbox_id: int, folder_id: int, uidvalidi
             WHERE folder_id = %s AND uidvalidity = %s AND uid = ANY(%s)""",
         (folder_id, uidvalidity, list(uids))).fetchall()
     hashes = list(hashes)
-    known = {bytes(r["sha256"]) for r in conn.execute(
-        "SELECT sha256 FROM messages WHERE mailbox_id = %s AND sha256 = ANY(%s)",
-        (mailbox_id, hashes)).fetchall()} if hashes else set()
+    known = set(repository.messages_by_hash(conn, mailbox_id, hashes)) if hashes else set()
     return MessagesBefore(
         {int(r["uid"]): Placement(tuple(r["flags"]), r["modseq"], r["expunged"]) for r in rows},
         known)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -87,6 +88,23 @@ def folder_states(conn: Connection, mailbox_id: int) -> dict[str, FolderState]:
         (mailbox_id,),
     ).fetchall()
     return {r["raw_name"]: FolderState(**{**r, "flags": tuple(r["flags"])}) for r in rows}
+
+
+def messages_by_hash(conn: Connection, mailbox_id: int, hashes: Iterable[bytes]) -> dict[bytes, int]:
+    """The mailbox's stored messages among these SHA-256s: hash -> ``messages.id``.
+
+    One probe of the unique (mailbox_id, sha256) index per hash, whatever the planner believes:
+    a plain ``mailbox_id = %s AND sha256 = ANY(%s)`` was planned as a scan of every message of
+    the mailbox (a mailbox in its first sync is new to the table's statistics, so it looks
+    small), which made a first sync quadratic (issue 11: 0.16 s per batch of 500 at the start
+    of a 20,000-message sync, 0.63 s at its end)."""
+    rows = conn.execute(
+        """SELECT m.id, m.sha256 FROM unnest(%s::bytea[]) AS h(sha256),
+                  LATERAL (SELECT id, sha256 FROM messages
+                            WHERE mailbox_id = %s AND sha256 = h.sha256 LIMIT 1) AS m""",
+        (list(hashes), mailbox_id),
+    ).fetchall()
+    return {bytes(r["sha256"]): int(r["id"]) for r in rows}
 
 
 def live_flags(conn: Connection, state: FolderState, uidvalidity: int, low: int = 1,

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from mailferry import mime, outbox, parsing, runs
+from mailferry import mime, outbox, parsing, repository, runs
 from mailferry.db import Connection, mailbox_lock_key
 from mailferry.domain import enabled_on_discovery
 from mailferry.imap import decode_folder_name
@@ -280,11 +280,7 @@ def checkpoint_uid(conn: Connection, mailbox_id: int, raw_name: str,
 
 
 def known_hashes(conn: Connection, mailbox_id: int, hashes: list[bytes]) -> set[bytes]:
-    rows = conn.execute(
-        "SELECT sha256 FROM messages WHERE mailbox_id = %s AND sha256 = ANY(%s)",
-        (mailbox_id, hashes),
-    ).fetchall()
-    return {bytes(r["sha256"]) for r in rows}
+    return set(repository.messages_by_hash(conn, mailbox_id, hashes))
 
 
 def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: int,
@@ -335,13 +331,7 @@ def store_messages(conn: Connection, mailbox_id: int, folder: int, uidvalidity: 
                  [mime.message_id_of(m.fetched.raw or b"") for m in unparsed]),
             )
         hashes = [m.sha256 for m in batch if m.sha256 is not None]
-        ids = {
-            bytes(r["sha256"]): r["id"]
-            for r in conn.execute(
-                "SELECT id, sha256 FROM messages WHERE mailbox_id = %s AND sha256 = ANY(%s)",
-                (mailbox_id, hashes),
-            ).fetchall()
-        }
+        ids = repository.messages_by_hash(conn, mailbox_id, hashes)
         placements = sorted(batch, key=lambda m: m.fetched.uid)
         cur.executemany(
             """INSERT INTO message_folders (folder_id, uidvalidity, uid, message_id, flags, seen,

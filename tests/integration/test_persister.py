@@ -3,6 +3,7 @@ attempts are fenced off, and checkpoints never run ahead of the data."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 import threading
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailferry import db
+from mailferry import db, repository
 from mailferry.devkit import services
 from mailferry.messages import (
     FetchedMessage,
@@ -456,3 +457,23 @@ def test_a_no_op_sync_of_an_attempt_whose_lease_was_taken_over_is_refused(
     assert after["runs"][-1]["status"] == "queued"
     assert {k: v for k, v in after.items() if k != "runs"} == {
         k: v for k, v in before.items() if k != "runs"}
+
+
+def test_looking_messages_up_by_hash_reads_only_the_batch_however_big_the_mailbox(
+        conn: db.Connection) -> None:
+    """A mailbox in its first sync is new to the table's statistics: a lookup planned as a scan
+    of the mailbox's messages made every batch dearer than the last (issue 11)."""
+    mailbox_id = services.mailbox_row(conn)
+    hashes = [hashlib.sha256(str(i).encode()).digest() for i in range(3000)]
+    conn.execute("INSERT INTO raw_messages (sha256, size, data) "
+                 "SELECT h, 1, 'x' FROM unnest(%s::bytea[]) AS h", (hashes,))
+    conn.execute("INSERT INTO messages (mailbox_id, sha256, size) "
+                 "SELECT %s, h, 1 FROM unnest(%s::bytea[]) AS h", (mailbox_id, hashes))
+    batch = [*hashes[-100:], hashlib.sha256(b"not stored").digest()]
+    with conn.transaction():
+        found = repository.messages_by_hash(conn, mailbox_id, batch)
+        read = conn.execute(
+            """SELECT seq_tup_read + idx_tup_fetch AS n
+                 FROM pg_stat_xact_user_tables WHERE relname = 'messages'""").fetchone()
+    assert set(found) == set(hashes[-100:])
+    assert read is not None and read["n"] <= 101
