@@ -118,10 +118,16 @@ class MessagesBefore:
 
 def messages_before(conn: Connection, mailbox_id: int, folder_id: int, uidvalidity: int,
                     uids: Iterable[int], hashes: Iterable[bytes] = ()) -> MessagesBefore:
+    # One primary-key probe per UID (a folder in its first sync is new to the statistics, and
+    # ``uid = ANY(...)`` was planned as a scan of the whole folder: see
+    # repository.messages_by_hash).
     rows = conn.execute(
-        """SELECT uid, flags, modseq, expunged_at IS NOT NULL AS expunged FROM message_folders
-            WHERE folder_id = %s AND uidvalidity = %s AND uid = ANY(%s)""",
-        (folder_id, uidvalidity, list(uids))).fetchall()
+        """SELECT mf.uid, mf.flags, mf.modseq, mf.expunged_at IS NOT NULL AS expunged
+             FROM unnest(%s::bigint[]) AS u(uid),
+                  LATERAL (SELECT * FROM message_folders
+                            WHERE folder_id = %s AND uidvalidity = %s AND uid = u.uid
+                            LIMIT 1) AS mf""",
+        (sorted(set(uids)), folder_id, uidvalidity)).fetchall()
     hashes = list(hashes)
     known = set(repository.messages_by_hash(conn, mailbox_id, hashes)) if hashes else set()
     return MessagesBefore(
@@ -143,12 +149,14 @@ def message_changes(conn: Connection, mailbox_id: int, folder_id: int, uidvalidi
                   m.message_id, m.subject, m.from_addr, m.sent_at, m.sha256,
                   (m.id IS NULL OR m.parsed_at IS NOT NULL) AS parsed,
                   f.name AS folder, f.uidvalidity AS checkpoint, f.last_uid
-             FROM message_folders mf
+             FROM unnest(%s::bigint[]) AS u(uid)
+             CROSS JOIN LATERAL (SELECT * FROM message_folders
+                                  WHERE folder_id = %s AND uidvalidity = %s AND uid = u.uid
+                                  LIMIT 1) AS mf
              JOIN folders f ON f.id = mf.folder_id
              LEFT JOIN messages m ON m.id = mf.message_id
-            WHERE mf.folder_id = %s AND mf.uidvalidity = %s AND mf.uid = ANY(%s)
             ORDER BY mf.uid""",
-        (folder_id, uidvalidity, list(uids))).fetchall()
+        (sorted(set(uids)), folder_id, uidvalidity)).fetchall()
     changes = []
     for r in rows:
         uid, old = int(r["uid"]), before.placements.get(int(r["uid"]))

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailferry import db, repository
+from mailferry import db, outbox, repository
 from mailferry.devkit import services
 from mailferry.messages import (
     FetchedMessage,
@@ -477,3 +477,26 @@ def test_looking_messages_up_by_hash_reads_only_the_batch_however_big_the_mailbo
                  FROM pg_stat_xact_user_tables WHERE relname = 'messages'""").fetchone()
     assert set(found) == set(hashes[-100:])
     assert read is not None and read["n"] <= 101
+
+
+def test_reading_a_batchs_placements_before_and_after_its_write_reads_only_the_batch(
+        conn: db.Connection) -> None:
+    """The change stream's snapshots (outbox.messages_before, message_changes) of a batch in
+    a folder new to the statistics probe the batch's UIDs, never the whole folder."""
+    mailbox_id = services.mailbox_row(conn)
+    row = conn.execute("INSERT INTO folders (mailbox_id, name, raw_name, sync_enabled) "
+                       "VALUES (%s, 'INBOX', 'INBOX', true) RETURNING id", (mailbox_id,)).fetchone()
+    assert row is not None
+    conn.execute("INSERT INTO message_folders (folder_id, uidvalidity, uid) "
+                 "SELECT %s, 1, generate_series(1, 3000)", (row["id"],))
+    batch = [*range(2901, 3001), 3001]
+    with conn.transaction():
+        before = outbox.messages_before(conn, mailbox_id, row["id"], 1, batch)
+        changes = outbox.message_changes(conn, mailbox_id, row["id"], 1, batch,
+                                         outbox.MessagesBefore({}, set()), 1)
+        read = conn.execute(
+            """SELECT seq_tup_read + idx_tup_fetch AS n
+                 FROM pg_stat_xact_user_tables WHERE relname = 'message_folders'""").fetchone()
+    assert sorted(before.placements) == list(range(2901, 3001))
+    assert len(changes) == 100
+    assert read is not None and read["n"] <= 2 * 101
