@@ -301,6 +301,11 @@ class Client(IMAPClient):  # type: ignore[misc]
         super().__init__(host, port, ssl=False,
                          timeout=SocketTimeout(connect=connect_timeout, read=limits.read_timeout))
         self.normalise_times = False  # keep INTERNALDATE's zone
+        # imapclient turns imaplib's protocol trace on (debug 5, sent to a DEBUG logger), and
+        # imaplib formats every line and literal with %r before the logger can say no: 40% of
+        # the fetcher's CPU in a first sync (issue 11), and mail bodies in a log if DEBUG
+        # were ever enabled. Mailferry logs its own structured lines instead.
+        self._imap.debug = 0
         self.folder_encode = False  # raw (modified UTF-7) names; decoded by the folders module
 
     def _create_IMAP4(self) -> BoundedIMAP4:
