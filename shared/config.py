@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     push_backoff_max: float = Field(default=300.0, gt=0, description="longest reconnect wait")
 
     persister_prefetch: int = Field(default=4, ge=1)
+    # Events one persister process applies at once (threads, each with its own PostgreSQL
+    # connection): a batch mostly waits on PostgreSQL writing its raw bytes, so a second thread
+    # keeps the process busy meanwhile (bench/initial_sync.py). Events of one run may be applied
+    # side by side, as by several persister processes (DESIGN invariant 2).
+    persister_concurrency: int = Field(default=2, ge=1, le=64)
     # Mailboxes one fetcher process syncs at once (threads: a sync mostly waits on its server);
     # the fetcher's broker prefetch is the same number. 16: a no-op sync 50 ms away is about
     # 0.45 s of round trips, so 2 processes at 8 could not pass 35 mailboxes/s (bench/scale.py).

@@ -1,4 +1,5 @@
-"""Wiring of a persister worker: a database connection in, then consume sync events."""
+"""Wiring of a persister worker: database connections in (one per handler thread), then consume sync
+events."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from mailferry.services.persister.relay import Relay
 
 def main(settings: Settings) -> None:
     start(settings, "persister")
-    deps = PersisterDeps(connection=db.Reconnecting(settings.database_url))
+    connections = db.ReconnectingPerThread(settings.database_url)
+    deps = PersisterDeps(connection=connections)
 
     last_event = [0.0]  # when the latest event was handled
     in_flight = [0]  # events being handled now
@@ -71,7 +73,9 @@ def main(settings: Settings) -> None:
                    {kind: busy(handler) for kind, handler in HANDLERS.items()},
                    Publisher(settings.broker_url, settings.retry_delays),
                    prefetch=settings.persister_prefetch,
+                   concurrency=settings.persister_concurrency,
                    on_retry_exhausted=functools.partial(event_given_up, deps=deps),
                    on_stop=stop_helpers)
     finally:
         stop_helpers()  # run_worker may fail before it consumes
+        connections.close()
