@@ -840,3 +840,13 @@ def test_the_models_are_frozen() -> None:
 ])
 def test_the_message_id_from_the_header_alone_is_what_the_whole_parse_says(raw: bytes) -> None:
     assert message_id_of(raw) == parse_message(raw).message_id
+
+
+@given(value=st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e),
+                     max_size=40),
+       bracketed=st.booleans(), name=st.sampled_from(["Message-ID", "message-id", "MESSAGE-ID"]),
+       newline=st.sampled_from(["\r\n", "\n"]))
+def test_any_one_line_message_id_from_the_header_alone_is_what_the_whole_parse_says(
+        value: str, bracketed: bool, name: str, newline: str) -> None:
+    raw = f"{name}: {'<' + value + '>' if bracketed else value}{newline}{newline}body".encode()
+    assert message_id_of(raw) == parse_message(raw).message_id
