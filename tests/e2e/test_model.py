@@ -18,7 +18,9 @@ and a persister run as processes. After every sync:
   follow the product's rules: a folder appearing later is enabled only if the ``--folders``
   selection names it; a folder deleted on the server is kept with ``gone_at`` set if it holds
   synced mail and is gone otherwise; a rename is recognized by the UIDVALIDITY the folder keeps
-  (only when the old name vanished) and keeps the folder's row, settings and mail - or, while the
+  (only when the old name vanished), or, for a vanished enabled folder, by the one new folder
+  holding its newest stored Message-IDs (a new UIDVALIDITY: Courier, or a rename and a re-creation
+  between two syncs), and keeps the folder's row, settings and mail - or, while the
   persister has no rename detection (no "rename" in ``store.upsert_folders``), is a deletion plus
   a new folder;
 * a sync after no change fetches nothing (invariant 6: ``messages_stored`` is 0);
@@ -53,6 +55,7 @@ import inspect
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -75,6 +78,7 @@ from imapclient import IMAPClient
 from mailferry import db
 from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
+from mailferry.services.fetcher.planning import RENAME_SAMPLE
 from mailferry.services.persister import store as persister_store
 
 PROFILES: dict[str, dict[str, int]] = {
@@ -172,6 +176,7 @@ class SyncModel(RuleBasedStateMachine):
         self.counts: dict[str, int] = {"INBOX": 0, "Work": 0}  # messages per server folder
         self.rows: dict[str, Row] = {}  # the store's folders, as the model expects them
         self.hashes: set[str] = set()  # every sha256 synced into this mailbox
+        self.message_ids: dict[str, str] = {}  # sha256 -> Message-ID, of what the server held
         # raw_messages is shared by all mailboxes: what earlier examples left in it
         self.raw_before = {bytes(r["sha256"]).hex() for r in ctx.conn.execute(
             "SELECT sha256 FROM raw_messages").fetchall()}
@@ -224,7 +229,30 @@ class SyncModel(RuleBasedStateMachine):
                 out[name] = ServerFolder(
                     int(info[b"UIDVALIDITY"]),
                     {uid: (_sha(d[b"BODY[]"]), _flags(d[b"FLAGS"])) for uid, d in fetched.items()})
+                for d in fetched.values():
+                    found = re.search(rb"Message-ID: <([^>]+)>", d[b"BODY[]"])
+                    if found:
+                        self.message_ids[_sha(d[b"BODY[]"])] = found.group(1).decode()
         return out
+
+    def _renamed_by_content(self, server: dict[str, ServerFolder], vanished: list[str],
+                            candidates: list[str]) -> dict[str, str]:
+        """The product's second way (a server that gives a renamed folder a new UIDVALIDITY,
+        as Courier does, or a folder renamed and re-created between two syncs): a vanished
+        enabled folder is the one new folder holding all of its newest stored Message-IDs among
+        its own newest messages (services/fetcher/planning.py, ``detect_renames``).
+        Returns new name -> old name."""
+        found: dict[str, str] = {}
+        for old in sorted(vanished):
+            stored = self.rows[old].messages  # the newest stored, as newest_message_ids reads
+            sample = {self.message_ids[stored[uid][0]]
+                      for uid in sorted(stored, reverse=True)[:RENAME_SAMPLE]}
+            holders = [name for name in candidates if sample and sample <= {
+                self.message_ids.get(sha, "") for _, (sha, _) in sorted(
+                    server[name].messages.items())[-RENAME_SAMPLE * 5:]}]
+            if len(holders) == 1 and holders[0] not in found:
+                found[holders[0]] = old
+        return found
 
     def _expect_folders(self, server: dict[str, ServerFolder]) -> set[str]:
         """Apply a listing of the server's folders to the model (what every run does first):
@@ -237,6 +265,12 @@ class SyncModel(RuleBasedStateMachine):
             for name in sorted(listed - set(self.rows)):
                 old = vanished.pop(server[name].uidvalidity, None)
                 if old is not None:
+                    self.rows[name] = self.rows.pop(old)
+                    renamed.add(name)
+            unmatched = [old for old in vanished.values() if self.rows[old].enabled]
+            candidates = sorted(listed - set(self.rows))
+            if unmatched and candidates:
+                for name, old in self._renamed_by_content(server, unmatched, candidates).items():
                     self.rows[name] = self.rows.pop(old)
                     renamed.add(name)
         initial = {f.casefold() for f in INITIAL_FOLDERS}
