@@ -106,7 +106,7 @@ def timed_tick(conn: db.Connection, publisher: PublisherPool, settings: Settings
         setattr(handlers, name, wrap(name, function))
     try:
         started = time.perf_counter()
-        queued = handlers.tick(conn, publisher.publish, settings)
+        queued = handlers.tick(conn, publisher.publish, settings, publisher.publish_many)
         total = time.perf_counter() - started
     finally:
         for name, function in originals.items():
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         # as the scheduler's main does: several publishers, their confirms overlapping
         publisher = PublisherPool(broker_url, settings.retry_delays, PARALLEL_PUBLISHES)
         try:
-            handlers.tick(conn, publisher.publish, settings)  # connect, declare: not timed
+            handlers.tick(conn, publisher.publish, settings,  # connect, declare: not timed
+                          publisher.publish_many)
             for case, count in (("few due", args.few), ("none due", 0), ("many due", args.many)):
                 make_due(conn, count, interval)
                 result = timed_tick(conn, publisher, settings)

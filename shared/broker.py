@@ -91,6 +91,15 @@ class Outgoing:
     content_type: str = messages.JSON_CONTENT_TYPE
 
 
+def outgoing(message: messages.AnyMessage) -> Outgoing:
+    """A message as published: commands to the commands exchange, events to the events one."""
+    exchange = topology.COMMANDS if isinstance(message, messages.COMMANDS) else topology.EVENTS
+    return Outgoing(messages.encode(message), exchange=exchange.name,
+                    routing_key=message.routing_key, type_=message.type,
+                    headers={"schema-version": message.version},
+                    content_type=messages.content_type(message))
+
+
 class Publisher:
     """Publishes mailferry messages with confirms; reconnects on its own. Thread-safe: one
     publish at a time, so that two threads never read each other's confirms off the socket."""
@@ -140,16 +149,14 @@ class Publisher:
         self._returned = f"{exchange or '(default)'} / {routing_key}: {exc}"
 
     def publish(self, message: messages.AnyMessage) -> None:
-        is_command = isinstance(message, messages.COMMANDS)
-        exchange = topology.COMMANDS if is_command else topology.EVENTS
-        self.publish_raw(
-            messages.encode(message),
-            exchange=exchange.name,
-            routing_key=message.routing_key,
-            type_=message.type,
-            headers={"schema-version": message.version},
-            content_type=messages.content_type(message),
-        )
+        out = outgoing(message)
+        self.publish_raw(out.body, exchange=out.exchange, routing_key=out.routing_key,
+                         type_=out.type_, headers=out.headers, content_type=out.content_type)
+
+    def publish_many(self, batch: Sequence[messages.AnyMessage]) -> None:
+        """:meth:`publish` for many messages, with one wait for all their confirms
+        (:meth:`publish_batch`: no retry; on failure, which of them RabbitMQ took is unknown)."""
+        self.publish_batch([outgoing(m) for m in batch])
 
     def publish_raw(
         self,

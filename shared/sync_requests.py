@@ -3,8 +3,8 @@
 The run row is committed before the command is published, so every command has a run; a
 partial unique index allows one queued-or-running run per mailbox, so two schedulers (or a
 scheduler and an operator) can never queue the same mailbox twice. A run whose command could not be
-published is marked failed at once; one whose publisher crashed in between is expired by the
-scheduler after MAILFERRY_RUN_TIMEOUT.
+published is marked failed at once (or, published in a batch, withdrawn: see ``publish_many``);
+one whose publisher crashed in between is expired by the scheduler after MAILFERRY_RUN_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -33,12 +33,18 @@ class Requested:
 #: leaves at most this many runs to expire (MAILFERRY_RUN_TIMEOUT).
 CHUNK = 500
 
+Command = SyncMailbox | SyncFolders
+#: (published, failed with their error, never tried)
+_Outcome = tuple[list[Command], list[tuple[Command, BrokerUnavailable]], list[Command]]
+
 
 def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
                   mailbox_ids: Iterable[int], *, requested_by: str,
                   force: bool = False, folders_only: bool = False,
                   wait_behind_folder_runs: float = 0.0, parallel: int = 1,
-                  folders: Sequence[str] | None = None) -> list[Requested]:
+                  folders: Sequence[str] | None = None,
+                  publish_many: Callable[[Sequence[AnyMessage]], None] | None = None,
+                  ) -> list[Requested]:
     """Queue runs; a mailbox with a run already queued or running gets that run back. A mail
     sync asked for while a (short) folder-list run is active can wait for it to end
     (``wait_behind_folder_runs`` seconds), so the mail is synced, not merely the folders.
@@ -48,7 +54,12 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
     ``parallel`` at a time (give a ``publish`` that can: ``app.publishing.PublisherPool``).
     If the broker fails, the run whose command failed is marked failed and the
     rest of the chunk is withdrawn: those mailboxes are due again at the next tick.
-    ``folders`` (raw names) limits the mail syncs to those enabled folders (push)."""
+    ``folders`` (raw names) limits the mail syncs to those enabled folders (push).
+    ``publish_many`` (``Publisher.publish_many``) publishes a chunk's commands with one wait
+    for their confirms instead of one each; if it fails, which of them RabbitMQ took is
+    unknown, so every run of the chunk still queued is withdrawn (due again at the next tick)
+    and a command that did arrive registers its run again at the fetcher, or finds another
+    run active and is skipped (``services/fetcher/handlers.py``)."""
     ids = list(dict.fromkeys(mailbox_ids))
     kind = runs.RunKind.FOLDERS if folders_only else runs.RunKind.MAILBOX
     only = None if folders is None else tuple(folders)
@@ -58,13 +69,22 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
         with conn.transaction():
             queued = runs.request_many(conn, chunk, kind=kind, force=force,
                                        requested_by=requested_by)
-        commands: list[SyncMailbox | SyncFolders] = [
+        commands: list[Command] = [
             SyncFolders(run_id=queued[m], mailbox_id=m, force=force, requested_by=requested_by)
             if folders_only else
             SyncMailbox(run_id=queued[m], mailbox_id=m, force=force, requested_by=requested_by,
                         folders=only)
             for m in chunk if m in queued]
-        published, failed, skipped = _publish_all(publish, commands, parallel)
+        outcome: _Outcome = (commands, [], [])
+        if publish_many is not None and len(commands) > 1:
+            try:
+                publish_many(commands)
+            except Exception:
+                runs.withdraw(conn, [m.run_id for m in commands])
+                raise
+        else:
+            outcome = _publish_all(publish, commands, parallel)
+        published, failed, skipped = outcome
         if published:  # queued, whatever befalls the rest of the chunk
             metrics.RUNS_REQUESTED.labels(metrics.reason(requested_by)).inc(len(published))
         if failed:
@@ -82,10 +102,8 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
     return [out[m] for m in ids]
 
 
-def _publish_all(publish: Callable[[AnyMessage], None], commands: list[SyncMailbox | SyncFolders],
-                 parallel: int) -> tuple[list[SyncMailbox | SyncFolders],
-                                         list[tuple[SyncMailbox | SyncFolders, BrokerUnavailable]],
-                                         list[SyncMailbox | SyncFolders]]:
+def _publish_all(publish: Callable[[AnyMessage], None], commands: list[Command],
+                 parallel: int) -> _Outcome:
     """(published, failed with their error, never tried): after a failure, no more is tried."""
     published: list[SyncMailbox | SyncFolders] = []
     failed: list[tuple[SyncMailbox | SyncFolders, BrokerUnavailable]] = []

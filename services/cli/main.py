@@ -530,7 +530,8 @@ def sync(all_: bool, mailbox_ids: tuple[int, ...], force: bool, wait: bool, time
     conn = _conn(settings)
     with publishing.publisher_pool(settings) as pool:  # `--all`: many commands at once
         requested = app.request_sync(conn, pool.publish, None if all_ else mailbox_ids,
-                                     force=force, parallel=pool.size)
+                                     force=force, parallel=pool.size,
+                                     publish_many=pool.publish_many)
     runs = {r.run_id: r for r in requested}
     if not wait:
         out = [{"mailbox_id": r.mailbox_id, "run_id": r.run_id,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -16,16 +16,17 @@ from mailferry.sync_requests import due_mailboxes, expire_stale_runs, request_sy
 log = structlog.get_logger(__name__)
 
 
-def tick(conn: Connection, publish: Callable[[AnyMessage], None], settings: Settings) -> int:
+def tick(conn: Connection, publish: Callable[[AnyMessage], None], settings: Settings,
+         publish_many: Callable[[Sequence[AnyMessage]], None] | None = None) -> int:
     """Expire runs that never finished (and prune expired connection slots), then queue every
     due mailbox. Safe to run in several schedulers at once: the one-active-run index lets only
-    one of them queue a mailbox. Commands go out PARALLEL_PUBLISHES at a time (main.py gives a
-    PublisherPool that size)."""
+    one of them queue a mailbox. Commands go out in batches with one wait for their confirms
+    (``publish_many``; main.py gives a PublisherPool's), or else PARALLEL_PUBLISHES at a time."""
     expired = expire_stale_runs(conn, settings.run_timeout)
     slots.prune(conn)  # a dead process's connection slots, expired
     due = due_mailboxes(conn, settings.sync_interval)
     requested = request_syncs(conn, publish, due, requested_by="scheduler",
-                              parallel=PARALLEL_PUBLISHES)
+                              parallel=PARALLEL_PUBLISHES, publish_many=publish_many)
     queued = sum(1 for r in requested if r.queued)
     log.info("schedule.tick", due=len(due), queued=queued, expired=expired)
     return queued

@@ -42,7 +42,7 @@ def main(settings: Settings) -> None:
              push=settings.push)
     while not stop.is_set():
         try:
-            tick(connection(), publisher.publish, settings)
+            tick(connection(), publisher.publish, settings, publisher.publish_many)
         except MailferryError as exc:  # the database or broker is away: try again next tick
             log.warning("schedule.tick_failed", error=str(exc))
         except Exception:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, fi
 
 from mailferry import db, metrics, oauth, repository
 from mailferry.app import validation as valid
-from mailferry.app.publishing import Publish
+from mailferry.app.publishing import Publish, PublishMany
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
 from mailferry.errors import ConfigError, InvalidInput, MailferryError, NotFound
@@ -676,11 +676,14 @@ def list_folders(conn: db.Connection, mailbox_id: int) -> list[dict[str, Any]]:
 
 def request_sync(conn: db.Connection, publish: Publish, mailbox_ids: Sequence[int] | None, *,
                  force: bool = False, requested_by: str = "cli",
-                 wait_behind_folder_runs: float = 30.0, parallel: int = 1) -> list[Requested]:
+                 wait_behind_folder_runs: float = 30.0, parallel: int = 1,
+                 publish_many: PublishMany | None = None,
+                 ) -> list[Requested]:
     """Sync these mailboxes now (None: every enabled one); the manual counterpart of the
     schedule. A mailbox with a run already queued or running gets that run back. A disabled
     mailbox, or one with invalid credentials, is synced only with ``force``. ``parallel``:
-    commands published at once, with a ``publish`` that can (``app.publishing.PublisherPool``)."""
+    commands published at once, with a ``publish`` that can (``app.publishing.PublisherPool``);
+    ``publish_many``: whole batches with one wait for their confirms (``request_syncs``)."""
     if mailbox_ids is None:
         ids = [r["id"] for r in conn.execute(
             """SELECT id FROM mailboxes WHERE (sync_enabled OR %s) AND removing_at IS NULL
@@ -692,7 +695,8 @@ def request_sync(conn: db.Connection, publish: Publish, mailbox_ids: Sequence[in
             if not mailbox.sync_enabled and not force:
                 raise ConfigError(f"mailbox {mailbox_id} has sync disabled; use --force")
     return request_syncs(conn, publish, ids, requested_by=requested_by, force=force,
-                         wait_behind_folder_runs=wait_behind_folder_runs, parallel=parallel)
+                         wait_behind_folder_runs=wait_behind_folder_runs, parallel=parallel,
+                         publish_many=publish_many)
 
 
 def run_states(conn: db.Connection, run_ids: Sequence[uuid.UUID]) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -166,3 +166,38 @@ def test_when_the_broker_fails_mid_tick_the_unpublished_mailboxes_are_due_again_
     assert [(r["mailbox_id"], r["status"]) for r in runs] == [(ids[0], "queued"), (ids[1], "failed")]
     assert tick(conn, publisher.publish, settings) == 2  # the two never published
     assert sorted(c.mailbox_id for c in _queued_commands(settings)) == [ids[0], ids[2], ids[3]]
+
+
+def test_a_tick_publishes_the_due_commands_in_batches_with_one_wait_for_their_confirms(
+    conn: db.Connection, settings: Settings, publisher: Publisher
+) -> None:
+    ids = _mailboxes(conn, enabled=5)
+    batches: list[int] = []
+
+    def publish_many(batch: Sequence[messages.AnyMessage]) -> None:
+        batches.append(len(batch))
+        publisher.publish_many(batch)
+
+    assert tick(conn, publisher.publish, settings, publish_many) == 5
+    assert batches == [5]
+    assert sorted(c.mailbox_id for c in _queued_commands(settings)) == ids
+
+
+def test_when_a_batch_publish_fails_its_runs_are_withdrawn_and_due_again_at_the_next_tick(
+    conn: db.Connection, settings: Settings, publisher: Publisher
+) -> None:
+    ids = _mailboxes(conn, enabled=4)
+    arrived: list[int] = []
+
+    def failing(batch: Sequence[messages.AnyMessage]) -> None:
+        publisher.publish(batch[0])  # RabbitMQ took some of it before the failure
+        arrived.append(batch[0].mailbox_id)  # type: ignore[union-attr]
+        raise BrokerUnavailable("batch publish to RabbitMQ failed: injected")
+
+    with pytest.raises(BrokerUnavailable):
+        tick(conn, publisher.publish, settings, failing)
+    assert conn.execute("SELECT count(*) AS n FROM sync_runs").fetchone() == {"n": 0}
+    assert tick(conn, publisher.publish, settings, publisher.publish_many) == 4
+    # the command that did arrive names a withdrawn run: the fetcher registers it again, or
+    # skips it when the mailbox has another run (services/fetcher/handlers.py)
+    assert sorted(c.mailbox_id for c in _queued_commands(settings)) == sorted([*arrived, *ids])
