@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -150,6 +151,7 @@ def _address() -> str:
             proc.kill()
             raise RuntimeError("the CLI fork server did not start")
         atexit.register(proc.kill)
+        atexit.register(shutil.rmtree, folder, True)  # runs first (atexit is last in, first out)
         _server = (proc, path)
         return path
 
