@@ -48,10 +48,20 @@ def settle(conn: Connection, mailbox_id: int, run_id: uuid.UUID, token: int,
     announced batches are all stored (their checkpoint moves), then the run once every folder
     is closed. Returns the run's final status, if reached.
 
+    Folders close only once the run's listing is stored: before it, a folder new to the store
+    has no row to take its checkpoint (an empty folder's FolderSynced announces no batch, so
+    it can be stored first), and a renamed one still has its old name.
+
     The caller holds the run row's lock since the start of its transaction (the order of
     ``shared.runs``), so what is read here includes every earlier event of the run; then the
     folders to close (by id), then (when it finishes) the mailbox.
     """
+    run = runs.lock(conn, run_id)  # held already: this only reads it
+    if run is None:
+        return None
+    run = runs.record(conn, run, progress)
+    if not run.active or run.lease_token != token or not run.folders_listed:
+        return None
     pending = conn.execute(
         """SELECT f.folder, f.uidvalidity, f.batches, f.last_uid, f.uidnext, f.highest_modseq,
                   f.error, f.backfill_below,
@@ -70,12 +80,6 @@ def settle(conn: Connection, mailbox_id: int, run_id: uuid.UUID, token: int,
                 ORDER BY id FOR UPDATE""",
             (mailbox_id, [f["folder"] for f in closing]),
         )
-    run = runs.lock(conn, run_id)  # held already: this only reads it
-    if run is None:
-        return None
-    run = runs.record(conn, run, progress)
-    if not run.active or run.lease_token != token:
-        return None
     for f in closing:
         _advance_folder(conn, run.mailbox_id, f)
     if closing:
@@ -84,7 +88,7 @@ def settle(conn: Connection, mailbox_id: int, run_id: uuid.UUID, token: int,
                 WHERE run_id = %s AND lease_token = %s AND folder = ANY(%s)""",
             (run_id, token, [f["folder"] for f in closing]),
         )
-    if run.folders_expected is None or not run.folders_listed:
+    if run.folders_expected is None:
         return None
     done = conn.execute(
         """SELECT count(*) AS n, count(error) AS failed,

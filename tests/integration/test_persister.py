@@ -235,6 +235,36 @@ def test_every_permutation_of_a_small_stream_converges(
     assert results[0]["runs"] == [{"status": "done", "messages_stored": 4}]
 
 
+def test_an_empty_folder_takes_its_checkpoint_whichever_of_its_runs_events_comes_first(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    """An empty folder's FolderSynced announces no batch, so it can be stored before the run's
+    listing has made the folder's row (two persister threads, two persisters): the checkpoint
+    then waits for the listing instead of being lost (a lost UIDVALIDITY hid a later rename)."""
+    mailbox_id = services.mailbox_row(conn)
+    inbox = FolderInfo(name="INBOX", raw_name="INBOX", delimiter="/", type="inbox")
+    drafts = FolderInfo(name="Drafts", raw_name="Drafts", delimiter="/", type="drafts")
+    results = []
+    for order in itertools.permutations(range(3)):
+        _reset(conn)
+        common: dict[str, Any] = {"run_id": _run(conn, mailbox_id), "mailbox_id": mailbox_id,
+                                  "lease_token": 1}
+        racing = [
+            FoldersListed(**common, folders=(inbox, drafts), first_listing=True),
+            FolderSynced(**common, folder="Drafts", uidvalidity=4, uidnext=1, last_uid=0,
+                         batches=0, messages=0),
+            SyncFinished(**common, folders=1, finished_at=NOW),
+        ]
+        handle(SyncStarted(**common, fetcher="test", started_at=NOW), deps)
+        for i in order:
+            handle(racing[i], deps)
+        results.append(_state(conn))
+    assert all(r == results[0] for r in results), results
+    drafts_row = next(f for f in results[0]["folders"] if f["name"] == "Drafts")
+    assert (drafts_row["uidvalidity"], drafts_row["last_uid"]) == (4, 0)
+    assert results[0]["runs"] == [{"status": "done", "messages_stored": 0}]
+
+
 def _reset(conn: db.Connection) -> None:
     conn.execute("TRUNCATE folders, messages, raw_messages, message_folders, sync_runs, "
                  "sync_folders, sync_batches CASCADE")
