@@ -7,7 +7,16 @@ report it. Anything else is a bug: it is retried within the budget, then dead-le
 
 from __future__ import annotations
 
+import random
 from enum import StrEnum
+
+
+def backoff(failures: int, base: float, cap: float, *, jitter: float = 0.5) -> float:
+    """Seconds to wait after ``failures`` failures in a row (1 or more): ``base`` doubling with
+    each, at most ``cap``; the last ``jitter`` share of it random (0: none, 1: all), so that what
+    failed together does not come back together. The one back-off rule of mailferry."""
+    longest = min(cap, base * 2.0 ** min(max(failures, 1) - 1, 30))
+    return longest * (1.0 - jitter + random.random() * jitter)
 
 
 class ErrorKind(StrEnum):

@@ -29,7 +29,6 @@ after a refusal). The outbox takes the mailbox row's lock, the last of the order
 
 from __future__ import annotations
 
-import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from typing import Any
 
 from mailferry import outbox
 from mailferry.db import Connection
-from mailferry.errors import ErrorKind
+from mailferry.errors import ErrorKind, backoff
 from mailferry.messages import (
     MailboxCredentialsInvalid,
     MailboxCredentialsRestored,
@@ -180,7 +179,7 @@ def waiting(conn: Connection, run_id: uuid.UUID, mailbox_id: int, reason: str, *
                 WHERE id = %s AND status = ANY(%s) RETURNING attempts""",
             (ErrorKind.THROTTLED, clean_text(reason)[:2000], run_id, _ACTIVE)).fetchone()
         waits = int(row["attempts"]) if row else 1
-        seconds = min(cap, base * 2.0 ** min(waits - 1, 30)) * (0.5 + random.random() * 0.5)
+        seconds = backoff(waits, base, cap)
         conn.execute(
             """UPDATE mailboxes SET throttled_until = GREATEST(throttled_until,
                       now() + make_interval(secs => %s))
@@ -317,18 +316,20 @@ def throttled(conn: Connection, run_id: uuid.UUID, mailbox_id: int, error: str, 
 def _throttled(conn: Connection, run_id: uuid.UUID, mailbox_id: int, error: str, *,
                base: float, cap: float, suggested: float | None) -> datetime:
     _close(conn, run_id, RunStatus.FAILED, ErrorKind.THROTTLED, error)
-    row = conn.execute(
+    count = conn.execute(
         """UPDATE mailboxes
               SET throttle_count = throttle_count + 1,
-                  throttled_until = now() + make_interval(secs => GREATEST(%(suggested)s,
-                      LEAST(%(cap)s, %(base)s * power(2, LEAST(throttle_count, 30)))
-                      * (0.5 + random() * 0.5))),
                   last_sync_at = now(), last_sync_status = %(status)s, last_error = %(error)s,
                   last_error_kind = %(kind)s
-            WHERE id = %(id)s RETURNING throttled_until""",
-        {"suggested": suggested or 0.0, "cap": cap, "base": base, "status": RunStatus.FAILED,
-         "error": clean_text(error)[:2000], "kind": ErrorKind.THROTTLED, "id": mailbox_id},
+            WHERE id = %(id)s RETURNING throttle_count""",
+        {"status": RunStatus.FAILED, "error": clean_text(error)[:2000],
+         "kind": ErrorKind.THROTTLED, "id": mailbox_id},
     ).fetchone()
+    assert count is not None
+    seconds = max(suggested or 0.0, backoff(int(count["throttle_count"]), base, cap))
+    row = conn.execute(
+        """UPDATE mailboxes SET throttled_until = now() + make_interval(secs => %s)
+            WHERE id = %s RETURNING throttled_until""", (seconds, mailbox_id)).fetchone()
     assert row is not None
     until: datetime = row["throttled_until"]
     return until

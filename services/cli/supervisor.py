@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from mailferry.errors import backoff
+
 log = structlog.get_logger(__name__)
 
 
@@ -65,7 +67,7 @@ def supervise(counts: dict[str, int], metrics_port: int | None = None) -> None:
             # Back off when a child keeps dying at once (e.g. the database is down).
             quick = time.monotonic() - child.started_at < 10
             child.restarts = child.restarts + 1 if quick else 0
-            delay = min(30.0, 2.0 ** child.restarts) if quick else 0.0
+            delay = backoff(child.restarts + 1, 1.0, 30.0, jitter=0.0) if quick else 0.0
             log.warning("child.exited", service=child.service, code=code, restart_in=delay)
             time.sleep(delay)
             child.start()

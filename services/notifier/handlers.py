@@ -23,6 +23,7 @@ import structlog
 
 from mailferry.db import Connection
 from mailferry.domain import CREDENTIAL_CAPABILITY
+from mailferry.errors import backoff
 from mailferry.messages import CredentialsInvalid, CredentialsRestored
 from mailferry.mime import clean_text
 
@@ -200,7 +201,8 @@ def deliver_pending(deps: NotifierDeps, limit: int = 100) -> int:
             try:
                 _send(deps, row)
             except Exception as exc:
-                delay = min(RETRY_MAX_SECONDS, deps.retry_base_seconds * 2 ** row["attempts"])
+                delay = backoff(row["attempts"] + 1, deps.retry_base_seconds, RETRY_MAX_SECONDS,
+                                jitter=0.0)
                 conn.execute(
                     """UPDATE notification_deliveries
                           SET attempts = attempts + 1, last_error = %s,

@@ -28,7 +28,6 @@ the schedule syncs the mailbox. A server's "too many connections" is the same ba
 from __future__ import annotations
 
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ from contextlib import contextmanager
 import structlog
 
 from mailferry import oauth
-from mailferry.errors import ImapAuthError, MailferryError
+from mailferry.errors import ImapAuthError, MailferryError, backoff
 from mailferry.imap import Authenticator, ImapConfig, OAuth2Auth
 from mailferry.imap.connection import ImapConnector
 from mailferry.imap.idle import PushSession, Status
@@ -147,7 +146,7 @@ class Watch:
                 failures += 1
                 self.state = "backoff"
                 self.error = str(exc)
-                delay = random.uniform(0, min(self.backoff_max, 2.0 ** min(failures, 16)))
+                delay = backoff(failures + 1, 1.0, self.backoff_max, jitter=1.0)
                 delay = max(delay, getattr(exc, "retry_after", None) or 0.0)
                 log.info("watch.backoff", error=str(exc), seconds=round(delay, 2))
                 self._stop.wait(delay)

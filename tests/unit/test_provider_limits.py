@@ -10,6 +10,7 @@ import pytest
 from mailferry import budget
 from mailferry.budget import Budget
 from mailferry.config import Settings
+from mailferry.errors import backoff
 from mailferry.imap.connection import throttled
 from mailferry.messages import AnyMessage, FolderSynced, MessagesFetched
 from mailferry.repository import FolderState
@@ -48,6 +49,14 @@ def test_a_refused_login_or_a_plain_error_is_not_throttling(answer: str) -> None
 def test_exchanges_suggested_backoff_is_kept_in_seconds() -> None:
     error = throttled("outlook.office365.com:993", THROTTLING[4])
     assert error is not None and error.retry_after == pytest.approx(299.961)
+
+
+def test_the_back_off_doubles_from_its_base_up_to_its_cap_with_its_jitter_share_random() -> None:
+    waits = [[backoff(n, 300, 3600) for _ in range(200)] for n in (1, 2, 3, 4, 5, 99)]
+    for wait, longest in zip(waits, (300, 600, 1200, 2400, 3600, 3600), strict=True):
+        assert longest / 2 <= min(wait) < max(wait) <= longest  # half fixed, half random
+    assert [backoff(n, 1.0, 30.0, jitter=0.0) for n in range(1, 7)] == [1, 2, 4, 8, 16, 30]
+    assert 0.0 <= min(backoff(3, 1.0, 30.0, jitter=1.0) for _ in range(200)) < 1.0
 
 
 def test_gmail_hosts_have_a_daily_budget_and_others_none_unless_set() -> None:
