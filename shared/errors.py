@@ -61,6 +61,8 @@ class NoConnectionSlot(Postponed):
     """Every slot of the account's (or the host's) connection budget is held by other IMAP
     connections of the deployment (``shared/slots.py``)."""
 
+    kind = ErrorKind.THROTTLED
+
 
 class PermanentError(MailferryError):
     pass

@@ -35,6 +35,7 @@ from mailferry.errors import (
     ImapError,
     InvalidInput,
     MailferryError,
+    NoConnectionSlot,
     NotFound,
     TransientError,
 )
@@ -458,7 +459,7 @@ def mailbox_check(mailbox_id: int, as_json: bool) -> None:
     app.get_mailbox(conn, mailbox_id)
     try:
         result = app.check_mailbox(conn, PasswordBox(settings.secret_key), settings, mailbox_id)
-    except ImapError as exc:
+    except (ImapError, NoConnectionSlot) as exc:
         if as_json:
             _json({"ok": False, "error_kind": exc.kind, "error": str(exc)})
             sys.exit(EXIT_FAILED)

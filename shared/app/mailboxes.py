@@ -9,6 +9,8 @@ mailferry's own errors (``shared.errors``), each one clear line.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,12 +20,12 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from mailferry import db, metrics, oauth, repository
+from mailferry import db, metrics, oauth, repository, slots
 from mailferry.app import validation as valid
 from mailferry.app.publishing import Publish, PublishMany
 from mailferry.config import Settings
 from mailferry.crypto import PasswordBox
-from mailferry.errors import ConfigError, InvalidInput, MailferryError, NotFound
+from mailferry.errors import ConfigError, InvalidInput, MailferryError, NoConnectionSlot, NotFound
 from mailferry.imap import Folder, ImapEmailFolderManager, connector_factory
 from mailferry.sync_requests import Requested, request_syncs
 
@@ -602,7 +604,9 @@ class CheckResult:
 def check_mailbox(conn: db.Connection, box: PasswordBox, settings: Settings,
                   mailbox_id: int) -> CheckResult:
     """Log in now and list the folder tree and the server's capabilities. A refused login, an
-    unreachable server or a bad certificate raise ``ImapError`` (``kind`` says which)."""
+    unreachable server or a bad certificate raise ``ImapError`` (``kind`` says which). The
+    connection counts in the account's connection budget like a sync's (``shared/slots.py``):
+    ``NoConnectionSlot`` when every slot is taken."""
     mailbox = get_mailbox(conn, mailbox_id)
     valid.host(mailbox.host, f"mailbox {mailbox_id}'s stored host")  # stored before validation
     config = mailbox.imap_config(box, timeout=settings.imap_timeout,
@@ -611,9 +615,18 @@ def check_mailbox(conn: db.Connection, box: PasswordBox, settings: Settings,
                                  limits=settings.imap_limits())
     started = time.monotonic()
     auth = oauth.authenticator(mailbox, conn, box, timeout=settings.imap_timeout)
-    with connector_factory.create_imap_connector(config, auth) as connector:
-        tree = ImapEmailFolderManager(connector).get_folders(None, recursive=True)
-        capabilities = sorted(connector.capabilities())
+    slot = slots.claim(conn, settings, holder=f"check@{socket.gethostname()}:{os.getpid()}",
+                       mailbox_id=mailbox_id, host=mailbox.host, username=mailbox.username,
+                       purpose=slots.Purpose.SYNC, seconds=settings.lease_seconds)
+    if slot is None:
+        raise NoConnectionSlot(slots.refused(mailbox.host, mailbox.username,
+                                             slots.Purpose.SYNC, settings))
+    try:
+        with connector_factory.create_imap_connector(config, auth) as connector:
+            tree = ImapEmailFolderManager(connector).get_folders(None, recursive=True)
+            capabilities = sorted(connector.capabilities())
+    finally:
+        slots.release(conn, slot)
     return CheckResult(server=config.address, security=config.security, username=config.username,
                        seconds=round(time.monotonic() - started, 3), capabilities=capabilities,
                        tree=list(tree))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from mailferry import db, slots
+from mailferry.config import Settings
 from mailferry.devkit import services
 from mailferry.devkit.dovecot import Dovecot
 from tests.bad_settings import add_alice_mailbox
@@ -59,3 +61,23 @@ def test_check_with_the_right_settings_prints_the_folder_tree(
     assert out.startswith("ok: logged in to")
     assert "  INBOX  (inbox)" in out
     assert "    Été" in out
+
+
+def test_check_counts_in_the_accounts_connection_budget_and_says_when_it_is_full(
+    env: dict[str, str], alice_server: Dovecot, conn: db.Connection, settings: Settings
+) -> None:
+    mailbox_id = add_alice_mailbox(env, alice_server.host, alice_server.port, "secret")
+    one = {**env, "MAILFERRY_MAX_CONNECTIONS_PER_ACCOUNT": "1"}
+    taken = slots.claim(conn, settings.model_copy(update={"max_connections_per_account": 1}),
+                        holder="a sync", mailbox_id=mailbox_id, host=alice_server.host,
+                        username="alice", purpose=slots.Purpose.SYNC, seconds=60)
+    assert taken is not None
+    result = services.run_cli(["mailbox", "check", str(mailbox_id), "--json"], one)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert (report["ok"], report["error_kind"]) == (False, "throttled")
+    assert "no connection slot free for 'alice'" in report["error"]
+    slots.release(conn, taken)
+    assert services.run_cli(["mailbox", "check", str(mailbox_id)], one).returncode == 0
+    left = conn.execute("SELECT count(*) AS n FROM imap_connection_slots").fetchone()
+    assert left == {"n": 0}, "the check released its slot"
