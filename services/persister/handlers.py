@@ -18,7 +18,7 @@ import structlog
 
 from mailferry import outbox, runs
 from mailferry.db import Connection
-from mailferry.errors import PermanentError, TransientError
+from mailferry.errors import PermanentError, Postponed, TransientError
 from mailferry.messages import (
     AnyMessage,
     FetcherEvent,
@@ -68,6 +68,10 @@ def handle(event: FetcherEvent, deps: PersisterDeps) -> None:
                 # the run-level writes (batches, checkpoints, status) are keyed by run
                 raise PermanentError(f"run {event.run_id} belongs to mailbox {run.mailbox_id}, "
                                      f"not to mailbox {event.mailbox_id}")
+            if isinstance(event, MessagesFetched) and store.waits_for_listing(
+                    conn, run, event.mailbox_id, event.folder):
+                raise Postponed(f"folder {event.folder!r} is new and its run's listing is not "
+                                "stored yet: the folder is announced before its mail")
             changes: list[outbox.Change] = []
             summary, progress = apply(conn, event, prepared, changes)
             status = store.settle(conn, event.mailbox_id, event.run_id, event.lease_token,

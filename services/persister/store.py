@@ -242,9 +242,20 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
             "unmatched": len(unmatched), "vanished": len(vanished)}
 
 
+def waits_for_listing(conn: Connection, run: runs.Run | None, mailbox_id: int,
+                      raw_name: str) -> bool:
+    """Whether a batch of mail waits for its run's listing: its folder is new to the store and
+    the listing (stored by another thread or persister, events arrive in any order) is not,
+    so that the change stream announces the folder, with its type, before its mail. A run
+    that is no longer active waits for nothing (its listing may never come)."""
+    return (run is not None and run.active and not run.folders_listed
+            and conn.execute("SELECT 1 FROM folders WHERE mailbox_id = %s AND raw_name = %s",
+                             (mailbox_id, raw_name)).fetchone() is None)
+
+
 def folder_id(conn: Connection, mailbox_id: int, raw_name: str) -> int:
-    """The folder's id; a placeholder row if its FoldersListed has not been applied yet (events
-    arrive in any order), which that event then completes."""
+    """The folder's id; a placeholder row if the store has none (a batch that no longer waits
+    for its run's listing, see :func:`waits_for_listing`), which a listing then completes."""
     name, _ = decode_folder_name(raw_name.encode("utf-8", "surrogateescape"))
     row = conn.execute(
         """INSERT INTO folders (mailbox_id, name, raw_name, sync_enabled)

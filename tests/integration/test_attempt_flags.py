@@ -34,8 +34,9 @@ def _mailbox_and_run(conn: db.Connection) -> tuple[int, uuid.UUID]:
            VALUES ('m', 'h', 993, 'ssl', 'u', '\\x00') RETURNING id""").fetchone()
     assert row is not None
     run_id = uuid.uuid4()
-    conn.execute("INSERT INTO sync_runs (id, mailbox_id, status, requested_by) "
-                 "VALUES (%s, %s, 'queued', 'test')", (run_id, row["id"]))
+    # folders_listed: the run's listing counts as stored, so its mail waits for none
+    conn.execute("INSERT INTO sync_runs (id, mailbox_id, status, requested_by, folders_listed) "
+                 "VALUES (%s, %s, 'queued', 'test', true)", (run_id, row["id"]))
     return int(row["id"]), run_id
 
 

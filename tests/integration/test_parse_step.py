@@ -32,8 +32,9 @@ def _first_sync(conn: db.Connection, deps: PersisterDeps, *raws: bytes) -> int:
     """A mailbox whose first sync stored ``raws`` in INBOX (no checkpoint yet: backfill)."""
     mailbox_id = services.mailbox_row(conn)
     run_id = uuid.uuid4()
-    conn.execute("INSERT INTO sync_runs (id, mailbox_id, status, requested_by) "
-                 "VALUES (%s, %s, 'queued', 'test')", (run_id, mailbox_id))
+    # folders_listed: the run's listing counts as stored, so its mail waits for none
+    conn.execute("INSERT INTO sync_runs (id, mailbox_id, status, requested_by, folders_listed) "
+                 "VALUES (%s, %s, 'queued', 'test', true)", (run_id, mailbox_id))
     handle(MessagesFetched(run_id=run_id, mailbox_id=mailbox_id, lease_token=1, folder="INBOX",
                            uidvalidity=1, batch_no=0, messages=tuple(
                                FetchedMessage(uid=next(_uids), internal_date=NOW, size=len(raw),

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from mailferry import db, outbox, repository
 from mailferry.devkit import services
+from mailferry.errors import Postponed
 from mailferry.messages import (
     FetchedMessage,
     FetcherEvent,
@@ -44,10 +45,11 @@ def _stored_stream(conn: db.Connection, deps: PersisterDeps) -> int:
     return mailbox_id
 
 
-def _run(conn: db.Connection, mailbox_id: int) -> uuid.UUID:
+def _run(conn: db.Connection, mailbox_id: int, listed: bool = False) -> uuid.UUID:
+    """A queued run; ``listed``: its listing counts as stored (its mail waits for none)."""
     run_id = uuid.uuid4()
-    conn.execute("INSERT INTO sync_runs (id, mailbox_id, status, requested_by) "
-                 "VALUES (%s, %s, 'queued', 'test')", (run_id, mailbox_id))
+    conn.execute("INSERT INTO sync_runs (id, mailbox_id, status, requested_by, folders_listed) "
+                 "VALUES (%s, %s, 'queued', 'test', %s)", (run_id, mailbox_id, listed))
     return run_id
 
 
@@ -129,9 +131,54 @@ def test_any_order_with_duplicates_converges_to_the_same_state(
     run_id = _run(conn, mailbox_id)
     events = _stream(mailbox_id, run_id) * 2
     random.Random(seed).shuffle(events)
-    for event in events:
-        handle(event, deps)
+    _deliver(events, deps)
     assert _state(conn) == expected
+
+
+def _deliver(events: list[FetcherEvent], deps: PersisterDeps) -> int:
+    """As the broker delivers them: an event that is postponed comes back after the others.
+    Returns how many times events were postponed."""
+    queue, postponed, in_a_row = list(events), 0, 0
+    while queue:
+        event = queue.pop(0)
+        try:
+            handle(event, deps)
+        except Postponed:
+            queue.append(event)
+            postponed += 1
+            in_a_row += 1
+            assert in_a_row <= len(queue), f"postponed for ever: {queue}"
+            continue
+        in_a_row = 0
+    return postponed
+
+
+def test_mail_of_a_new_folder_waits_for_its_runs_listing_so_the_folder_is_announced_first(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = services.mailbox_row(conn)
+    stream = _stream(mailbox_id, _run(conn, mailbox_id))
+    # the first batches before the listing (another thread or persister took the listing)
+    assert _deliver([stream[0], stream[2], stream[4], stream[1], *stream[3:4], *stream[5:]],
+                    deps) == 2
+    changes = [(c["type"], c.get("folder"), c.get("folder_type"))
+               for c in outbox.since(conn, 0, mailbox_id)]
+    assert changes[:2] == [("FolderCreated", "INBOX", "inbox"), ("FolderCreated", "Sent", "sent")]
+    assert [t for t, _, _ in changes[2:]] == ["MessageStored"] * 4
+    assert _state(conn)["runs"] == [{"status": "done", "messages_stored": 4}]
+
+
+def test_mail_of_a_run_that_is_no_longer_active_waits_for_no_listing(
+    conn: db.Connection, deps: PersisterDeps
+) -> None:
+    mailbox_id = services.mailbox_row(conn)
+    run_id = _run(conn, mailbox_id)
+    stream = _stream(mailbox_id, run_id)
+    handle(stream[0], deps)
+    conn.execute("UPDATE sync_runs SET status = 'failed' WHERE id = %s", (run_id,))
+    handle(stream[2], deps)  # its listing may never come: stored at once, as before
+    placed = [(p["name"], p["uid"]) for p in _state(conn)["placements"]]
+    assert placed == [("INBOX", 1), ("INBOX", 2)]
 
 
 def test_a_checkpoint_waits_for_all_announced_batches(
@@ -166,7 +213,7 @@ def test_a_message_that_cannot_be_parsed_is_stored_with_its_exact_bytes(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
     mailbox_id = services.mailbox_row(conn)
-    run_id = _run(conn, mailbox_id)
+    run_id = _run(conn, mailbox_id, listed=True)
     hostile = b"\x00\xff\xfeSubject: \x00bad\xc3(\r\n\r\n\x00body\xff"
     common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
     handle(MessagesFetched(**common, folder="INBOX", uidvalidity=1, batch_no=0, messages=(
@@ -185,7 +232,7 @@ def test_big_messages_are_streamed_in_exactly_once_beside_small_ones_of_the_same
     from mailferry.services.persister.store import COPY_RAW_FROM
 
     mailbox_id = services.mailbox_row(conn)
-    run_id = _run(conn, mailbox_id)
+    run_id = _run(conn, mailbox_id, listed=True)
     big = b"Subject: big\r\n\r\n" + bytes(range(256)) * (COPY_RAW_FROM // 256 + 1)
     small = b"Subject: small\r\n\r\nhi\r\n"
     common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
