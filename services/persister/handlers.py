@@ -43,24 +43,52 @@ class PersisterDeps:
     connection: Callable[[], Connection]  # a live autocommit connection (reconnects if needed)
 
 
+#: Seconds a batch of a new folder waits, in its thread, for its run's listing (stored at that
+#: moment by another thread, most often) before it is postponed through a retry queue.
+LISTING_WAITS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
 def handle(event: FetcherEvent, deps: PersisterDeps) -> None:
     """Apply one event in one transaction: refused when fenced off, or when it names another
-    mailbox's run. A deadlock is retried by the broker like any transient fault, and logged."""
+    mailbox's run. A deadlock is retried by the broker like any transient fault, and logged. A
+    batch of a folder new to the store waits for its run's listing (``store.waits_for_listing``):
+    a moment in this thread, then ``Postponed``."""
     apply = _APPLY[type(event)]
     structlog.contextvars.bind_contextvars(type=type(event).__name__, mailbox_id=event.mailbox_id,
                                            run_id=str(event.run_id))
     started = time.monotonic()
     prepared = _prepare(event, deps.connection())
-    conn = deps.connection()
+    for wait in (*LISTING_WAITS, None):
+        try:
+            outcome = _apply(event, apply, prepared, deps.connection())
+        except _ListingFirst as exc:
+            if wait is None:
+                raise Postponed(str(exc)) from exc
+            time.sleep(wait)
+            continue
+        if outcome is not None:
+            summary, status = outcome
+            log.info("event.applied", seconds=round(time.monotonic() - started, 4),
+                     run_status=status, **summary)
+        return
+
+
+class _ListingFirst(Exception):
+    """A batch of a folder new to the store, whose run's listing is not stored yet."""
+
+
+def _apply(event: FetcherEvent, apply: Callable[[Connection, Any, Any, Changes], Applied],
+           prepared: Any, conn: Connection) -> tuple[dict[str, Any], str | None] | None:
+    """The event's transaction; None when it was refused (fenced off, mailbox gone)."""
     try:
         with conn.transaction():
             token = store.current_token(conn, event.mailbox_id)
             if token is None:
                 log.info("event.dropped", reason="mailbox no longer exists")
-                return
+                return None
             if event.lease_token < token:
                 log.warning("event.fenced", lease_token=event.lease_token, current=token)
-                return
+                return None
             # The run row first (the lock order of shared.runs): the events of one run are
             # applied one at a time, each seeing what the ones before it committed.
             run = runs.lock(conn, event.run_id)
@@ -70,8 +98,8 @@ def handle(event: FetcherEvent, deps: PersisterDeps) -> None:
                                      f"not to mailbox {event.mailbox_id}")
             if isinstance(event, MessagesFetched) and store.waits_for_listing(
                     conn, run, event.mailbox_id, event.folder):
-                raise Postponed(f"folder {event.folder!r} is new and its run's listing is not "
-                                "stored yet: the folder is announced before its mail")
+                raise _ListingFirst(f"folder {event.folder!r} is new and its run's listing is "
+                                    "not stored yet: the folder is announced before its mail")
             changes: list[outbox.Change] = []
             summary, progress = apply(conn, event, prepared, changes)
             status = store.settle(conn, event.mailbox_id, event.run_id, event.lease_token,
@@ -85,8 +113,7 @@ def handle(event: FetcherEvent, deps: PersisterDeps) -> None:
     except psycopg.errors.DeadlockDetected as exc:
         log.warning("event.deadlock", error=str(exc).splitlines()[0])
         raise TransientError(f"deadlock: {str(exc).splitlines()[0]}") from exc
-    log.info("event.applied", seconds=round(time.monotonic() - started, 4), run_status=status,
-             **summary)
+    return summary, status
 
 
 def event_given_up(event: AnyMessage, exc: BaseException, deps: PersisterDeps) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import random
 import threading
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -166,6 +167,28 @@ def test_mail_of_a_new_folder_waits_for_its_runs_listing_so_the_folder_is_announ
     assert changes[:2] == [("FolderCreated", "INBOX", "inbox"), ("FolderCreated", "Sent", "sent")]
     assert [t for t, _, _ in changes[2:]] == ["MessageStored"] * 4
     assert _state(conn)["runs"] == [{"status": "done", "messages_stored": 4}]
+
+
+def test_a_batch_waits_in_its_thread_for_the_listing_another_thread_is_storing(
+    conn: db.Connection, deps: PersisterDeps, database_url: str
+) -> None:
+    mailbox_id = services.mailbox_row(conn)
+    stream = _stream(mailbox_id, _run(conn, mailbox_id))
+    handle(stream[0], deps)
+    errors: list[BaseException] = []
+
+    def batch() -> None:
+        try:
+            handle(stream[2], PersisterDeps(connection=db.Reconnecting(database_url)))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+    thread = threading.Thread(target=batch)
+    thread.start()
+    time.sleep(0.05)
+    handle(stream[1], deps)  # the listing, stored while the batch waits
+    thread.join(10)
+    assert errors == [], "the batch was postponed instead of waiting for the listing"
+    assert [(p["name"], p["uid"]) for p in _state(conn)["placements"]] == [("INBOX", 1), ("INBOX", 2)]
 
 
 def test_mail_of_a_run_that_is_no_longer_active_waits_for_no_listing(
