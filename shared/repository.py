@@ -77,11 +77,14 @@ class FolderState:
     type: str = "other"
     selectable: bool = True
     gone: bool = False  # deleted on the server, kept for its synced mail
+    # Its row: what the fetcher reads of the folder's mail goes by it, so that a folder renamed
+    # in this run (its row renamed by the persister meanwhile, or not yet) is read the same.
+    id: int | None = None
 
 
 def folder_states(conn: Connection, mailbox_id: int) -> dict[str, FolderState]:
     rows = conn.execute(
-        """SELECT mailbox_id, raw_name, sync_enabled, uidvalidity, last_uid, highest_modseq,
+        """SELECT id, mailbox_id, raw_name, sync_enabled, uidvalidity, last_uid, highest_modseq,
                   backfill_below, name, delimiter, flags, type, selectable,
                   gone_at IS NOT NULL AS gone
            FROM folders WHERE mailbox_id = %s""",
@@ -113,10 +116,10 @@ def live_flags(conn: Connection, state: FolderState, uidvalidity: int, low: int 
     checkpoint), by UID: one window at a time, so memory does not grow with the folder."""
     top = state.last_uid if high is None else min(high, state.last_uid)
     rows = conn.execute(
-        """SELECT mf.uid, mf.flags FROM message_folders mf JOIN folders f ON f.id = mf.folder_id
-            WHERE f.mailbox_id = %s AND f.raw_name = %s AND mf.uidvalidity = %s
+        """SELECT mf.uid, mf.flags FROM message_folders mf
+            WHERE mf.folder_id = %s AND mf.uidvalidity = %s
               AND mf.expunged_at IS NULL AND mf.uid BETWEEN %s AND %s""",
-        (state.mailbox_id, state.raw_name, uidvalidity, low, top),
+        (state.id, uidvalidity, low, top),
     ).fetchall()
     return {int(r["uid"]): frozenset(r["flags"]) for r in rows}
 
@@ -125,12 +128,10 @@ def newest_message_ids(conn: Connection, state: FolderState, count: int) -> list
     """The Message-IDs of a folder's newest stored, not expunged messages: what a folder renamed
     under a new UIDVALIDITY must still hold."""
     rows = conn.execute(
-        """SELECT m.message_id FROM message_folders mf
-             JOIN folders f ON f.id = mf.folder_id JOIN messages m ON m.id = mf.message_id
-            WHERE f.mailbox_id = %s AND f.raw_name = %s AND mf.expunged_at IS NULL
-              AND m.message_id IS NOT NULL
+        """SELECT m.message_id FROM message_folders mf JOIN messages m ON m.id = mf.message_id
+            WHERE mf.folder_id = %s AND mf.expunged_at IS NULL AND m.message_id IS NOT NULL
             ORDER BY mf.uidvalidity DESC, mf.uid DESC LIMIT %s""",
-        (state.mailbox_id, state.raw_name, count),
+        (state.id, count),
     ).fetchall()
     return [r["message_id"] for r in rows]
 
@@ -141,10 +142,10 @@ def stored_by_identity(conn: Connection, state: FolderState, uidvalidity: int,
     (Message-ID, size, INTERNALDATE) -> hex SHA-256 of their bytes."""
     rows = conn.execute(
         """SELECT m.message_id, mf.size, mf.internal_date, m.sha256 FROM message_folders mf
-             JOIN folders f ON f.id = mf.folder_id JOIN messages m ON m.id = mf.message_id
-            WHERE f.mailbox_id = %s AND f.raw_name = %s AND mf.uidvalidity = %s
+             JOIN messages m ON m.id = mf.message_id
+            WHERE mf.folder_id = %s AND mf.uidvalidity = %s
               AND m.message_id = ANY(%s) AND mf.internal_date IS NOT NULL""",
-        (state.mailbox_id, state.raw_name, uidvalidity, message_ids),
+        (state.id, uidvalidity, message_ids),
     ).fetchall()
     return {(r["message_id"], int(r["size"]), r["internal_date"]): bytes(r["sha256"]).hex()
             for r in rows}

@@ -294,7 +294,7 @@ def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: Sy
         to_sync = known
         attempt.planned(len(to_sync), listing=False)
     else:
-        folders, renamed = planning.detect_renames(
+        folders, _ = planning.detect_renames(
             session, session.list_folders(), states,
             lambda state: repository.newest_message_ids(conn, state, planning.RENAME_SAMPLE))
         selection = None
@@ -310,7 +310,7 @@ def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: Sy
         if isinstance(cmd, SyncFolders):
             return totals
         since = first_sync_since(deps.today(), mailbox.first_sync_days or s.first_sync_days)
-        to_sync = planning.folders_to_sync(folders, renamed, states, mailbox.initial_folders,
+        to_sync = planning.folders_to_sync(folders, states, mailbox.initial_folders,
                                            selection, only=cmd.folders)
         attempt.planned(len(to_sync))
 
@@ -328,7 +328,7 @@ def _sync_folders(cmd: Command, deps: FetcherDeps, attempt: Attempt, session: Sy
             return next_slice(to_sync[index:], None)
         attempt.lease.check()
         structlog.contextvars.bind_contextvars(folder=folder.name)
-        state = states.get(folder.raw_name)
+        state = planning.state_of(folder, states)
         job = planning.FolderJob(
             stamp=attempt.stamp, publish=attempt.publish,
             stored_flags=attempt.stored_flags(state) if state else lambda *_: {},

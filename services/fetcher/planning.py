@@ -126,19 +126,22 @@ def detect_renames(session: Session, folders: list[FolderInfo], states: dict[str
       among its own newest messages (``renamed_from``). Where that cannot be decided (no
       Message-IDs, no candidate, several), nothing is renamed or enabled by guess.
 
-    Returns the folders, with UIDVALIDITY or ``renamed_from`` set on the renamed ones, and the
-    raw names that are renames of known folders."""
+    Returns the folders, with ``renamed_from`` (and UIDVALIDITY, where it was asked) set on the
+    renamed ones, and the raw names that are renames of known folders. A renamed folder is
+    synced in the same run, from its old name's state (:func:`state_of`)."""
     listed = {f.raw_name for f in folders}
     vanished = [s for name, s in states.items() if name not in listed]
     if not vanished:
         return folders, set()
-    gone = {s.uidvalidity for s in vanished if s.uidvalidity}
-    out = [
-        f.model_copy(update={"uidvalidity": session.uidvalidity(f.raw_name)})
-        if f.raw_name not in states and f.selectable else f
-        for f in folders
-    ]
-    renamed = {f.raw_name for f in out if f.uidvalidity is not None and f.uidvalidity in gone}
+    gone = {s.uidvalidity: s.raw_name for s in vanished if s.uidvalidity}
+    out = []
+    for f in folders:
+        if f.raw_name not in states and f.selectable:
+            uidvalidity = session.uidvalidity(f.raw_name)
+            f = f.model_copy(update={"uidvalidity": uidvalidity,
+                                     "renamed_from": gone.get(uidvalidity or 0)})
+        out.append(f)
+    renamed = {f.raw_name for f in out if f.renamed_from is not None}
     candidates = [f for f in out if f.raw_name not in states and f.selectable
                   and f.raw_name not in renamed]
     by_uidvalidity = {s.uidvalidity for s in vanished} & {f.uidvalidity for f in out}
@@ -161,12 +164,21 @@ def detect_renames(session: Session, folders: list[FolderInfo], states: dict[str
     return out, renamed
 
 
-def folders_to_sync(folders: Sequence[FolderInfo], renamed: set[str],
-                    states: dict[str, FolderState], initial_folders: Sequence[str] | None,
+def state_of(folder: FolderInfo, states: dict[str, FolderState]) -> FolderState | None:
+    """The stored state of a listed folder: under its name, or, renamed in this run, under the
+    name it had (its row, checkpoint and settings go with it)."""
+    state = states.get(folder.raw_name)
+    if state is None and folder.renamed_from is not None:
+        state = states.get(folder.renamed_from)
+    return state
+
+
+def folders_to_sync(folders: Sequence[FolderInfo], states: dict[str, FolderState],
+                    initial_folders: Sequence[str] | None,
                     selection: Sequence[FolderSelection] | None = None,
                     only: Sequence[str] | None = None) -> list[FolderInfo]:
-    """The enabled, selectable folders; a renamed one is synced under its new name from the next
-    run on, and a folder new to the store follows the mailbox's (resolved) selection. ``only``
+    """The enabled, selectable folders; a renamed one as its old name was (synced under its new
+    name in this run), and a folder new to the store follows the mailbox's (resolved) selection. ``only``
     (a push-triggered command's ``folders``, raw names, when :func:`stored_folders` could not
     name them without a listing) narrows them to those that changed; it never enables a folder,
     and the listing itself stays complete, so the persister's rules for vanished folders see
@@ -174,9 +186,8 @@ def folders_to_sync(folders: Sequence[FolderInfo], renamed: set[str],
     wanted = None if only is None else {_inbox_upper(name) for name in only}
     return [
         f for f in folders
-        if f.selectable and f.raw_name not in renamed
-        and (wanted is None or _inbox_upper(f.raw_name) in wanted)
-        and (states[f.raw_name].sync_enabled if f.raw_name in states
+        if f.selectable and (wanted is None or _inbox_upper(f.raw_name) in wanted)
+        and (state.sync_enabled if (state := state_of(f, states)) is not None
              else enabled_on_discovery(f, initial_folders, first_listing=not states,
                                        selection=selection))
     ]
@@ -348,7 +359,7 @@ def sync_folder(session: Session, folder: FolderInfo, state: FolderState | None,
 
     try:
         if state is not None and same_generation and state.last_uid and resume is None:
-            _known_messages(session, state, status, job, totals, publish)
+            _known_messages(session, folder, state, status, job, totals, publish)
         if newest_first:
             if top is None:  # the first slice: the top is UIDNEXT's, or what the SEARCH finds
                 top = (status.uidnext or 1) - 1
@@ -484,8 +495,8 @@ def _known(metas: Sequence[MessageMeta], reset: int | None, job: FolderJob) -> d
             and (key := (m.message_id, m.size, m.internal_date)) in stored}
 
 
-def _known_messages(session: Session, state: FolderState, status: FolderStatus, job: FolderJob,
-                    totals: FolderTotals,
+def _known_messages(session: Session, folder: FolderInfo, state: FolderState,
+                    status: FolderStatus, job: FolderJob, totals: FolderTotals,
                     publish: Callable[[FlagsChanged | MessagesExpunged], None]) -> None:
     """Flag changes and expunges among the UIDs already synced (1..last_uid), window by window.
 
@@ -511,7 +522,7 @@ def _known_messages(session: Session, state: FolderState, status: FolderStatus, 
                    if f.uid in stored and frozenset(f.flags) != stored[f.uid]]
         for start in range(0, len(changes), META_CHUNK):
             publish(FlagsChanged(run_id=s.run_id, mailbox_id=s.mailbox_id,
-                                 lease_token=s.lease_token, folder=state.raw_name,
+                                 lease_token=s.lease_token, folder=folder.raw_name,
                                  uidvalidity=status.uidvalidity, batch_no=totals.events,
                                  changes=tuple(changes[start:start + META_CHUNK])))
         if use_vanished:
@@ -521,7 +532,7 @@ def _known_messages(session: Session, state: FolderState, status: FolderStatus, 
             gone = sorted(uid for uid in stored if uid not in present)
         for start in range(0, len(gone), META_CHUNK):
             publish(MessagesExpunged(run_id=s.run_id, mailbox_id=s.mailbox_id,
-                                     lease_token=s.lease_token, folder=state.raw_name,
+                                     lease_token=s.lease_token, folder=folder.raw_name,
                                      uidvalidity=status.uidvalidity, batch_no=totals.events,
                                      uids=tuple(gone[start:start + META_CHUNK])))
         totals.flag_changes += len(changes)

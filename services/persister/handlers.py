@@ -43,15 +43,16 @@ class PersisterDeps:
     connection: Callable[[], Connection]  # a live autocommit connection (reconnects if needed)
 
 
-#: Seconds a batch of a new folder waits, in its thread, for its run's listing (stored at that
-#: moment by another thread, most often) before it is postponed through a retry queue.
+#: Seconds a batch of a folder not in the store (new, or renamed in this run) waits, in its
+#: thread, for its run's listing (stored at that moment by another thread, most often) before it
+#: is postponed through a retry queue.
 LISTING_WAITS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def handle(event: FetcherEvent, deps: PersisterDeps) -> None:
     """Apply one event in one transaction: refused when fenced off, or when it names another
     mailbox's run. A deadlock is retried by the broker like any transient fault, and logged. A
-    batch of a folder new to the store waits for its run's listing (``store.waits_for_listing``):
+    batch of a folder not in the store waits for its run's listing (``store.waits_for_listing``):
     a moment in this thread, then ``Postponed``."""
     apply = _APPLY[type(event)]
     structlog.contextvars.bind_contextvars(type=type(event).__name__, mailbox_id=event.mailbox_id,
@@ -74,7 +75,7 @@ def handle(event: FetcherEvent, deps: PersisterDeps) -> None:
 
 
 class _ListingFirst(Exception):
-    """A batch of a folder new to the store, whose run's listing is not stored yet."""
+    """A batch of a folder not in the store, whose run's listing is not stored yet."""
 
 
 def _apply(event: FetcherEvent, apply: Callable[[Connection, Any, Any, Changes], Applied],
@@ -96,10 +97,10 @@ def _apply(event: FetcherEvent, apply: Callable[[Connection, Any, Any, Changes],
                 # the run-level writes (batches, checkpoints, status) are keyed by run
                 raise PermanentError(f"run {event.run_id} belongs to mailbox {run.mailbox_id}, "
                                      f"not to mailbox {event.mailbox_id}")
-            if isinstance(event, MessagesFetched) and store.waits_for_listing(
-                    conn, run, event.mailbox_id, event.folder):
-                raise _ListingFirst(f"folder {event.folder!r} is new and its run's listing is "
-                                    "not stored yet: the folder is announced before its mail")
+            if isinstance(event, MessagesFetched | FlagsChanged | MessagesExpunged) and \
+                    store.waits_for_listing(conn, run, event.mailbox_id, event.folder):
+                raise _ListingFirst(f"folder {event.folder!r} is not in the store and its run's "
+                                    "listing (which makes or renames it) is not stored yet")
             changes: list[outbox.Change] = []
             summary, progress = apply(conn, event, prepared, changes)
             status = store.settle(conn, event.mailbox_id, event.run_id, event.lease_token,

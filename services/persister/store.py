@@ -244,10 +244,12 @@ def upsert_folders(conn: Connection, mailbox_id: int, folders: Sequence[FolderIn
 
 def waits_for_listing(conn: Connection, run: runs.Run | None, mailbox_id: int,
                       raw_name: str) -> bool:
-    """Whether a batch of mail waits for its run's listing: its folder is new to the store and
-    the listing (stored by another thread or persister, events arrive in any order) is not,
-    so that the change stream announces the folder, with its type, before its mail. A run
-    that is no longer active waits for nothing (its listing may never come)."""
+    """Whether a batch of a folder waits for its run's listing: the folder is not in the store
+    (new, or renamed in this run: its row still has the old name) and the listing (stored by
+    another thread or persister, events arrive in any order) is not. So the change stream
+    announces a folder, with its type, before its mail, and a renamed folder's mail goes to its
+    renamed row. A run that is no longer active waits for nothing (its listing may never
+    come)."""
     return (run is not None and run.active and not run.folders_listed
             and conn.execute("SELECT 1 FROM folders WHERE mailbox_id = %s AND raw_name = %s",
                              (mailbox_id, raw_name)).fetchone() is None)

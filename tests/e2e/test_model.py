@@ -20,9 +20,9 @@ and a persister run as processes. After every sync:
   synced mail and is gone otherwise; a rename is recognized by the UIDVALIDITY the folder keeps
   (only when the old name vanished), or, for a vanished enabled folder, by the one new folder
   holding its newest stored Message-IDs (a new UIDVALIDITY: Courier, or a rename and a re-creation
-  between two syncs), and keeps the folder's row, settings and mail - or, while the
-  persister has no rename detection (no "rename" in ``store.upsert_folders``), is a deletion plus
-  a new folder;
+  between two syncs), and keeps the folder's row, settings and mail, synced under its new name
+  by that very sync - or, while the persister has no rename detection (no "rename" in
+  ``store.upsert_folders``), is a deletion plus a new folder;
 * a sync after no change fetches nothing (invariant 6: ``messages_stored`` is 0);
 * no raw bytes are stored twice: ``raw_messages`` holds exactly what it held before the example
   plus each distinct sha256 synced into the mailbox, ``messages`` one row per distinct sha256.
@@ -43,9 +43,6 @@ Running it::
 The default profile takes about 50 s per mode; the long one (30 examples of up to 40 steps per
 mode) 10-20 minutes per mode. A failure is shrunk to a minimal sequence of steps (shrinking
 replays examples, so a failing run takes minutes); ``@reproduce_failure`` in the report replays it.
-Known deviations of the product can be accepted by name in ``MAILFERRY_MODEL_ACCEPT`` to look
-past them (see ``ACCEPTED`` below); by default only the documented one, a renamed folder synced
-under its new name from the run after the one that recognizes the rename.
 """
 
 from __future__ import annotations
@@ -96,17 +93,6 @@ FLAGS = ("\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$Label1")
 # Whether the product recognizes renamed folders (read from its source): a rename then keeps
 # the folder's row; without it a rename is a deletion plus a new (disabled) folder.
 RENAMES_DETECTED = "rename" in inspect.getsource(persister_store.upsert_folders).lower()
-# Known deviations of the product from the rules above, accepted only when named in
-# MAILFERRY_MODEL_ACCEPT (comma-separated), to look past them for other divergences:
-# "rename-next-run": invariant 7 wants a renamed folder equal to the server right after the sync
-#     that recognizes the rename; the product syncs it under its new name only from the next run.
-KNOWN_DEVIATIONS = {"rename-next-run"}
-# "rename-next-run" is the product's documented behaviour (README), so it is accepted unless the
-# variable says otherwise (MAILFERRY_MODEL_ACCEPT= with nothing checks the strict rule).
-ACCEPTED = {a.strip() for a in os.environ.get("MAILFERRY_MODEL_ACCEPT", "rename-next-run").split(",")
-            if a.strip()}
-if ACCEPTED - KNOWN_DEVIATIONS:
-    raise ValueError(f"unknown MAILFERRY_MODEL_ACCEPT entries: {sorted(ACCEPTED - KNOWN_DEVIATIONS)}")
 
 Snapshot = dict[int, tuple[str, tuple[str, ...]]]  # uid -> (sha256 of BODY[], sorted flags)
 State = dict[tuple[str, int], tuple[str, tuple[str, ...]]]  # (folder, uid) -> same
@@ -254,11 +240,10 @@ class SyncModel(RuleBasedStateMachine):
                 found[holders[0]] = old
         return found
 
-    def _expect_folders(self, server: dict[str, ServerFolder]) -> set[str]:
+    def _expect_folders(self, server: dict[str, ServerFolder]) -> None:
         """Apply a listing of the server's folders to the model (what every run does first):
-        renames, new folders, the deletion rule. Returns the names recognized as renames."""
+        renames, new folders, the deletion rule."""
         listed = set(server)
-        renamed: set[str] = set()
         if RENAMES_DETECTED:  # a new name whose UIDVALIDITY is a vanished folder's: a rename
             vanished = {r.uidvalidity: name for name, r in self.rows.items()
                         if name not in listed and r.uidvalidity is not None}
@@ -266,13 +251,11 @@ class SyncModel(RuleBasedStateMachine):
                 old = vanished.pop(server[name].uidvalidity, None)
                 if old is not None:
                     self.rows[name] = self.rows.pop(old)
-                    renamed.add(name)
             unmatched = [old for old in vanished.values() if self.rows[old].enabled]
             candidates = sorted(listed - set(self.rows))
             if unmatched and candidates:
                 for name, old in self._renamed_by_content(server, unmatched, candidates).items():
                     self.rows[name] = self.rows.pop(old)
-                    renamed.add(name)
         initial = {f.casefold() for f in INITIAL_FOLDERS}
         for name in listed:
             if name in self.rows:
@@ -284,28 +267,22 @@ class SyncModel(RuleBasedStateMachine):
                 self.rows[name].gone = True
             else:
                 del self.rows[name]
-        return renamed
 
-    def _expect(self, server: dict[str, ServerFolder]) -> bool:
-        """Apply one sync to the model: the folder list, then the enabled folders' mail.
-        Returns whether an accepted deviation left something for the next sync."""
-        renamed = self._expect_folders(server)
-        deferred = False
+    def _expect(self, server: dict[str, ServerFolder]) -> None:
+        """Apply one sync to the model: the folder list, then the enabled folders' mail."""
+        self._expect_folders(server)
         for name, row in self.rows.items():
-            if row.enabled and not row.gone and "rename-next-run" in ACCEPTED and name in renamed:
-                deferred = True
-            elif row.enabled and not row.gone:
+            if row.enabled and not row.gone:
                 row.uidvalidity = server[name].uidvalidity
                 row.messages = dict(server[name].messages)
                 self.hashes |= {sha for sha, _ in row.messages.values()}
-        return deferred
 
     def _sync_and_check(self, force: bool = False) -> None:
         """``force``: ``sync --force`` re-reads the whole first-sync window, not only new UIDs."""
         server = self._server()
         assert {name: len(f.messages) for name, f in server.items()} == self.counts, \
             "the test's own bookkeeping of the server is wrong"
-        deferred = self._expect(server)
+        self._expect(server)
         result = services.run_cli(["sync", "--mailbox", str(self.mailbox_id), "--wait",
                                    "--timeout", "60", "--json", *(["--force"] if force else [])],
                                   self.ctx.env)
@@ -316,7 +293,7 @@ class SyncModel(RuleBasedStateMachine):
         run = json.loads(result.stdout)[0]
         if not self.dirty and not force:  # invariant 6: nothing changed, nothing is fetched again
             assert run["messages_stored"] == 0, f"an unchanged mailbox fetched again: {run}"
-        self.dirty = deferred
+        self.dirty = False
 
         listed, messages = _cli_parallel(self.ctx.env, [
             ["mailbox", "folders", str(self.mailbox_id), "--json"],

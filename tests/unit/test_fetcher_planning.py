@@ -166,14 +166,28 @@ def test_a_server_failure_mid_folder_says_how_many_events_went_out() -> None:
     assert (failure.value.kind, failure.value.events) == ("connection", 0)
 
 
-def test_a_new_folder_with_a_vanished_folders_uidvalidity_is_a_rename() -> None:
+def test_a_new_folder_with_a_vanished_folders_uidvalidity_is_a_rename_synced_in_the_same_run(
+) -> None:
     session = FakeSession(uids={})
     states = {"Old": FolderState(1, "Old", True, 7, 10, None)}
     listed = [INBOX.model_copy(update={"raw_name": "New", "name": "New", "type": "other"})]
     folders, renamed = planning.detect_renames(session, listed, states)
     assert renamed == {"New"}
-    assert folders[0].uidvalidity == 7
-    assert planning.folders_to_sync(folders, renamed, states, None) == []
+    assert (folders[0].uidvalidity, folders[0].renamed_from) == (7, "Old")
+    assert planning.folders_to_sync(folders, states, None) == folders
+    assert planning.state_of(folders[0], states) is states["Old"]
+
+
+def test_a_renamed_folder_goes_on_from_its_old_checkpoint_under_its_new_name() -> None:
+    session = FakeSession(uids={1: 10, 2: 10, 3: 10, 4: 10}, flags_of={2: ("\\Seen",)})
+    new = INBOX.model_copy(update={"raw_name": "New", "name": "New", "renamed_from": "INBOX"})
+    published: list[AnyMessage] = []
+    planning.sync_folder(session, new, _state(last_uid=3),
+                         _job(published, stored={1: frozenset(), 2: frozenset(), 3: frozenset()}))
+    assert {getattr(m, "folder", None) for m in published} == {"New"}
+    assert [m.changes[0].uid for m in published if isinstance(m, FlagsChanged)] == [2]
+    assert [[f.uid for f in m.messages] for m in published
+            if isinstance(m, MessagesFetched)] == [[4]], "only what is above the old checkpoint"
 
 
 def test_a_push_run_syncs_only_the_changed_enabled_folders_and_enables_none() -> None:
@@ -183,9 +197,9 @@ def test_a_push_run_syncs_only_the_changed_enabled_folders_and_enables_none() ->
               "Work": FolderState(2, "Work", True, 8, 10, None),
               "Spam": FolderState(3, "Spam", False, 9, 10, None)}
     listed = [INBOX, work, spam]
-    assert planning.folders_to_sync(listed, set(), states, None, only=("Work", "Spam")) == [work]
-    assert planning.folders_to_sync(listed, set(), states, None, only=("Inbox",)) == [INBOX]
-    assert planning.folders_to_sync(listed, set(), states, None) == [INBOX, work]
+    assert planning.folders_to_sync(listed, states, None, only=("Work", "Spam")) == [work]
+    assert planning.folders_to_sync(listed, states, None, only=("Inbox",)) == [INBOX]
+    assert planning.folders_to_sync(listed, states, None) == [INBOX, work]
 
 
 def test_a_push_run_takes_the_folders_it_names_from_the_store_without_listing() -> None:
