@@ -115,7 +115,7 @@ def test_the_store_follows_flags_expunges_moves_and_a_uidvalidity_reset(
         assert stored_state(env, mailbox_id) == server_state(imap)
 
 
-def test_a_renamed_folder_keeps_its_settings_and_mail_under_the_new_name(
+def test_a_renamed_folder_keeps_its_settings_and_mail_and_is_synced_under_its_new_name_at_once(
     env: dict[str, str], server: Dovecot, conn: db.Connection,
     processes: services.ServiceProcesses,
 ) -> None:
@@ -139,8 +139,8 @@ def test_a_renamed_folder_keeps_its_settings_and_mail_under_the_new_name(
         imap.rename_folder("Work", "Projets/Travail")
         imap.delete_folder("Empty")
         imap.append("Projets/Travail", _message(3))
-    _sync(env, mailbox_id)  # the rename is recognised; the folder is synced from the next run
-    _sync(env, mailbox_id)
+    renaming = _sync(env, mailbox_id)  # recognises the rename and syncs the folder at once
+    assert renaming["messages_stored"] == 1, "only the new message travels"
 
     listed = services.run_cli(["mailbox", "folders", str(mailbox_id), "--json"], env)
     folders = {f["name"]: f for f in json.loads(listed.stdout)}
@@ -151,3 +151,4 @@ def test_a_renamed_folder_keeps_its_settings_and_mail_under_the_new_name(
     assert sorted(folder for folder, _ in stored) == ["Projets/Travail"] * 4
     raw_after = conn.execute("SELECT count(*) AS n FROM raw_messages").fetchone()
     assert raw_after == {"n": raw_before["n"] + 1}  # type: ignore[index]
+    assert _sync(env, mailbox_id)["messages_stored"] == 0, "nothing left for the next run"

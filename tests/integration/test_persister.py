@@ -403,7 +403,7 @@ def test_a_late_insert_cannot_resurrect_an_expunged_uid(
     conn: db.Connection, deps: PersisterDeps
 ) -> None:
     mailbox_id = services.mailbox_row(conn)
-    run_id = _run(conn, mailbox_id)
+    run_id = _run(conn, mailbox_id, listed=True)
     common: dict[str, Any] = {"run_id": run_id, "mailbox_id": mailbox_id, "lease_token": 1}
     handle(MessagesExpunged(**common, folder="INBOX", uidvalidity=7, batch_no=1, uids=(5,)), deps)
     handle(MessagesFetched(**common, folder="INBOX", uidvalidity=7, batch_no=0,
