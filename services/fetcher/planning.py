@@ -177,12 +177,12 @@ def folders_to_sync(folders: Sequence[FolderInfo], states: dict[str, FolderState
                     initial_folders: Sequence[str] | None,
                     selection: Sequence[FolderSelection] | None = None,
                     only: Sequence[str] | None = None) -> list[FolderInfo]:
-    """The enabled, selectable folders; a renamed one as its old name was (synced under its new
-    name in this run), and a folder new to the store follows the mailbox's (resolved) selection. ``only``
-    (a push-triggered command's ``folders``, raw names, when :func:`stored_folders` could not
-    name them without a listing) narrows them to those that changed; it never enables a folder,
-    and the listing itself stays complete, so the persister's rules for vanished folders see
-    every folder the server has."""
+    """The enabled, selectable folders: a renamed one as its old name was (synced under its new
+    name in this run), a folder new to the store as the mailbox's (resolved) selection says.
+    ``only`` (a push-triggered command's ``folders``, raw names, when :func:`stored_folders`
+    could not name them without a listing) narrows them to those that changed; it never enables
+    a folder, and the listing itself stays complete, so the persister's rules for vanished
+    folders see every folder the server has."""
     wanted = None if only is None else {_inbox_upper(name) for name in only}
     return [
         f for f in folders
