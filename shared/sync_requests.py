@@ -105,12 +105,12 @@ def request_syncs(conn: Connection, publish: Callable[[AnyMessage], None],
 def _publish_all(publish: Callable[[AnyMessage], None], commands: list[Command],
                  parallel: int) -> _Outcome:
     """(published, failed with their error, never tried): after a failure, no more is tried."""
-    published: list[SyncMailbox | SyncFolders] = []
-    failed: list[tuple[SyncMailbox | SyncFolders, BrokerUnavailable]] = []
-    skipped: list[SyncMailbox | SyncFolders] = []
+    published: list[Command] = []
+    failed: list[tuple[Command, BrokerUnavailable]] = []
+    skipped: list[Command] = []
     lock = threading.Lock()
 
-    def one(message: SyncMailbox | SyncFolders) -> None:
+    def one(message: Command) -> None:
         if failed:
             with lock:
                 skipped.append(message)
